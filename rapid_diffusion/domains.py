@@ -1,0 +1,280 @@
+"""Domain specs: one YAML file per domain, validated once on load.
+
+A domain is a named model plus the defaults that suit it (size, steps, sampler, negative
+prompt, example prompts). Users add one by dropping a YAML file into `domains/`, into a
+folder listed in ``RAPID_DIFFUSION_DOMAINS`` (``os.pathsep``-separated), or into
+``$RAPID_DIFFUSION_HOME/domains`` (where fine-tuned models register themselves).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .paths import PROJECT_ROOT, home_dir
+
+SAMPLER_NAMES = ("pndm", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "euler", "euler_a", "unipc")
+OPTIMIZATION_LEVELS = ("none", "flash", "compile")
+_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class DomainSpecError(ValueError):
+    """A domain YAML file is invalid; the message names the file and the field."""
+
+    def __init__(self, source: str, field_name: str, problem: str):
+        self.source = source
+        self.field_name = field_name
+        super().__init__(f"{source}: field '{field_name}': {problem}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a domain's diffusers pipeline lives: a hub repo (+ revision) or a local folder."""
+
+    repo_id: str | None = None
+    revision: str = "main"
+    path: Path | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None
+
+    @property
+    def key(self) -> str:
+        return str(self.path) if self.path is not None else f"{self.repo_id}@{self.revision}"
+
+    def describe(self) -> str:
+        return str(self.path) if self.path is not None else f"{self.repo_id} (revision {self.revision})"
+
+    @classmethod
+    def parse(cls, value: str) -> "ModelSource":
+        """A CLI-style source: an existing folder, else a hub id (``owner/name[@revision]``)."""
+        if Path(value).expanduser().is_dir():
+            return cls(path=Path(value).expanduser().resolve())
+        repo_id, _, revision = value.partition("@")
+        if not re.match(r"^[\w.-]+/[\w.-]+$", repo_id):
+            raise ValueError(f"'{value}' is neither a folder nor a hub id like 'owner/name'")
+        return cls(repo_id=repo_id, revision=revision or "main")
+
+
+@dataclass(frozen=True)
+class SuperResolutionWeights:
+    """An ESRGAN checkpoint: a local path, or a URL / hub file with its sha256."""
+
+    path: Path | None = None
+    url: str | None = None
+    repo_id: str | None = None
+    filename: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    id: str
+    title_zh: str
+    title_en: str
+    description: str
+    model: ModelSource
+    examples: tuple[str, ...]
+    height: int = 512
+    width: int = 512
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    sampler: str = "pndm"
+    negative_prompt: str = ""
+    super_resolution: bool = False
+    optimization: str = "none"
+    offline_ready: bool = False
+    sr_weights: SuperResolutionWeights | None = None
+    knowledge_graph: Path | None = None
+    source_file: Path | None = field(default=None, compare=False)
+
+    @property
+    def title(self) -> str:
+        return f"{self.title_zh} / {self.title_en}"
+
+
+def domain_dirs() -> list[Path]:
+    """Folders searched for domain YAML files, later ones overriding earlier ids."""
+    dirs = [PROJECT_ROOT / "domains", home_dir() / "domains"]
+    extra = os.environ.get("RAPID_DIFFUSION_DOMAINS", "")
+    dirs += [Path(p).expanduser() for p in extra.split(os.pathsep) if p.strip()]
+    return dirs
+
+
+def load_domains(dirs: list[Path] | None = None) -> dict[str, DomainSpec]:
+    """Every domain in ``dirs`` (default: :func:`domain_dirs`), sorted by id."""
+    specs: dict[str, DomainSpec] = {}
+    for folder in dirs if dirs is not None else domain_dirs():
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.y*ml")):
+            spec = load_domain_file(path)
+            specs[spec.id] = spec
+    return dict(sorted(specs.items()))
+
+
+def load_domain_file(path: Path) -> DomainSpec:
+    source = str(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise DomainSpecError(source, "<file>", f"not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise DomainSpecError(source, "<file>", "must be a mapping of fields")
+    return parse_domain(data, source=source, base_dir=path.parent)
+
+
+def parse_domain(data: dict[str, Any], source: str, base_dir: Path) -> DomainSpec:
+    v = _Validator(data, source)
+    known = {f.name for f in fields(DomainSpec)} - {"source_file", "title_zh", "title_en"}
+    known |= {"title"}
+    for key in data:
+        if key not in known:
+            raise DomainSpecError(source, key, f"unknown field (known: {', '.join(sorted(known))})")
+    domain_id = v.string("id")
+    if not _ID_PATTERN.match(domain_id):
+        raise DomainSpecError(source, "id", "use lowercase letters, digits, '-' or '_' (max 64)")
+    title = v.mapping("title")
+    examples = v.get("examples")
+    if not isinstance(examples, list) or len(examples) < 3 or not all(isinstance(e, str) and e.strip() for e in examples):
+        raise DomainSpecError(source, "examples", "must be a list of at least 3 non-empty prompts")
+    spec = DomainSpec(
+        id=domain_id,
+        title_zh=_require_str(title, "zh", source, "title.zh"),
+        title_en=_require_str(title, "en", source, "title.en"),
+        description=v.string("description"),
+        model=_parse_model(v.mapping("model"), source, base_dir),
+        examples=tuple(e.strip() for e in examples),
+        height=v.integer("height", 512, 64, 2048, multiple=8),
+        width=v.integer("width", 512, 64, 2048, multiple=8),
+        num_inference_steps=v.integer("num_inference_steps", 20, 1, 200),
+        guidance_scale=v.number("guidance_scale", 7.5, 0.0, 30.0),
+        sampler=v.choice("sampler", "pndm", SAMPLER_NAMES),
+        negative_prompt=v.string("negative_prompt", ""),
+        super_resolution=v.boolean("super_resolution", False),
+        optimization=v.choice("optimization", "none", OPTIMIZATION_LEVELS),
+        offline_ready=v.boolean("offline_ready", False),
+        sr_weights=_parse_sr(data.get("sr_weights"), source, base_dir),
+        knowledge_graph=_optional_path(data.get("knowledge_graph"), source, "knowledge_graph", base_dir),
+        source_file=Path(source),
+    )
+    return spec
+
+
+def _parse_model(model: dict[str, Any], source: str, base_dir: Path) -> ModelSource:
+    if "path" in model and "repo_id" in model:
+        raise DomainSpecError(source, "model", "give either 'repo_id' or 'path', not both")
+    if "path" in model:
+        return ModelSource(path=_optional_path(model["path"], source, "model.path", base_dir))
+    repo_id = _require_str(model, "repo_id", source, "model.repo_id")
+    if not re.match(r"^[\w.-]+/[\w.-]+$", repo_id):
+        raise DomainSpecError(source, "model.repo_id", f"'{repo_id}' is not a hub id like 'owner/name'")
+    revision = model.get("revision", "main")
+    if not isinstance(revision, str) or not revision:
+        raise DomainSpecError(source, "model.revision", "must be a branch, tag or commit hash")
+    return ModelSource(repo_id=repo_id, revision=revision)
+
+
+def _parse_sr(value: Any, source: str, base_dir: Path) -> SuperResolutionWeights | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise DomainSpecError(source, "sr_weights", "must be a mapping (path, or url/repo_id+filename with sha256)")
+    allowed = {"path", "url", "repo_id", "filename", "sha256"}
+    for key in value:
+        if key not in allowed:
+            raise DomainSpecError(source, f"sr_weights.{key}", f"unknown field (known: {', '.join(sorted(allowed))})")
+    remote = value.get("url") or value.get("repo_id")
+    if not value.get("path") and not remote:
+        raise DomainSpecError(source, "sr_weights", "needs 'path', 'url', or 'repo_id' + 'filename'")
+    if value.get("repo_id") and not value.get("filename"):
+        raise DomainSpecError(source, "sr_weights.filename", "required with 'repo_id'")
+    sha = value.get("sha256")
+    if remote and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise DomainSpecError(source, "sr_weights.sha256", "a 64-hex-digit sha256 is required for downloaded weights")
+    return SuperResolutionWeights(
+        path=_optional_path(value.get("path"), source, "sr_weights.path", base_dir),
+        url=value.get("url"),
+        repo_id=value.get("repo_id"),
+        filename=value.get("filename"),
+        sha256=sha,
+    )
+
+
+def _optional_path(value: Any, source: str, field_name: str, base_dir: Path) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise DomainSpecError(source, field_name, "must be a path (relative to the YAML file or absolute)")
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else base_dir / path).resolve()
+
+
+def _require_str(mapping: dict[str, Any], key: str, source: str, field_name: str) -> str:
+    value = mapping.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise DomainSpecError(source, field_name, "required, a non-empty string")
+    return value.strip()
+
+
+class _Validator:
+    """Typed getters that raise :class:`DomainSpecError` naming the field."""
+
+    def __init__(self, data: dict[str, Any], source: str):
+        self.data = data
+        self.source = source
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def _fail(self, key: str, problem: str) -> DomainSpecError:
+        return DomainSpecError(self.source, key, problem)
+
+    def string(self, key: str, default: str | None = None) -> str:
+        value = self.data.get(key, default)
+        if value is None:
+            raise self._fail(key, "required, a string")
+        if not isinstance(value, str):
+            raise self._fail(key, f"must be a string, got {type(value).__name__}")
+        return value.strip()
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self.data.get(key)
+        if not isinstance(value, dict):
+            raise self._fail(key, "required, a mapping")
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int, multiple: int = 1) -> int:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(key, f"must be an integer, got {value!r}")
+        if not low <= value <= high or value % multiple:
+            suffix = f" and a multiple of {multiple}" if multiple > 1 else ""
+            raise self._fail(key, f"must be between {low} and {high}{suffix}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._fail(key, f"must be a number, got {value!r}")
+        if not low <= value <= high:
+            raise self._fail(key, f"must be between {low} and {high}, got {value}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self._fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.data.get(key, default)
+        if value not in allowed:
+            raise self._fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+        return value

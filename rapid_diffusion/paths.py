@@ -1,0 +1,14 @@
+"""Where the project's files live: the checkout (domains/, assets/) and the user's home folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ASSETS_DIR = PROJECT_ROOT / "assets"
+
+
+def home_dir() -> Path:
+    """``$RAPID_DIFFUSION_HOME`` (default ``~/.rapid-diffusion``): fine-tuned models, jobs, user domains."""
+    return Path(os.environ.get("RAPID_DIFFUSION_HOME", "~/.rapid-diffusion")).expanduser()

@@ -1,0 +1,349 @@
+"""Request -> images: the one generation path every face (CLI, UI, JSON API) goes through.
+
+``generate`` runs a diffusers ``StableDiffusionPipeline`` in timed stages (text encoder,
+UNet denoising loop, VAE decode, super-resolution) so each stage can be measured, and so
+the prompt encoding can be replaced (knowledge-enhanced encoder) without copying the loop.
+Image ``i`` of a request is drawn from its own generator seeded with ``seed + i``: any one
+image can be reproduced alone by asking for ``seed + i`` with ``num_images=1``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from .domains import SAMPLER_NAMES, DomainSpec
+from .samplers import make_scheduler
+
+MAX_SEED = 2**32 - 1
+
+
+class RequestError(ValueError):
+    """A request field is invalid. ``field`` names it; the message says the allowed range."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"{field_name}: {message}")
+
+
+class GenerationCancelled(RuntimeError):
+    """The caller asked to stop (the UI's stop button) before the denoising loop finished."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds a request must respect; a public host can tighten them through the environment."""
+
+    max_prompt_chars: int = 1000
+    max_steps: int = 150
+    max_guidance: float = 30.0
+    max_images: int = 8
+    min_side: int = 64
+    max_side: int = 1024
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        return cls(
+            max_images=int(os.environ.get("RAPID_DIFFUSION_MAX_IMAGES", cls.max_images)),
+            max_side=int(os.environ.get("RAPID_DIFFUSION_MAX_SIDE", cls.max_side)),
+            max_steps=int(os.environ.get("RAPID_DIFFUSION_MAX_STEPS", cls.max_steps)),
+        )
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a user asks for. ``None`` means "the domain's default" until :meth:`resolve`."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    height: int | None = None
+    width: int | None = None
+    sampler: str | None = None
+    super_resolution: bool | None = None
+
+    def resolve(self, spec: DomainSpec, limits: Limits | None = None) -> "GenerationRequest":
+        """Fill the domain's defaults, pick a seed if none was given, and validate every field."""
+        filled = replace(
+            self,
+            negative_prompt=spec.negative_prompt if self.negative_prompt is None else self.negative_prompt,
+            num_inference_steps=spec.num_inference_steps if self.num_inference_steps is None else self.num_inference_steps,
+            guidance_scale=spec.guidance_scale if self.guidance_scale is None else self.guidance_scale,
+            seed=random.randint(0, MAX_SEED) if self.seed is None else self.seed,
+            height=spec.height if self.height is None else self.height,
+            width=spec.width if self.width is None else self.width,
+            sampler=spec.sampler if self.sampler is None else self.sampler,
+            super_resolution=spec.super_resolution if self.super_resolution is None else self.super_resolution,
+        )
+        filled.validate(limits or Limits.from_env())
+        return filled
+
+    def validate(self, limits: Limits) -> None:
+        _check_text("prompt", self.prompt, limits.max_prompt_chars, required=True)
+        _check_text("negative_prompt", self.negative_prompt, limits.max_prompt_chars, required=False)
+        _check_int("num_inference_steps", self.num_inference_steps, 1, limits.max_steps)
+        _check_number("guidance_scale", self.guidance_scale, 0.0, limits.max_guidance)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_int("num_images", self.num_images, 1, limits.max_images)
+        for name in ("height", "width"):
+            _check_int(name, getattr(self, name), limits.min_side, limits.max_side)
+            if getattr(self, name) % 8:
+                raise RequestError(name, f"must be a multiple of 8, got {getattr(self, name)}")
+        if self.sampler not in SAMPLER_NAMES:
+            raise RequestError("sampler", f"must be one of {', '.join(SAMPLER_NAMES)}, got {self.sampler!r}")
+        if not isinstance(self.super_resolution, bool):
+            raise RequestError("super_resolution", f"must be true or false, got {self.super_resolution!r}")
+
+
+def _check_text(name: str, value: Any, max_chars: int, required: bool) -> None:
+    if not isinstance(value, str):
+        raise RequestError(name, f"must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise RequestError(name, "must not be empty")
+    if len(value) > max_chars:
+        raise RequestError(name, f"must be at most {max_chars} characters, got {len(value)}")
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(name, f"must be an integer between {low} and {high}, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(name, f"must be between {low} and {high}, got {value}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise RequestError(name, f"must be a number between {low} and {high}, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(name, f"must be between {low} and {high}, got {value}")
+
+
+@dataclass(frozen=True)
+class PromptReport:
+    """How the prompt fits the text encoder's window (BERT tokens, one per Chinese character)."""
+
+    num_tokens: int
+    max_tokens: int
+    dropped_text: str = ""
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.dropped_text)
+
+    def message(self) -> str:
+        if not self.truncated:
+            return ""
+        return (
+            f"提示词超出文本编码器的 {self.max_tokens} 个 token 窗口，末尾 {len(self.dropped_text)} 个字符被忽略："
+            f"「{self.dropped_text}」 / The prompt exceeds the text encoder's {self.max_tokens}-token window; "
+            f"the last {len(self.dropped_text)} characters are dropped."
+        )
+
+
+def inspect_prompt(tokenizer, text: str) -> PromptReport:
+    """Count the prompt's tokens and say which characters fall outside the encoder's window."""
+    max_tokens = int(tokenizer.model_max_length)
+    encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    if len(ids) <= max_tokens:
+        return PromptReport(len(ids), max_tokens)
+    last_kept = encoded["offset_mapping"][max_tokens - 2]
+    return PromptReport(len(ids), max_tokens, text[last_kept[1]:].strip())
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    timings: dict[str, float]
+    settings: dict[str, Any]
+    prompt_report: PromptReport
+    notes: list[str] = field(default_factory=list)
+
+    def image_settings(self, index: int) -> dict[str, Any]:
+        """Everything needed to reproduce image ``index`` alone."""
+        return {**self.settings, "seed": self.seeds[index], "num_images": 1}
+
+    def png_bytes(self, index: int) -> bytes:
+        buffer = io.BytesIO()
+        self.images[index].save(buffer, format="PNG", pnginfo=png_metadata(self.image_settings(index)))
+        return buffer.getvalue()
+
+    def save(self, out_dir: Path, stem: str = "image") -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, seed in enumerate(self.seeds):
+            path = out_dir / f"{stem}-{seed}.png"
+            path.write_bytes(self.png_bytes(i))
+            paths.append(path)
+        return paths
+
+
+def png_metadata(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """Settings as PNG text chunks: ``rapid_diffusion`` (JSON) and ``parameters`` (A1111 style)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("rapid_diffusion", json.dumps(settings, ensure_ascii=False, sort_keys=True))
+    line = (
+        f"{settings['prompt']}\nNegative prompt: {settings.get('negative_prompt', '')}\n"
+        f"Steps: {settings['num_inference_steps']}, Sampler: {settings['sampler']}, "
+        f"CFG scale: {settings['guidance_scale']}, Seed: {settings['seed']}, "
+        f"Size: {settings['width']}x{settings['height']}, Model: {settings.get('model', '')}"
+    )
+    info.add_itxt("parameters", line)
+    return info
+
+
+def read_png_settings(path_or_bytes: Path | bytes) -> dict[str, Any]:
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        return json.loads(image.text["rapid_diffusion"])
+
+
+ProgressCallback = Callable[[int, int], None]
+PromptEncoder = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+Upscaler = Callable[[list[Image.Image]], tuple[list[Image.Image], str]]
+
+
+def generate(
+    request: GenerationRequest,
+    spec: DomainSpec,
+    *,
+    registry=None,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> GenerationResult:
+    """Generate images for ``request`` with the domain ``spec``: the call every face makes.
+
+    The domain's pipeline is loaded through the registry on first use; its lock makes one
+    request at a time run on it.
+    """
+    from .registry import default_registry
+
+    model = (registry or default_registry()).get(spec)
+    with model.lock:
+        if model.pipe is None:
+            raise RuntimeError(f"the model of domain '{spec.id}' was unloaded; try again")
+        return run_pipeline(
+            model.pipe,
+            request,
+            spec=spec,
+            progress=progress,
+            should_stop=should_stop,
+            encode_prompt=model.encode_prompt,
+            upscaler=model.upscaler,
+        )
+
+
+def run_pipeline(
+    pipe,
+    request: GenerationRequest,
+    *,
+    spec: DomainSpec,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    encode_prompt: PromptEncoder | None = None,
+    upscaler: Upscaler | None = None,
+) -> GenerationResult:
+    """Run one request through ``pipe`` (a loaded ``StableDiffusionPipeline``).
+
+    ``request`` is resolved against ``spec`` (defaults, validation) here, once. The caller
+    owns concurrency: a pipeline runs one request at a time (the registry's model lock).
+    """
+    request = request.resolve(spec)
+    report = inspect_prompt(pipe.tokenizer, request.prompt)
+    timings: dict[str, float] = {}
+    pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
+    do_cfg = request.guidance_scale > 1.0
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        encoder = encode_prompt or pipe.encode_prompt
+        prompt_embeds, negative_embeds = encoder(
+            request.prompt, pipe.device, 1, do_cfg, negative_prompt=request.negative_prompt or None
+        )
+    timings["text_encoder"] = _synchronized_elapsed(start, pipe.device)
+
+    seeds = [request.seed + i for i in range(request.num_images)]
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    start = time.perf_counter()
+    latents = pipe(
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_embeds,
+        num_images_per_prompt=request.num_images,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        height=request.height,
+        width=request.width,
+        generator=generators,
+        output_type="latent",
+        callback_on_step_end=_step_callback(request.num_inference_steps, progress, should_stop),
+    ).images
+    if should_stop is not None and should_stop():
+        raise GenerationCancelled("generation stopped by the user / 已停止生成")
+    timings["unet"] = _synchronized_elapsed(start, pipe.device)
+
+    start = time.perf_counter()
+    images = decode_latents(pipe, latents)
+    timings["vae_decode"] = _synchronized_elapsed(start, pipe.device)
+
+    notes = [report.message()] if report.truncated else []
+    if request.super_resolution:
+        start = time.perf_counter()
+        images, method = (upscaler or lanczos_upscaler)(images)
+        timings["super_resolution"] = _synchronized_elapsed(start, pipe.device)
+        if method != "esrgan":
+            notes.append(f"超分辨率使用 {method} 插值（未加载 ESRGAN 权重） / Upscaled with {method}, not ESRGAN")
+    else:
+        method = None
+    timings["total"] = sum(timings.values())
+
+    settings = {
+        **asdict(request),
+        "domain": spec.id,
+        "model": spec.model.describe(),
+        "upscaler": method,
+        "device": str(pipe.device),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+    }
+    return GenerationResult(images, seeds, timings, settings, report, notes)
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    with torch.inference_mode():
+        scaled = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        decoded = pipe.vae.decode(scaled, return_dict=False)[0]
+    return pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(decoded))
+
+
+def lanczos_upscaler(images: list[Image.Image], scale: int = 4) -> tuple[list[Image.Image], str]:
+    """The labelled stand-in for ESRGAN when no weights are available."""
+    return [im.resize((im.width * scale, im.height * scale), Image.LANCZOS) for im in images], "lanczos"
+
+
+def _step_callback(total: int, progress: ProgressCallback | None, should_stop: Callable[[], bool] | None):
+    def on_step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if progress is not None:
+            progress(step + 1, total)
+        if should_stop is not None and should_stop():
+            pipe._interrupt = True
+        return callback_kwargs
+
+    return on_step_end
+
+
+def _synchronized_elapsed(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

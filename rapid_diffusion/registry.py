@@ -1,0 +1,334 @@
+"""Lazy, bounded cache of loaded pipelines: the project's only global mutable state.
+
+A domain's pipeline is loaded on its first request (never at import or start-up), kept in
+an LRU bounded by a model count and a memory budget, and loaded once even when several
+first requests arrive together (one lock per model). Weights load only through safe paths:
+safetensors, or ``.bin`` through ``torch.load(weights_only=True)`` (diffusers and
+transformers both do so); no remote code, no custom pipelines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .domains import DomainSpec, ModelSource, load_domains
+
+log = logging.getLogger(__name__)
+
+PIPELINE_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.bin"]
+SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor")
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model cannot be loaded: not cached and the hub is unreachable, or a broken folder."""
+
+
+@dataclass
+class LoadedModel:
+    key: str
+    pipe: object
+    device: torch.device
+    dtype: torch.dtype
+    nbytes: int
+    load_seconds: float
+    optimization: str = "none"
+    encode_prompt: Callable | None = None
+    upscaler: Callable | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """``RAPID_DIFFUSION_DEVICE`` if set; else CUDA with fp16; else CPU with fp32."""
+    name = os.environ.get("RAPID_DIFFUSION_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    return device, torch.float16 if device.type == "cuda" else torch.float32
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def find_cached_snapshot(source: ModelSource) -> Path | None:
+    """The local snapshot folder of a hub model, if it is fully cached; no network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(
+            snapshot_download(
+                source.repo_id,
+                revision=source.revision,
+                local_files_only=True,
+                allow_patterns=PIPELINE_FILES,
+                ignore_patterns=[f"{c}/*" for c in SKIPPED_COMPONENTS],
+            )
+        )
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def download_snapshot(source: ModelSource, progress: Callable[[str], None] | None = None) -> Path:
+    """Download the pipeline's files (safetensors preferred over .bin), reporting progress."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    files = HfApi().list_repo_files(source.repo_id, revision=source.revision)
+    wanted = choose_weight_files(files)
+    return Path(
+        snapshot_download(
+            source.repo_id,
+            revision=source.revision,
+            allow_patterns=wanted,
+            tqdm_class=_progress_tqdm(progress) if progress else None,
+        )
+    )
+
+
+def choose_weight_files(files: list[str]) -> list[str]:
+    """The files a pipeline needs: configs, vocab and one weight format per component."""
+    chosen = []
+    folders_with_safetensors = {f.split("/")[0] for f in files if f.endswith(".safetensors")}
+    for name in files:
+        folder = name.split("/")[0] if "/" in name else ""
+        if folder in SKIPPED_COMPONENTS or name.count("/") > 1:
+            continue
+        if name == "model_index.json" or (folder and name.endswith((".json", ".txt"))):
+            chosen.append(name)
+        elif folder and name.endswith(".safetensors"):
+            chosen.append(name)
+        elif folder and name.endswith(".bin") and folder not in folders_with_safetensors:
+            chosen.append(name)
+    return chosen
+
+
+def _progress_tqdm(progress: Callable[[str], None]):
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class ReportingTqdm(hf_tqdm):
+        def update(self, n=1):
+            result = super().update(n)
+            if self.total:
+                progress(f"{self.desc or 'download'}: {self.n / self.total:.0%}")
+            return result
+
+    return ReportingTqdm
+
+
+def load_pipeline(folder: Path, device: torch.device, dtype: torch.dtype):
+    """Load a diffusers Stable Diffusion folder with the PAI classes, safely."""
+    from diffusers import StableDiffusionPipeline
+
+    if not (folder / "model_index.json").is_file():
+        raise ModelUnavailableError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder,
+            dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelUnavailableError(f"could not load the pipeline in {folder}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def module_bytes(pipe) -> int:
+    total = 0
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            total += sum(p.numel() * p.element_size() for p in module.parameters())
+    return total
+
+
+class ModelRegistry:
+    """Loads pipelines on first use and keeps the most recently used ones.
+
+    ``max_models`` (``RAPID_DIFFUSION_MAX_MODELS``, default 2) and ``max_bytes``
+    (``RAPID_DIFFUSION_MAX_MEMORY_GB``, default unbounded) bound what stays loaded.
+    """
+
+    def __init__(
+        self,
+        domains: dict[str, DomainSpec] | None = None,
+        max_models: int | None = None,
+        max_bytes: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        loader: Callable[[Path, torch.device, torch.dtype], object] = load_pipeline,
+        progress: Callable[[str], None] | None = None,
+    ):
+        self._domains = domains
+        self.max_models = max_models or int(os.environ.get("RAPID_DIFFUSION_MAX_MODELS", "2"))
+        budget_gb = os.environ.get("RAPID_DIFFUSION_MAX_MEMORY_GB")
+        self.max_bytes = max_bytes or (int(float(budget_gb) * 2**30) if budget_gb else None)
+        default_device, default_dtype = pick_device()
+        self.device = device or default_device
+        self.dtype = dtype or default_dtype
+        self._loader = loader
+        self.progress = progress or (lambda message: log.info(message))
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def domains(self) -> dict[str, DomainSpec]:
+        if self._domains is None:
+            self._domains = load_domains()
+        return self._domains
+
+    def reload_domains(self) -> dict[str, DomainSpec]:
+        self._domains = load_domains()
+        return self._domains
+
+    def spec(self, domain_id: str) -> DomainSpec:
+        try:
+            return self.domains[domain_id]
+        except KeyError:
+            raise KeyError(f"unknown domain '{domain_id}'; known: {', '.join(self.domains)}") from None
+
+    def get(self, spec: DomainSpec) -> LoadedModel:
+        """The loaded model of ``spec``, loading it (once, even under concurrency) if needed."""
+        key = spec.model.key
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            model = self._load(spec)
+            with self._lock:
+                self._models[key] = model
+                self._evict(keep=key)
+            return model
+
+    def _load(self, spec: DomainSpec) -> LoadedModel:
+        folder = self.resolve_folder(spec)
+        self.progress(f"loading domain '{spec.id}' from {spec.model.describe()} on {self.device}")
+        start = time.perf_counter()
+        pipe = self._loader(folder, self.device, self.dtype)
+        optimization = spec.optimization
+        if optimization != "none":
+            from .optimize import apply_optimization
+
+            optimization = apply_optimization(pipe, optimization, log=self.progress)
+        seconds = time.perf_counter() - start
+        self.progress(f"loaded domain '{spec.id}' in {seconds:.1f}s")
+        return LoadedModel(spec.model.key, pipe, self.device, self.dtype, module_bytes(pipe), seconds, optimization)
+
+    def resolve_folder(self, spec: DomainSpec) -> Path:
+        """The local folder of a domain's model, downloading it if allowed; else a clear error."""
+        source = spec.model
+        if source.is_local:
+            if not (source.path / "model_index.json").is_file():
+                raise ModelUnavailableError(
+                    f"domain '{spec.id}': model folder {source.path} is missing or has no model_index.json"
+                    f"{self._offline_hint()}"
+                )
+            return source.path
+        cached = find_cached_snapshot(source)
+        if cached is not None:
+            return cached
+        if hub_offline():
+            raise self._unreachable(spec, "HF_HUB_OFFLINE is set")
+        try:
+            self.progress(f"downloading {source.describe()} for domain '{spec.id}' (first use)")
+            return download_snapshot(source, self.progress)
+        except Exception as exc:  # network errors come in many classes (requests, httpx, hub)
+            raise self._unreachable(spec, f"{type(exc).__name__}: {exc}") from exc
+
+    def _unreachable(self, spec: DomainSpec, reason: str) -> ModelUnavailableError:
+        return ModelUnavailableError(
+            f"域「{spec.title_zh}」的模型尚未下载，且无法连接 Hugging Face Hub。 "
+            f"Domain '{spec.id}' needs {spec.model.describe()}, which is not in the local cache, "
+            f"and the hub cannot be reached ({reason}).{self._offline_hint()}"
+        )
+
+    def _offline_hint(self) -> str:
+        ready = [d.id for d in self.domains.values() if self.state(d) in ("loaded", "offline-ready", "cached")]
+        return f" Domains that work offline: {', '.join(ready)}." if ready else " No domain works offline here."
+
+    def state(self, spec: DomainSpec) -> str:
+        """``loaded``, ``offline-ready`` (local files), ``cached`` (hub cache) or ``needs-download``."""
+        if spec.model.key in self._models:
+            return "loaded"
+        if spec.model.is_local:
+            return "offline-ready" if (spec.model.path / "model_index.json").is_file() else "missing"
+        return "cached" if find_cached_snapshot(spec.model) is not None else "needs-download"
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def unload(self, key: str) -> bool:
+        with self._lock:
+            model = self._models.pop(key, None)
+        if model is None:
+            return False
+        self._release(model)
+        return True
+
+    def _evict(self, keep: str) -> None:
+        """Drop least recently used models until the count and memory budgets hold."""
+        while len(self._models) > 1 and (
+            len(self._models) > self.max_models
+            or (self.max_bytes is not None and sum(m.nbytes for m in self._models.values()) > self.max_bytes)
+        ):
+            oldest_key = next(k for k in self._models if k != keep)
+            model = self._models.pop(oldest_key)
+            log.info("evicting %s from the model cache", oldest_key)
+            self._release(model)
+
+    @staticmethod
+    def _release(model: LoadedModel) -> None:
+        with model.lock:
+            model.pipe = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def adhoc_spec(source: ModelSource, height: int = 512, width: int = 512) -> DomainSpec:
+    """A domain spec for a model given on the command line (``--model``), with SD defaults."""
+    name = source.path.name if source.is_local else source.repo_id.split("/")[-1]
+    return DomainSpec(
+        id="custom",
+        title_zh=f"自定义模型 {name}",
+        title_en=f"Custom model {name}",
+        description=f"Model given directly: {source.describe()}",
+        model=source,
+        examples=("一只猫", "一幅山水画", "一碗面条"),
+        height=height,
+        width=width,
+    )
+
+
+def native_size(pipe) -> int:
+    """The image side a pipeline was trained at (UNet sample size x VAE scale factor)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+_default_registry: ModelRegistry | None = None
+_default_lock = threading.Lock()
+
+
+def default_registry() -> ModelRegistry:
+    """The process-wide registry (created on first call, loads nothing by itself)."""
+    global _default_registry
+    with _default_lock:
+        if _default_registry is None:
+            _default_registry = ModelRegistry()
+        return _default_registry

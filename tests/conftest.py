@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny random-weight pipelines of the exact PAI classes, built in code.
+
+Tests never touch the network: HF_HUB_OFFLINE is forced on before anything imports the hub.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionPipeline folder (CLIPTextModel + BertTokenizer + ...), safetensors."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from rapid_diffusion.factory import build_pipeline
+
+    diffusers_logging.disable_progress_bar()
+    folder = tmp_path_factory.mktemp("tiny-pai-model")
+    build_pipeline(folder, size="tiny", seed=0)
+    return folder
+
+
+def write_domain(folder: Path, domain_id: str, model_path: Path, **overrides) -> Path:
+    """Write a valid domain YAML pointing at a local model folder; ``overrides`` replace fields."""
+    fields = {
+        "id": domain_id,
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 4,
+        "guidance_scale": 5.0,
+        "sampler": "pndm",
+        "negative_prompt": "模糊",
+    }
+    fields.update(overrides)
+    lines = [f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items()]
+    body = "\n".join(lines) + textwrap.dedent(
+        f"""
+        title:
+          zh: 测试
+          en: Test
+        description: tiny random model for tests
+        model:
+          path: {model_path}
+        examples:
+          - 一个红色的圆形
+          - 蓝色正方形
+          - 左边有一个小的绿色三角形
+        """
+    )
+    path = folder / f"{domain_id}.yaml"
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def test_domains(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    """A domains folder with one domain, 'tiny', on the tiny model; exported via the env var.
+
+    RAPID_DIFFUSION_HOME points to an empty temp folder so user domains do not leak in.
+    """
+    folder = tmp_path / "domains"
+    folder.mkdir()
+    write_domain(folder, "tiny", tiny_model_dir)
+    monkeypatch.setenv("RAPID_DIFFUSION_DOMAINS", str(folder))
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    return folder
+
+
+@pytest.fixture()
+def registry(test_domains):
+    """A fresh registry on CPU/fp32 that sees the test domains."""
+    from rapid_diffusion.registry import ModelRegistry
+
+    return ModelRegistry(device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.fixture()
+def copy_model(tmp_path, tiny_model_dir):
+    def _copy(name: str) -> Path:
+        target = tmp_path / name
+        shutil.copytree(tiny_model_dir, target)
+        return target
+
+    return _copy
