@@ -288,7 +288,7 @@ def run_pipeline(
         width=request.width,
         generator=generators,
         output_type="latent",
-        callback_on_step_end=_step_callback(request.num_inference_steps, progress, should_stop),
+        callback_on_step_end=_step_callback(progress, should_stop),
     ).images
     if should_stop is not None and should_stop():
         raise GenerationCancelled("generation stopped by the user / 已停止生成")
@@ -332,10 +332,12 @@ def lanczos_upscaler(images: list[Image.Image], scale: int = 4) -> tuple[list[Im
     return [im.resize((im.width * scale, im.height * scale), Image.LANCZOS) for im in images], "lanczos"
 
 
-def _step_callback(total: int, progress: ProgressCallback | None, should_stop: Callable[[], bool] | None):
+def _step_callback(progress: ProgressCallback | None, should_stop: Callable[[], bool] | None):
+    """Report (done, total) UNet evaluations; PNDM's PLMS makes one more than the step count."""
+
     def on_step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         if progress is not None:
-            progress(step + 1, total)
+            progress(step + 1, pipe.num_timesteps)
         if should_stop is not None and should_stop():
             pipe._interrupt = True
         return callback_kwargs
