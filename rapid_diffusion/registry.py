@@ -111,13 +111,25 @@ def choose_weight_files(files: list[str]) -> list[str]:
 
 
 def _progress_tqdm(progress: Callable[[str], None]):
-    from huggingface_hub.utils import tqdm as hf_tqdm
+    import io
 
-    class ReportingTqdm(hf_tqdm):
+    from tqdm.auto import tqdm
+
+    class ReportingTqdm(tqdm):
+        """Reports each file's download through ``progress`` in 10% steps, drawing no bar."""
+
+        def __init__(self, *args, **kwargs):
+            kwargs.update(disable=False, file=io.StringIO())
+            kwargs.pop("name", None)
+            super().__init__(*args, **kwargs)
+
         def update(self, n=1):
             result = super().update(n)
             if self.total:
-                progress(f"{self.desc or 'download'}: {self.n / self.total:.0%}")
+                tenth = int(10 * self.n / self.total)
+                if tenth != getattr(self, "_reported_tenth", None):
+                    self._reported_tenth = tenth
+                    progress(f"{self.desc or 'download'}: {self.n / self.total:.0%}")
             return result
 
     return ReportingTqdm
@@ -225,10 +237,21 @@ class ModelRegistry:
         if optimization != "none":
             from .optimize import apply_optimization
 
-            optimization = apply_optimization(pipe, optimization, log=self.progress)
+            optimization = apply_optimization(pipe, optimization, log=self.progress, height=spec.height, width=spec.width)
         seconds = time.perf_counter() - start
         self.progress(f"loaded domain '{spec.id}' in {seconds:.1f}s")
-        return LoadedModel(spec.model.key, pipe, self.device, self.dtype, module_bytes(pipe), seconds, optimization)
+        from .upscale import upscaler_for
+
+        upscaler = upscaler_for(spec, self.device, self.dtype, log=self.progress)
+        encode_prompt = None
+        if spec.knowledge_graph is not None:
+            from .knowledge import load_prompt_encoder
+
+            encode_prompt = load_prompt_encoder(pipe, folder, spec.knowledge_graph, log=self.progress)
+        return LoadedModel(
+            spec.model.key, pipe, self.device, self.dtype, module_bytes(pipe), seconds, optimization,
+            encode_prompt=encode_prompt, upscaler=upscaler,
+        )
 
     def resolve_folder(self, spec: DomainSpec) -> Path:
         """The local folder of a domain's model, downloading it if allowed; else a clear error."""

@@ -155,3 +155,18 @@ def test_shipped_domains_need_download_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     registry = ModelRegistry(domains=load_domains(), device=torch.device("cpu"))
     assert registry.state(registry.spec("guohua")) == "needs-download"
+
+
+def test_download_progress_is_reported_in_steps():
+    import io
+
+    from rapid_diffusion.registry import _progress_tqdm
+
+    messages = []
+    bar = _progress_tqdm(messages.append)(total=1000, desc="unet/diffusion_pytorch_model.safetensors", file=io.StringIO())
+    for _ in range(100):
+        bar.update(10)
+    bar.close()
+    assert messages[-1].endswith("100%")
+    assert 10 <= len(messages) <= 11
+    assert all(m.startswith("unet/") for m in messages)
