@@ -39,7 +39,6 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
@@ -72,6 +71,103 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(p)
     p.add_argument("--sampler", default=None)
     p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("upscale", help="x4 ESRGAN super-resolution of one image")
+    p.add_argument("--weights", type=Path, required=True, help="ESRGAN / Real-ESRGAN checkpoint (.pth or .safetensors)")
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tile", type=int, default=256, help="tile side in input pixels (0: no tiling)")
+    p.add_argument("--tile-pad", type=int, default=16, help="overlap around each tile, input pixels")
+    p.set_defaults(handler=cmd_upscale)
+
+    p = sub.add_parser("train-sr", help="train the demo domain's compact SR model on its world (64->256)")
+    p.add_argument("--out", type=Path, default=Path("assets/demo-sr.safetensors"), help="safetensors file to write")
+    p.add_argument("--steps", type=int, default=2000, help="Adam steps, batch 16 of 32x32 LR crops")
+    p.add_argument("--seed", type=int, default=0, help="seeds the world scenes, crops and initialisation")
+    p.add_argument("--features", type=int, default=32, help="SRVGGNetCompact channels")
+    p.add_argument("--convs", type=int, default=8, help="SRVGGNetCompact hidden convs")
+    p.set_defaults(handler=cmd_train_sr)
+
+    p = sub.add_parser("kg", help="knowledge graph: train TransE embeddings, attach knowledge to a model")
+    kg = p.add_subparsers(dest="kg_command", required=True)
+    p = kg.add_parser("train", help="train TransE on a graph (triples.tsv + entities.tsv) -> safetensors")
+    p.add_argument("--graph", type=Path, required=True, help="graph folder or triples file")
+    p.add_argument("--out", type=Path, required=True, help="embeddings file (.safetensors)")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--margin", type=float, default=1.0)
+    p.add_argument("--norm", type=int, choices=(1, 2), default=1, help="L1 or L2 distance")
+    p.set_defaults(handler=cmd_kg_train)
+    p = kg.add_parser("attach", help="write <model>/knowledge/ (graph, embeddings, zero projection)")
+    p.add_argument("--model", type=Path, required=True, help="a diffusers pipeline folder")
+    p.add_argument("--graph", type=Path, required=True)
+    p.add_argument("--embeddings", type=Path, required=True, help="file written by `kg train`")
+    p.set_defaults(handler=cmd_kg_attach)
+    p = kg.add_parser("demo-eval", help="colour/shape accuracy on the demo graph's entities, with and without knowledge")
+    _add_model_arguments(p)
+    p.add_argument("--graph", type=Path, default=None, help="default: assets/demo-kg")
+    p.add_argument("--split", choices=("graph_only", "train"), default="graph_only")
+    p.add_argument("--seeds", type=int, default=4, help="images per entity (seeds 0..N-1)")
+    p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+    p.set_defaults(handler=cmd_kg_demo_eval)
+    p = kg.add_parser("demo-finetune", help="fine-tune the demo model on entity captions with knowledge injection")
+    p.add_argument("--out", type=Path, required=True, help="folder for the fine-tuned pipeline")
+    p.add_argument("--base", type=Path, default=None, help="default: assets/demo-model")
+    p.add_argument("--domain-id", default="demo-kg")
+    p.add_argument("--no-knowledge", action="store_true", help="the control run: same captions, no injection")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(handler=cmd_kg_demo_finetune)
+
+    p = sub.add_parser("serve", help="web UI + JSON API (/api/predict/{domain}, /healthz) on one server")
+    p.add_argument("--host", default=None, help="default 127.0.0.1 (0.0.0.0 on Hugging Face Spaces)")
+    p.add_argument("--port", type=int, default=None, help="default $PORT, $GRADIO_SERVER_PORT or 7860")
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("check-data", help="check image-text pairs (folder, zip, TSV) and name each rejected item")
+    p.add_argument("path", type=Path, help="a folder or zip (metadata.jsonl or .txt captions), or an EasyNLP TSV")
+    p.set_defaults(handler=cmd_check_data)
+
+    p = sub.add_parser("train", help="full fine-tune (UNet + text encoder) on image-text pairs")
+    add_train_arguments(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("train-demo", help="train the embedded demo model from scratch on the procedural world (CPU)")
+    p.add_argument("--out", type=Path, default=None, help="pipeline folder (default: assets/demo-model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="diffusion (UNet + text encoder) steps")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="diffusion learning rate (peak of the cosine schedule)")
+    p.add_argument("--num-scenes", type=int, default=None, help="pre-rendered training scenes")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1: fastest on a shared machine)")
+    p.add_argument("--init-from", type=Path, default=None, help="continue training this pipeline folder (keeps its VAE)")
+    p.set_defaults(handler=cmd_train_demo)
+
+    p = sub.add_parser("eval", help="prompt adherence on held-out world combinations: JSON report + contact sheet")
+    _add_model_arguments(p)
+    p.add_argument("--out", type=Path, default=Path("eval-out"), help="folder for report.json and contact_sheet.png")
+    p.add_argument("--num-prompts", type=int, default=None, help="default: every held-out combination")
+    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the domain's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the domain's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("bench", help="plain diffusers vs the optimisation levels: per-stage timings, memory, speedup")
+    p.add_argument("--model", default="demo", help="demo | sd15-random | tiny-random | a pipeline folder")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--runs", type=int, default=3, help="timed runs per level (after one untimed run)")
+    p.add_argument("--levels", default="none,flash,compile", help="comma-separated; 'none' (plain diffusers) always runs")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="write the full result here")
+    p.set_defaults(handler=cmd_bench)
 
     return parser
 
@@ -109,6 +205,7 @@ def resolve_spec(args):
     from .registry import ModelUnavailableError, adhoc_spec, default_registry, native_size
 
     registry = default_registry()
+    registry.progress = lambda message: print(message, file=sys.stderr)
     try:
         if args.domain:
             spec = registry.spec(args.domain)
@@ -190,3 +287,256 @@ def cmd_predict(args) -> int:
                 written += 1
     print(f"wrote {written} images to {args.output}; {bad} bad rows skipped", file=sys.stderr)
     return 0 if written or not bad else 1
+
+
+def cmd_upscale(args) -> int:
+    import time
+
+    from .registry import pick_device
+    from .upscale import SRWeightsUnavailable, UnknownCheckpointError, Upscaler, load_sr_model, open_image
+
+    if not args.weights.is_file():
+        raise CLIError(f"weights file {args.weights} does not exist")
+    try:
+        image = open_image(args.input)
+        model = load_sr_model(args.weights)
+    except (OSError, ValueError, SRWeightsUnavailable, UnknownCheckpointError) as exc:
+        raise CLIError(str(exc)) from exc
+    device, dtype = pick_device()
+    upscaler = Upscaler(model, device, dtype, tile=args.tile or None, tile_pad=args.tile_pad)
+    start = time.perf_counter()
+    (result,), _ = upscaler([image])
+    seconds = time.perf_counter() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.save(args.out)
+    print(args.out)
+    print(f"{upscaler.description} on {device}: {image.width}x{image.height} -> {result.width}x{result.height} in {seconds:.2f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_train_sr(args) -> int:
+    from .train_sr import SRTrainConfig, train_sr
+
+    train_sr(SRTrainConfig(out=args.out, steps=args.steps, seed=args.seed, num_feat=args.features, num_conv=args.convs))
+    return 0
+
+
+def cmd_kg_train(args) -> int:
+    import time
+
+    from .knowledge import EntityEmbeddings, GraphError, KnowledgeGraph, TransEConfig, evaluate_link_prediction, train_transe
+
+    try:
+        graph = KnowledgeGraph.load(args.graph)
+    except GraphError as exc:
+        raise CLIError(str(exc)) from exc
+    config = TransEConfig(dim=args.dim, epochs=args.epochs, seed=args.seed, margin=args.margin, p_norm=args.norm)
+    start = time.perf_counter()
+    model, loss = train_transe(graph, config, log=(lambda m: print(m, file=sys.stderr)) if args.verbose else None)
+    seconds = time.perf_counter() - start
+    triples = graph.index_triples()
+    quality = evaluate_link_prediction(model, triples, set(triples))
+    EntityEmbeddings.from_model(model, graph).save(args.out)
+    print(args.out)
+    print(
+        f"{len(graph.entities)} entities, {len(graph.relations)} relations, {len(triples)} triples; "
+        f"{config.epochs} epochs in {seconds:.1f}s, loss {loss:.4f}; link prediction on the graph: "
+        f"mean rank {quality.mean_rank:.2f} (chance {quality.chance_mean_rank:.1f}), "
+        f"hits@1 {quality.hits_at_1:.2f}, hits@10 {quality.hits_at_10:.2f}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_kg_attach(args) -> int:
+    import json
+
+    from .knowledge import KNOWLEDGE_DIR, EntityEmbeddings, GraphError, Knowledge, KnowledgeGraph
+
+    config_file = args.model / "text_encoder" / "config.json"
+    if not config_file.is_file():
+        raise CLIError(f"{args.model} is not a diffusers pipeline folder (no text_encoder/config.json)")
+    try:
+        graph = KnowledgeGraph.load(args.graph)
+        embeddings = EntityEmbeddings.load(args.embeddings)
+    except (GraphError, OSError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+    hidden_size = json.loads(config_file.read_text(encoding="utf-8"))["hidden_size"]
+    folder = Knowledge.create(graph, embeddings, hidden_size).save(args.model / KNOWLEDGE_DIR)
+    print(folder)
+    return 0
+
+
+def cmd_kg_demo_eval(args) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .knowledge import KnowledgeGraph
+    from .knowledge.demo import DEMO_GRAPH, load_split, measure_entity_attributes
+    from .pipeline import GenerationRequest, run_pipeline
+
+    spec, registry = resolve_spec(args)
+    model = registry.get(spec)
+    graph_dir = args.graph or DEMO_GRAPH
+    graph, entities = KnowledgeGraph.load(graph_dir), load_split(graph_dir)[args.split]
+
+    def image_for(encoder):
+        def image(prompt: str, seed: int):
+            with model.lock:
+                return run_pipeline(model.pipe, GenerationRequest(prompt=prompt, seed=seed), spec=spec, encode_prompt=encoder).images[0]
+
+        return image
+
+    seeds = list(range(args.seeds))
+    report = {}
+    encoders = [("without_knowledge", None)]
+    if model.encode_prompt is not None:
+        encoders.insert(0, ("with_knowledge", model.encode_prompt))
+    for name, encoder in encoders:
+        result = measure_entity_attributes(image_for(encoder), graph, entities, seeds)
+        report[name] = asdict(result)
+        print(f"{name}: colour {result.colour:.0%}, shape {result.shape:.0%}, both {result.both:.0%} "
+              f"({len(entities)} {args.split} entities x {len(seeds)} seeds; chance 12% / 17% / 2%)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    return 0
+
+
+def cmd_kg_demo_finetune(args) -> int:
+    from .knowledge.finetune_demo import DemoFinetuneConfig, finetune_demo
+
+    config = DemoFinetuneConfig(
+        out=args.out, domain_id=args.domain_id, with_knowledge=not args.no_knowledge,
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+    )
+    if args.base is not None:
+        config.base = args.base
+    if not (config.base / "model_index.json").is_file():
+        raise CLIError(f"{config.base} is not a pipeline folder; train the demo model first (rapid-diffusion train-demo)")
+    print(finetune_demo(config, log=lambda message: print(message, file=sys.stderr)))
+    print(f"domain: {config.domain_id}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    serve(host=args.host, port=args.port)
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="a domain id, a diffusers folder, or a hub id (owner/name)")
+    p.add_argument("--data", required=True, type=Path, help="folder, zip or TSV of image-text pairs")
+    p.add_argument("--output", required=True, type=Path, help="run folder: status, samples, checkpoints, model/")
+    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=1e-5, help="learning rate")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--ema", action="store_true", help="keep an exponential moving average of the UNet")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=True, help="where bitsandbytes and a GPU exist")
+    p.add_argument("--lr-scheduler", default="constant_with_warmup", help="any diffusers get_scheduler name")
+    p.add_argument("--lr-warmup-steps", type=int, default=None, help="default: 10%% of the steps, at most 100")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--validation-prompt", action="append", help="rendered every --validation-every steps (repeatable)")
+    p.add_argument("--validation-every", type=int, default=100)
+    p.add_argument("--validation-inference-steps", type=int, default=20)
+    p.add_argument("--domain-id", default=None, help="id of the new domain (default: ft-<output folder name>)")
+    p.add_argument("--skip-preflight", action="store_true", help="start even if the memory preflight says it will not fit")
+
+
+def cmd_check_data(args) -> int:
+    from .data import check_path
+
+    report = check_path(args.path)
+    for line in report.lines():
+        print(line)
+    return 0 if report.usable else 1
+
+
+def cmd_train(args) -> int:
+    from .registry import ModelUnavailableError
+    from .train import TrainingError, config_from_args, train
+
+    try:
+        result = train(config_from_args(args))
+    except (TrainingError, ModelUnavailableError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+    if result.state == "done" and result.model_dir is not None:
+        print(f"model: {result.model_dir}")
+        print(f"domain: {result.domain_id}")
+    return {"done": 0, "stopped": 3}.get(result.state, 1)
+
+
+def cmd_train_demo(args) -> int:
+    from dataclasses import replace
+
+    from .demo.train_demo import TrainConfig, train_demo
+
+    overrides = {
+        "out": args.out,
+        "vae_steps": args.vae_steps,
+        "unet_steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "num_scenes": args.num_scenes,
+        "threads": args.threads,
+        "init_from": args.init_from,
+    }
+    config = replace(TrainConfig(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
+    print(f"model: {train_demo(config, log=lambda line: print(line, flush=True))}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .demo.evaluate import evaluate
+
+    spec, registry = resolve_spec(args)
+    report = evaluate(spec, registry, out=args.out, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    print(", ".join(f"{k} {v:.1%}" for k, v in report["accuracy"].items()))
+    print(f"report: {args.out / 'report.json'}")
+    print(f"contact sheet: {args.out / 'contact_sheet.png'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from .bench import BenchConfig, markdown_table, padding_table, profile_table, run_bench
+    from .optimize import LEVELS
+
+    levels = tuple(level.strip() for level in args.levels.split(",") if level.strip())
+    unknown = [level for level in levels if level not in LEVELS]
+    if unknown:
+        raise CLIError(f"--levels: unknown {', '.join(unknown)}; known: {', '.join(LEVELS)}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = BenchConfig(
+        model=args.model, device=args.device, steps=args.steps, height=args.height, width=args.width,
+        runs=args.runs, levels=levels, guidance_scale=args.guidance,
+    )
+    try:
+        result = run_bench(config, log=lambda message: print(message, file=sys.stderr))
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise CLIError(str(exc)) from exc
+    print(markdown_table(result))
+    print()
+    print(profile_table(result))
+    print()
+    print(padding_table(result))
+    print(f"\nspeedup {result['speedup']:.2f}x ({result['best_level']} vs plain diffusers), model {result['model']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
