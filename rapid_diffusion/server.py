@@ -1,0 +1,69 @@
+"""One server for every face: the JSON API routes, with the Gradio UI mounted at ``/``.
+
+``rapid-diffusion serve`` and ``app.py`` (Hugging Face Spaces) both call :func:`serve`.
+Nothing is loaded at start-up: the first request of a domain loads its model.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import FastAPI
+
+from .api import GpuGate, create_api_app
+from .registry import ModelRegistry, default_registry
+
+DEFAULT_PORT = 7860
+
+
+def max_upload() -> str:
+    return os.environ.get("RAPID_DIFFUSION_MAX_UPLOAD", "10mb")
+
+
+def create_app(registry: ModelRegistry | None = None, gate: GpuGate | None = None) -> FastAPI:
+    """The FastAPI app: ``/api/predict/{domain}``, ``/healthz``, and the UI (+ ``/gradio_api``) at ``/``."""
+    import gradio as gr
+
+    from .ui import build_ui
+
+    import_model_classes()
+    registry = registry or default_registry()
+    gate = gate or GpuGate.from_env()
+    app = create_api_app(registry, gate)
+    blocks = build_ui(registry, gate)
+    blocks.queue(max_size=gate.max_waiting, default_concurrency_limit=gate.slots)
+    return gr.mount_gradio_app(
+        app,
+        blocks,
+        path="/",
+        show_error=False,
+        max_file_size=max_upload(),
+        footer_links=["api", "gradio"],
+        run_history=False,
+        ssr_mode=False,
+    )
+
+
+def import_model_classes() -> None:
+    """Import the pipeline and tokenizer classes now, in one thread (no weights are loaded).
+
+    diffusers and transformers import their classes lazily; two server threads doing that
+    first import at once (a generation and the token counter) can fail with ImportError.
+    """
+    from diffusers import StableDiffusionPipeline  # noqa: F401
+    from transformers import AutoTokenizer  # noqa: F401
+
+
+def default_host() -> str:
+    """127.0.0.1 locally; 0.0.0.0 on Hugging Face Spaces (``SPACE_ID`` is set there)."""
+    return os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+
+
+def default_port() -> int:
+    return int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT)
+
+
+def serve(host: str | None = None, port: int | None = None, registry: ModelRegistry | None = None) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(registry), host=host or default_host(), port=port or default_port(), log_level="info")

@@ -1,0 +1,540 @@
+"""Gradio Blocks web UI: Generate, Models and Fine-tune tabs, plus the named ``/generate`` API.
+
+A thin face over :func:`rapid_diffusion.api.run_generation` (the core's ``generate`` behind
+the shared GPU gate): the UI converts widgets to a ``GenerationRequest``, shows the result,
+and turns errors into one curated sentence (``gr.Error``). It validates nothing itself.
+Images are served as the PNG files ``GenerationResult.png_bytes`` writes, settings embedded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import torch
+from gradio import processing_utils
+
+from .api import INTERNAL_ERROR, GpuGate, UserFacingError, run_generation, zero_gpu
+from .domains import OPTIMIZATION_LEVELS, DomainSpec
+from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult, inspect_prompt
+from .registry import ModelRegistry, ModelUnavailableError, default_registry, find_cached_snapshot
+from .samplers import SAMPLER_LABELS
+
+log = logging.getLogger(__name__)
+
+GPU_GROUP = "gpu"
+STATE_LABELS = {
+    "loaded": "已加载 loaded",
+    "offline-ready": "本地可用 offline-ready",
+    "cached": "已缓存 cached",
+    "needs-download": "需下载 needs-download",
+    "missing": "缺失 missing",
+}
+COMMON_SIZES = ("512x512", "512x768", "768x512", "768x768", "256x256")
+MODEL_COLUMNS = ["领域 Domain", "状态 State", "设备 Device", "精度 Dtype", "内存 Memory (MB)", "加载 Load (s)", "优化 Optimization"]
+
+
+class StopFlags:
+    """One stop flag per browser session: the Stop button sets it, the denoising loop reads it."""
+
+    def __init__(self):
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> threading.Event:
+        with self._lock:
+            self._flags[session] = threading.Event()
+            return self._flags[session]
+
+    def stop(self, session: str) -> None:
+        with self._lock:
+            flag = self._flags.get(session)
+        if flag is not None:
+            flag.set()
+
+    def finish(self, session: str, flag: threading.Event) -> None:
+        with self._lock:
+            if self._flags.get(session) is flag:
+                del self._flags[session]
+
+
+class TokenizerCache:
+    """Domain tokenizers for the live token counter, without loading (or downloading) the model."""
+
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+        self._tokenizers: dict[str, Any] = {}
+
+    def get(self, spec: DomainSpec):
+        key = spec.model.key
+        for model in self.registry.loaded():
+            if model.key == key and model.pipe is not None:
+                return model.pipe.tokenizer
+        if key not in self._tokenizers:
+            folder = spec.model.path if spec.model.is_local else find_cached_snapshot(spec.model)
+            if folder is None or not (folder / "tokenizer").is_dir():
+                return None
+            from transformers import AutoTokenizer
+
+            self._tokenizers[key] = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        return self._tokenizers[key]
+
+
+@dataclass
+class UiContext:
+    registry: ModelRegistry
+    gate: GpuGate
+    stop_flags: StopFlags = field(default_factory=StopFlags)
+    tokenizers: TokenizerCache | None = None
+    optimization_levels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.tokenizers = self.tokenizers or TokenizerCache(self.registry)
+
+    def spec(self, domain_id: str | None) -> DomainSpec:
+        domain_id = domain_id or default_domain(self.registry)
+        try:
+            return self.registry.spec(domain_id)
+        except KeyError as exc:
+            raise gr.Error(f"未知领域 / Unknown domain '{domain_id}'") from exc
+
+
+def default_domain(registry: ModelRegistry) -> str | None:
+    """``demo`` if it works offline, else the first domain that does, else ``demo`` or the first one."""
+    specs = registry.domains
+    ready = [d for d in specs.values() if registry.state(d) in ("loaded", "offline-ready", "cached")]
+    if "demo" in specs and specs["demo"] in ready:
+        return "demo"
+    if ready:
+        return ready[0].id
+    return "demo" if "demo" in specs else next(iter(specs), None)
+
+
+def build_ui(registry: ModelRegistry | None = None, gate: GpuGate | None = None) -> gr.Blocks:
+    """The whole app: nothing is loaded here; models load on first use."""
+    ctx = UiContext(registry or default_registry(), gate or GpuGate.from_env())
+    with gr.Blocks(title="Rapid Diffusion 中文文图生成", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# Rapid Diffusion · 领域中文文图生成\n"
+            "Fast domain-specific Chinese text-to-image (PAI-Diffusion models). "
+            "选择领域，输入中文提示词，点击「生成」。 / Pick a domain, type a Chinese prompt, press Generate."
+        )
+        with gr.Tab("生成 / Generate"):
+            domain = build_generate_tab(ctx)
+        with gr.Tab("模型 / Models"):
+            build_models_tab(ctx, demo)
+        with gr.Tab("微调 / Fine-tune"):
+            finetune = build_finetune(ctx)
+        build_named_api(ctx)
+        refresh_picker = [lambda d: domain_picker_update(ctx, d), domain, domain]
+        demo.load(*refresh_picker, api_visibility="private")
+        if "new_domain" in finetune:
+            finetune["new_domain"].change(*refresh_picker, api_visibility="private")
+    return demo
+
+
+def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
+    initial = default_domain(ctx.registry)
+    spec = ctx.registry.spec(initial) if initial else None
+    with gr.Row():
+        with gr.Column(scale=5):
+            domain = gr.Dropdown(domain_choices(ctx.registry), value=initial, label="领域 / Domain")
+            domain_info = gr.Markdown(domain_markdown(ctx.registry, spec) if spec else "没有领域 / No domains configured")
+            prompt = gr.Textbox(label="提示词 / Prompt", lines=3, placeholder="例如：一碗热气腾腾的兰州牛肉拉面", elem_id="prompt")
+            token_info = gr.Markdown(elem_id="token-info")
+            examples = gr.Dropdown(list(spec.examples) if spec else [], value=None, label="示例提示词 / Example prompts")
+            negative = gr.Textbox(label="反向提示词 / Negative prompt", value=spec.negative_prompt if spec else "", lines=2)
+            with gr.Row():
+                generate_btn = gr.Button("生成 / Generate", variant="primary", elem_id="generate")
+                stop_btn = gr.Button("停止 / Stop", variant="stop", elem_id="stop")
+            with gr.Accordion("参数 / Settings", open=True):
+                with gr.Row():
+                    steps = gr.Slider(1, 150, value=spec.num_inference_steps if spec else 20, step=1, label="步数 / Steps")
+                    guidance = gr.Slider(0, 30, value=spec.guidance_scale if spec else 7.5, step=0.5, label="引导系数 / Guidance scale")
+                with gr.Row():
+                    seed = gr.Number(value=-1, precision=0, label="种子 / Seed (-1 = 随机 random)", scale=3)
+                    random_seed_btn = gr.Button("随机 / Random", scale=1)
+                    reuse_seed_btn = gr.Button("复用种子 / Reuse seed", scale=1)
+                with gr.Row():
+                    num_images = gr.Slider(1, 8, value=1, step=1, label="图片数量 / Images per run")
+                    sampler = gr.Dropdown(
+                        [(label, name) for name, label in SAMPLER_LABELS.items()],
+                        value=spec.sampler if spec else "pndm",
+                        label="采样器 / Sampler",
+                    )
+                with gr.Row():
+                    size = gr.Dropdown(
+                        size_choices(spec), value=size_of(spec), allow_custom_value=True, label="尺寸 / Size (宽x高 WxH)"
+                    )
+                    super_resolution = gr.Checkbox(value=spec.super_resolution if spec else False, label="超分辨率 x4 / Super-resolution")
+                    optimization = gr.Dropdown(
+                        list(OPTIMIZATION_LEVELS),
+                        value=spec.optimization if spec else "none",
+                        label="加速 / Optimisation (GPU)",
+                        visible=torch.cuda.is_available(),
+                    )
+        with gr.Column(scale=6):
+            gallery = gr.Gallery(label="结果 / Images", columns=2, height="auto", object_fit="contain", format="png", elem_id="gallery")
+            timings = gr.Markdown(elem_id="timings")
+            details = gr.JSON(label="每张图片的种子与参数 / Seed and settings per image")
+            files = gr.File(label="下载 PNG（含参数）/ Download PNGs (settings embedded)", file_count="multiple", interactive=False)
+    last_seeds = gr.State([])
+    reuse_seed = gr.State(None)
+
+    defaults = [domain_info, examples, negative, steps, guidance, sampler, size, super_resolution, optimization]
+    domain.change(lambda d: domain_defaults(ctx, d), domain, defaults, api_visibility="private")
+    examples.change(lambda e: e or gr.skip(), examples, prompt, api_visibility="private")
+    for trigger in (prompt.change, domain.change):
+        trigger(
+            lambda d, p: token_count_markdown(ctx, d, p),
+            [domain, prompt],
+            token_info,
+            show_progress="hidden",
+            trigger_mode="always_last",
+            concurrency_limit=None,
+            api_visibility="private",
+        )
+    random_seed_btn.click(lambda: -1, None, seed, api_visibility="private")
+    reuse_seed_btn.click(lambda s: gr.skip() if s is None else s, reuse_seed, seed, api_visibility="private")
+    gallery.select(select_seed, last_seeds, reuse_seed, api_visibility="private")
+
+    inputs = [domain, prompt, negative, steps, guidance, seed, num_images, sampler, size, super_resolution, optimization]
+    event = generate_btn.click(
+        make_ui_generate(ctx),
+        inputs,
+        [gallery, timings, details, files, last_seeds, reuse_seed],
+        concurrency_id=GPU_GROUP,
+        concurrency_limit=ctx.gate.slots,
+        api_visibility="undocumented",
+        api_name="generate_ui",
+    )
+    stop_btn.click(make_stop(ctx), None, None, cancels=[event], concurrency_limit=None, api_visibility="private")
+    return domain
+
+
+def select_seed(seeds: list[int], evt: gr.SelectData) -> int | None:
+    return seeds[evt.index] if seeds and evt.index < len(seeds) else None
+
+
+def make_stop(ctx: UiContext):
+    def stop(request: gr.Request) -> None:
+        ctx.stop_flags.stop(request.session_hash or "")
+
+    return stop
+
+
+def make_ui_generate(ctx: UiContext):
+    gpu_generate = zero_gpu(lambda request, spec, progress, should_stop: generate_on_gpu(ctx, request, spec, progress, should_stop))
+
+    def generate_from_ui(
+        domain_id: str,
+        prompt: str,
+        negative_prompt: str,
+        num_inference_steps: float,
+        guidance_scale: float,
+        seed: float | None,
+        num_images: float,
+        sampler: str,
+        size: str,
+        super_resolution: bool,
+        optimization: str,
+        request: gr.Request,
+        progress=gr.Progress(),
+    ):
+        spec = ctx.spec(domain_id)
+        width, height = parse_size(size)
+        gen_request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt or "",
+            num_inference_steps=as_int(num_inference_steps),
+            guidance_scale=guidance_scale,
+            seed=None if seed is None or seed == -1 else as_int(seed),
+            num_images=as_int(num_images),
+            height=height,
+            width=width,
+            sampler=sampler,
+            super_resolution=bool(super_resolution),
+        )
+        spec = apply_optimization_choice(ctx, spec, optimization)
+        if ctx.registry.state(spec) != "loaded":
+            progress(0, desc="加载模型（首次使用）/ Loading the model (first use)")
+        session = request.session_hash or ""
+        flag = ctx.stop_flags.start(session)
+        try:
+            result = gpu_generate(gen_request, spec, progress_reporter(progress), flag.is_set)
+        except GenerationCancelled:
+            gr.Info("已停止生成 / Generation stopped")
+            return (gr.skip(),) * 6
+        finally:
+            ctx.stop_flags.finish(session, flag)
+        paths = save_pngs(result)
+        captions = [(str(path), f"种子 seed {s}") for path, s in zip(paths, result.seeds)]
+        for note in result.notes:
+            gr.Warning(note)
+        details = [result.image_settings(i) for i in range(len(result.images))]
+        return captions, timings_markdown(result), details, [str(p) for p in paths], result.seeds, result.seeds[0]
+
+    return generate_from_ui
+
+
+def generate_on_gpu(ctx: UiContext, request: GenerationRequest, spec: DomainSpec, progress, should_stop) -> GenerationResult:
+    """The GPU part of a UI request (wrapped with ``spaces.GPU`` on ZeroGPU); errors -> ``gr.Error``."""
+    try:
+        return run_generation(ctx.registry, ctx.gate, request, spec, progress=progress, should_stop=should_stop)
+    except UserFacingError as exc:
+        raise gr.Error(exc.message) from exc
+    except GenerationCancelled:
+        raise
+    except Exception as exc:
+        log.exception("generation failed for domain %s", spec.id)
+        raise gr.Error(INTERNAL_ERROR) from exc
+
+
+def apply_optimization_choice(ctx: UiContext, spec: DomainSpec, level: str | None) -> DomainSpec:
+    """On CUDA, choosing another optimisation level than the model was loaded with reloads it."""
+    if not torch.cuda.is_available() or not level:
+        return spec
+    key = spec.model.key
+    if level != ctx.optimization_levels.get(key, spec.optimization):
+        ctx.registry.unload(key)
+    ctx.optimization_levels[key] = level
+    return replace(spec, optimization=level)
+
+
+def progress_reporter(progress: gr.Progress):
+    def report(done: int, total: int) -> None:
+        progress((done, total), desc="去噪 / Denoising", unit="steps")
+
+    return report
+
+
+def save_pngs(result: GenerationResult) -> list[Path]:
+    """Write the PNGs (settings embedded) straight into Gradio's cache, so they are served as-is."""
+    cache = processing_utils.get_upload_folder()
+    stem = result.settings["domain"]
+    return [
+        Path(processing_utils.save_bytes_to_cache(result.png_bytes(i), f"{stem}-{seed}.png", cache))
+        for i, seed in enumerate(result.seeds)
+    ]
+
+
+def timings_markdown(result: GenerationResult) -> str:
+    stages = " · ".join(f"{name} {seconds:.2f}s" for name, seconds in result.timings.items())
+    device = f"{result.settings['device']} / {result.settings['dtype']}"
+    return f"**耗时 / Timings** ({device}): {stages}"
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """``"WxH"`` -> (width, height); empty -> the domain default. Ranges are the core's business."""
+    if not size:
+        return None, None
+    parts = size.lower().replace("×", "x").replace("*", "x").split("x")
+    try:
+        width, height = (int(p.strip()) for p in parts)
+    except ValueError:
+        raise gr.Error(f"尺寸格式应为 宽x高，例如 512x512 / Size must look like 512x512, got '{size}'") from None
+    return width, height
+
+
+def as_int(value: float | int | None) -> int | None:
+    """Gradio numbers arrive as floats; whole ones become ints, others stay for the core to reject."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def size_of(spec: DomainSpec | None) -> str:
+    return f"{spec.width}x{spec.height}" if spec else "512x512"
+
+
+def size_choices(spec: DomainSpec | None) -> list[str]:
+    return list(dict.fromkeys([size_of(spec), *COMMON_SIZES]))
+
+
+def domain_choices(registry: ModelRegistry) -> list[tuple[str, str]]:
+    return [(f"{spec.title} · {STATE_LABELS.get(registry.state(spec), '')}", spec.id) for spec in registry.domains.values()]
+
+
+def domain_picker_update(ctx: UiContext, current: str | None):
+    return gr.update(choices=domain_choices(ctx.registry), value=current or default_domain(ctx.registry))
+
+
+def domain_markdown(registry: ModelRegistry, spec: DomainSpec) -> str:
+    state = STATE_LABELS.get(registry.state(spec), registry.state(spec))
+    return f"**{spec.title}** — {spec.description}\n\n模型 / Model: `{spec.model.describe()}` · 状态 / State: **{state}**"
+
+
+def domain_defaults(ctx: UiContext, domain_id: str | None):
+    """When the domain changes, show its description and load its defaults into the widgets."""
+    if not domain_id:
+        return (gr.skip(),) * 9
+    spec = ctx.spec(domain_id)
+    return (
+        domain_markdown(ctx.registry, spec),
+        gr.update(choices=list(spec.examples), value=None),
+        spec.negative_prompt,
+        spec.num_inference_steps,
+        spec.guidance_scale,
+        spec.sampler,
+        gr.update(choices=size_choices(spec), value=size_of(spec)),
+        spec.super_resolution,
+        spec.optimization,
+    )
+
+
+def token_count_markdown(ctx: UiContext, domain_id: str | None, prompt: str | None) -> str:
+    """Live token count; warns before the prompt is cut at the encoder's window."""
+    if not domain_id or not prompt:
+        return ""
+    spec = ctx.spec(domain_id)
+    try:
+        tokenizer = ctx.tokenizers.get(spec)
+    except (OSError, ValueError) as exc:
+        log.warning("no tokenizer for %s: %s", spec.id, exc)
+        tokenizer = None
+    if tokenizer is None:
+        return f"{len(prompt)} 字 / characters (模型下载后显示 token 数 / token count after the model is downloaded)"
+    report = inspect_prompt(tokenizer, prompt)
+    count = f"Token: {report.num_tokens} / {report.max_tokens}"
+    return f"⚠️ {count} — {report.message()}" if report.truncated else count
+
+
+def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> None:
+    table = gr.Dataframe(headers=MODEL_COLUMNS, value=models_table(ctx.registry), interactive=False, label="模型 / Models", elem_id="models-table")
+    memory = gr.Markdown(device_memory_markdown())
+    with gr.Row():
+        domain = gr.Dropdown([(s.title, s.id) for s in ctx.registry.domains.values()], label="领域 / Domain", scale=3)
+        load_btn = gr.Button("加载 / Load", variant="primary", scale=1)
+        unload_btn = gr.Button("卸载 / Unload", scale=1)
+        refresh_btn = gr.Button("刷新 / Refresh", scale=1)
+    status = gr.Markdown()
+    outputs = [table, memory, status]
+    load_btn.click(
+        lambda d: models_action(ctx, d, load=True),
+        domain,
+        outputs,
+        concurrency_id=GPU_GROUP,
+        concurrency_limit=ctx.gate.slots,
+        api_visibility="private",
+    )
+    unload_btn.click(lambda d: models_action(ctx, d, load=False), domain, outputs, api_visibility="private")
+    refresh_btn.click(lambda: models_view(ctx, ""), None, outputs, api_visibility="private")
+    demo.load(lambda: models_table(ctx.registry), None, table, api_visibility="private")
+
+
+def models_table(registry: ModelRegistry) -> list[list[Any]]:
+    loaded = {m.key: m for m in registry.loaded()}
+    rows = []
+    for spec in registry.domains.values():
+        model = loaded.get(spec.model.key)
+        state = STATE_LABELS.get(registry.state(spec), "")
+        if model is None:
+            rows.append([spec.id, state, "", "", "", "", spec.optimization])
+        else:
+            dtype = str(model.dtype).replace("torch.", "")
+            rows.append([spec.id, state, str(model.device), dtype, round(model.nbytes / 2**20, 1), round(model.load_seconds, 2), model.optimization])
+    return rows
+
+
+def device_memory_markdown() -> str:
+    if not torch.cuda.is_available():
+        return "设备 / Device: CPU (no CUDA)"
+    used = torch.cuda.memory_allocated() / 2**30
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return f"设备 / Device: {torch.cuda.get_device_name(0)} · 显存 / GPU memory {used:.1f} / {total:.1f} GiB"
+
+
+def models_view(ctx: UiContext, message: str):
+    return models_table(ctx.registry), device_memory_markdown(), message
+
+
+def models_action(ctx: UiContext, domain_id: str | None, load: bool):
+    if not domain_id:
+        raise gr.Error("请先选择领域 / Pick a domain first")
+    spec = ctx.spec(domain_id)
+    if not load:
+        done = ctx.registry.unload(spec.model.key)
+        return models_view(ctx, f"已卸载 / Unloaded {spec.id}" if done else f"{spec.id} 未加载 / was not loaded")
+    try:
+        with ctx.gate.slot():
+            model = ctx.registry.get(spec)
+    except ModelUnavailableError as exc:
+        raise gr.Error(str(exc)) from exc
+    return models_view(ctx, f"已加载 / Loaded {spec.id} in {model.load_seconds:.1f}s")
+
+
+def build_finetune(ctx: UiContext) -> dict[str, Any]:
+    """The Fine-tune tab from ``finetune_ui`` (its ``new_domain`` output refreshes the picker)."""
+    try:
+        from .finetune_ui import build_finetune_tab
+        from .jobs import JobManager
+    except ImportError:
+        gr.Markdown("微调界面未安装 / The fine-tuning tab is not available in this build.")
+        return {}
+    return build_finetune_tab(ctx.registry, JobManager()) or {}
+
+
+def build_named_api(ctx: UiContext) -> None:
+    """``/generate`` for ``gradio_client``, with parameters in the diffusers vocabulary."""
+    with gr.Column(visible=False):
+        inputs = [
+            gr.Textbox(label="prompt"),
+            gr.Textbox(label="negative_prompt"),
+            gr.Textbox(label="domain"),
+            gr.Number(label="num_inference_steps", precision=0),
+            gr.Number(label="guidance_scale"),
+            gr.Number(label="seed", precision=0),
+            gr.Number(label="num_images", precision=0),
+            gr.Textbox(label="sampler"),
+            gr.Radio([True, False], value=None, label="super_resolution"),
+        ]
+        outputs = [gr.Gallery(label="images", format="png"), gr.JSON(label="info")]
+        trigger = gr.Button(visible=False)
+    trigger.click(
+        make_api_generate(ctx),
+        inputs,
+        outputs,
+        api_name="generate",
+        concurrency_id=GPU_GROUP,
+        concurrency_limit=ctx.gate.slots,
+    )
+
+
+def make_api_generate(ctx: UiContext):
+    gpu_generate = zero_gpu(lambda request, spec: generate_on_gpu(ctx, request, spec, None, None))
+
+    def generate(
+        prompt: str,
+        negative_prompt: str | None = None,
+        domain: str | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        sampler: str | None = None,
+        super_resolution: bool | None = None,
+    ):
+        """Generate images; any parameter left empty takes the domain's default."""
+        spec = ctx.spec(domain)
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt or None,
+            num_inference_steps=as_int(num_inference_steps),
+            guidance_scale=guidance_scale,
+            seed=as_int(seed),
+            num_images=1 if num_images is None else as_int(num_images),
+            sampler=sampler or None,
+            super_resolution=super_resolution,
+        )
+        result = gpu_generate(request, spec)
+        paths = save_pngs(result)
+        info = {"seeds": result.seeds, "timings": result.timings, "notes": result.notes, "settings": result.settings}
+        return [(str(p), f"seed {s}") for p, s in zip(paths, result.seeds)], json.loads(json.dumps(info, default=str))
+
+    return generate
+

@@ -1,0 +1,234 @@
+"""The Gradio face: the named /generate API, the UI's handlers, and a real server + gradio_client."""
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import gradio as gr
+import httpx
+import pytest
+import torch
+
+from rapid_diffusion import pipeline
+from rapid_diffusion.api import GpuGate
+from rapid_diffusion.domains import DomainSpec, ModelSource, load_domains
+from rapid_diffusion.pipeline import read_png_settings
+from rapid_diffusion.registry import ModelRegistry
+from rapid_diffusion.ui import (
+    UiContext,
+    build_ui,
+    default_domain,
+    domain_defaults,
+    make_ui_generate,
+    models_action,
+    token_count_markdown,
+)
+
+from conftest import write_domain
+
+API_PARAMETERS = [
+    "prompt",
+    "negative_prompt",
+    "domain",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "num_images",
+    "sampler",
+    "super_resolution",
+]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("ui-domains")
+    write_domain(folder, "tiny", tiny_model_dir, num_inference_steps=2)
+    write_domain(folder, "broken", tmp_path_factory.mktemp("no-model"))
+    return ModelRegistry(domains=load_domains([folder]), device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def ctx(registry):
+    return UiContext(registry, GpuGate(1, 4))
+
+
+@pytest.fixture(scope="module")
+def ui_generate(ctx):
+    return make_ui_generate(ctx)
+
+
+def ui_args(**overrides):
+    """The Generate tab's widget values, in input order."""
+    values = {
+        "domain_id": "tiny",
+        "prompt": "一只橘猫在窗台上",
+        "negative_prompt": "模糊",
+        "num_inference_steps": 2.0,
+        "guidance_scale": 5.0,
+        "seed": 11.0,
+        "num_images": 2.0,
+        "sampler": "pndm",
+        "size": "64x64",
+        "super_resolution": False,
+        "optimization": "none",
+        "request": SimpleNamespace(session_hash="session-1"),
+    }
+    values.update(overrides)
+    return values
+
+
+def spec(domain_id: str, **model) -> DomainSpec:
+    return DomainSpec(domain_id, "测试", "Test", "", ModelSource(**model), ("a", "b", "c"))
+
+
+def test_named_generate_api_uses_the_diffusers_vocabulary(registry):
+    info = build_ui(registry, GpuGate(1, 4)).get_api_info()["named_endpoints"]
+    parameters = info["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in parameters] == API_PARAMETERS
+    assert not parameters[0]["parameter_has_default"]
+    assert all(p["parameter_has_default"] and p["parameter_default"] is None for p in parameters[1:])
+    assert "/generate_ui" not in info, "the UI's own event stays out of the documented API"
+
+
+def test_default_domain_prefers_demo_then_offline_ready_then_first(tiny_model_dir):
+    hub = spec("a-hub", repo_id="nobody/not-cached")
+    local = spec("b-local", path=tiny_model_dir)
+    assert default_domain(ModelRegistry(domains={"a-hub": hub, "b-local": local})) == "b-local"
+    with_demo = {"a-hub": hub, "b-local": local, "demo": spec("demo", path=tiny_model_dir)}
+    assert default_domain(ModelRegistry(domains=with_demo)) == "demo"
+    untrained_demo = {"a-hub": hub, "b-local": local, "demo": spec("demo", path=tiny_model_dir / "missing")}
+    assert default_domain(ModelRegistry(domains=untrained_demo)) == "b-local"
+    assert default_domain(ModelRegistry(domains={"a-hub": hub})) == "a-hub"
+
+
+def test_ui_generate_serves_the_png_files_with_settings_and_reports_progress(ui_generate):
+    steps = []
+    gallery, timings, details, files, seeds, reuse = ui_generate(**ui_args(), progress=lambda p, **k: steps.append(p))
+    assert seeds == [11, 12] and reuse == 11
+    assert [caption for _, caption in gallery] == ["种子 seed 11", "种子 seed 12"]
+    assert [path for path, _ in gallery] == files
+    settings = read_png_settings(open(files[1], "rb").read())
+    assert (settings["seed"], settings["prompt"], settings["width"]) == (12, "一只橘猫在窗台上", 64)
+    assert details[1]["seed"] == 12 and details[0]["num_images"] == 1
+    assert "unet" in timings and "vae_decode" in timings
+    assert steps and steps[-1][0] == steps[-1][1], "the progress bar reaches the end of the denoising loop"
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"num_inference_steps": 0.0}, "num_inference_steps"),
+        ({"prompt": "  "}, "prompt"),
+        ({"size": "65x64"}, "width"),
+        ({"size": "big"}, "512x512"),
+        ({"seed": -7.0}, "seed"),
+        ({"domain_id": "nope"}, "nope"),
+    ],
+)
+def test_ui_validation_errors_are_one_sentence(ui_generate, overrides, words):
+    with pytest.raises(gr.Error) as error:
+        ui_generate(**ui_args(**overrides), progress=lambda *a, **k: None)
+    assert words in error.value.message
+
+
+def test_stop_button_flag_interrupts_the_denoising_loop(ctx, ui_generate):
+    def press_stop(progress, **kwargs):
+        ctx.stop_flags.stop("session-stop")
+
+    request = SimpleNamespace(session_hash="session-stop")
+    outputs = ui_generate(**ui_args(num_inference_steps=4.0, request=request), progress=press_stop)
+    assert all(isinstance(o, type(gr.skip())) for o in outputs)
+
+
+def test_out_of_memory_gives_advice_and_the_next_request_works(ui_generate, monkeypatch):
+    real_generate = pipeline.generate
+    calls = []
+
+    def generate_oom_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", generate_oom_once)
+    with pytest.raises(gr.Error) as error:
+        ui_generate(**ui_args(num_images=8.0), progress=lambda *a, **k: None)
+    assert "显存不足" in error.value.message and "fewer images" in error.value.message
+    outputs = ui_generate(**ui_args(num_images=1.0), progress=lambda *a, **k: None)
+    assert outputs[4] == [11]
+
+
+def test_token_counter_warns_before_truncation(registry):
+    ctx = UiContext(ModelRegistry(domains=registry.domains), GpuGate())
+    assert token_count_markdown(ctx, "tiny", "一只猫") == "Token: 5 / 32"
+    assert ctx.registry.loaded() == [], "counting tokens loads the tokenizer only"
+    long_prompt = "山水画" * 12
+    warning = token_count_markdown(ctx, "tiny", long_prompt)
+    assert warning.startswith("⚠️ Token: 38 / 32") and "「" in warning
+    assert "characters" in token_count_markdown(ctx, "broken", "一只猫")
+
+
+def test_changing_domain_loads_its_defaults(ctx):
+    info, examples, negative, steps, guidance, sampler, size, sr, optimization = domain_defaults(ctx, "tiny")
+    assert "测试 / Test" in info and "tiny random model" in info
+    assert examples["choices"] == ["一个红色的圆形", "蓝色正方形", "左边有一个小的绿色三角形"]
+    assert (negative, steps, guidance, sampler, size["value"], sr) == ("模糊", 2, 5.0, "pndm", "64x64", False)
+
+
+def test_models_panel_loads_and_unloads(ctx, registry):
+    table, _, message = models_action(ctx, "tiny", load=True)
+    assert "tiny" in message
+    row = next(r for r in table if r[0] == "tiny")
+    assert row[1].startswith("已加载") and row[2] == "cpu" and row[4] > 0
+    table, _, message = models_action(ctx, "tiny", load=False)
+    assert next(r for r in table if r[0] == "tiny")[1].startswith("本地可用")
+    with pytest.raises(gr.Error):
+        models_action(ctx, "broken", load=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(registry: ModelRegistry):
+    """The real app (JSON API + mounted UI) served by uvicorn on a free localhost port."""
+    import uvicorn
+
+    from rapid_diffusion.server import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(registry, GpuGate(1, 4)), host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.mark.slow
+def test_gradio_client_calls_generate_on_a_real_server(registry):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    with running_server(registry) as url:
+        assert httpx.get(f"{url}/healthz").json()["domains"]["tiny"] in ("offline-ready", "loaded")
+        client = Client(url, verbose=False, download_files=str(registry.domains["tiny"].model.path.parent / "client"))
+        gallery, info = client.predict(prompt="一只猫", domain="tiny", seed=3, num_inference_steps=2, api_name="/generate")
+        assert info["seeds"] == [3] and len(gallery) == 1
+        settings = read_png_settings(open(gallery[0]["image"], "rb").read())
+        assert (settings["seed"], settings["num_inference_steps"], settings["negative_prompt"]) == (3, 2, "模糊")
+        with pytest.raises(AppError, match="num_inference_steps"):
+            client.predict(prompt="一只猫", domain="tiny", num_inference_steps=0, api_name="/generate")
+        response = httpx.post(f"{url}/api/predict/tiny", json={"text": "猫", "num_inference_steps": 1, "seed": 3})
+        assert response.status_code == 200 and response.json()["seeds"] == [3]
