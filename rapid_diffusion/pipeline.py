@@ -299,6 +299,9 @@ def run_pipeline(
     timings["vae_decode"] = _synchronized_elapsed(start, pipe.device)
 
     notes = [report.message()] if report.truncated else []
+    describe_entities = getattr(encode_prompt, "describe", None)
+    if describe_entities is not None:
+        notes += [f"知识图谱 / Knowledge graph: {line}" for line in describe_entities(request.prompt)]
     if request.super_resolution:
         start = time.perf_counter()
         images, method = (upscaler or lanczos_upscaler)(images)

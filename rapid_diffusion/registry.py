@@ -210,9 +210,21 @@ class ModelRegistry:
         except KeyError:
             raise KeyError(f"unknown domain '{domain_id}'; known: {', '.join(self.domains)}") from None
 
+    @staticmethod
+    def key_for(spec: DomainSpec) -> str:
+        """Cache key: the model source plus what the registry attaches to it at load
+        (optimisation, SR weights, knowledge graph), so two domains sharing a model folder
+        with different extras never share one loaded entry."""
+        extras = [
+            f"opt={spec.optimization}" if spec.optimization != "none" else "",
+            f"sr={spec.sr_weights}" if spec.sr_weights else "",
+            f"kg={spec.knowledge_graph}" if spec.knowledge_graph else "",
+        ]
+        return "|".join([spec.model.key, *[e for e in extras if e]])
+
     def get(self, spec: DomainSpec) -> LoadedModel:
         """The loaded model of ``spec``, loading it (once, even under concurrency) if needed."""
-        key = spec.model.key
+        key = self.key_for(spec)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
@@ -249,7 +261,7 @@ class ModelRegistry:
 
             encode_prompt = load_prompt_encoder(pipe, folder, spec.knowledge_graph, log=self.progress)
         return LoadedModel(
-            spec.model.key, pipe, self.device, self.dtype, module_bytes(pipe), seconds, optimization,
+            self.key_for(spec), pipe, self.device, self.dtype, module_bytes(pipe), seconds, optimization,
             encode_prompt=encode_prompt, upscaler=upscaler,
         )
 
@@ -287,7 +299,7 @@ class ModelRegistry:
 
     def state(self, spec: DomainSpec) -> str:
         """``loaded``, ``offline-ready`` (local files), ``cached`` (hub cache) or ``needs-download``."""
-        if spec.model.key in self._models:
+        if self.key_for(spec) in self._models:
             return "loaded"
         if spec.model.is_local:
             return "offline-ready" if (spec.model.path / "model_index.json").is_file() else "missing"

@@ -71,7 +71,7 @@ class TokenizerCache:
         self._tokenizers: dict[str, Any] = {}
 
     def get(self, spec: DomainSpec):
-        key = spec.model.key
+        key = self.registry.key_for(spec)
         for model in self.registry.loaded():
             if model.key == key and model.pipe is not None:
                 return model.pipe.tokenizer
@@ -299,7 +299,7 @@ def apply_optimization_choice(ctx: UiContext, spec: DomainSpec, level: str | Non
     """On CUDA, choosing another optimisation level than the model was loaded with reloads it."""
     if not torch.cuda.is_available() or not level:
         return spec
-    key = spec.model.key
+    key = ctx.registry.key_for(spec)
     if level != ctx.optimization_levels.get(key, spec.optimization):
         ctx.registry.unload(key)
     ctx.optimization_levels[key] = level
@@ -431,7 +431,7 @@ def models_table(registry: ModelRegistry) -> list[list[Any]]:
     loaded = {m.key: m for m in registry.loaded()}
     rows = []
     for spec in registry.domains.values():
-        model = loaded.get(spec.model.key)
+        model = loaded.get(registry.key_for(spec))
         state = STATE_LABELS.get(registry.state(spec), "")
         if model is None:
             rows.append([spec.id, state, "", "", "", "", spec.optimization])
@@ -458,7 +458,7 @@ def models_action(ctx: UiContext, domain_id: str | None, load: bool):
         raise gr.Error("请先选择领域 / Pick a domain first")
     spec = ctx.spec(domain_id)
     if not load:
-        done = ctx.registry.unload(spec.model.key)
+        done = ctx.registry.unload(ctx.registry.key_for(spec))
         return models_view(ctx, f"已卸载 / Unloaded {spec.id}" if done else f"{spec.id} 未加载 / was not loaded")
     try:
         with ctx.gate.slot():

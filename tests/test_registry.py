@@ -170,3 +170,15 @@ def test_download_progress_is_reported_in_steps():
     assert messages[-1].endswith("100%")
     assert 10 <= len(messages) <= 11
     assert all(m.startswith("unet/") for m in messages)
+
+
+def test_domains_sharing_a_model_with_different_extras_get_their_own_entry(test_domains, tiny_model_dir):
+    write_domain(test_domains, "tiny-kg", tiny_model_dir)
+    path = test_domains / "tiny-kg.yaml"
+    path.write_text(path.read_text(encoding="utf-8") + "knowledge_graph: ../no-graph\n", encoding="utf-8")
+    registry = ModelRegistry(device=torch.device("cpu"), dtype=torch.float32)
+    plain, with_graph = registry.spec("tiny"), registry.spec("tiny-kg")
+    assert registry.key_for(plain) == plain.model.key
+    assert registry.key_for(with_graph) != registry.key_for(plain)
+    registry.get(plain)
+    assert registry.state(with_graph) == "offline-ready"

@@ -1,0 +1,44 @@
+"""Knowledge-enhanced text encoding: entity linking, TransE, injection into the text encoder."""
+
+from .graph import GraphError, KnowledgeGraph, Triple
+from .injection import (
+    KNOWLEDGE_DIR,
+    NO_ENTITY,
+    EntityInjector,
+    Knowledge,
+    KnowledgePromptEncoder,
+    KnowledgeTextEncoder,
+    TokenizedPrompts,
+    describe_entities,
+    has_knowledge,
+    load_prompt_encoder,
+    make_prompt_encoder,
+)
+from .linking import EntityLinker, EntitySpan, span_token_positions
+from .transe import EntityEmbeddings, LinkPrediction, TransE, TransEConfig, evaluate_link_prediction, train_transe
+
+__all__ = [
+    "KNOWLEDGE_DIR",
+    "NO_ENTITY",
+    "EntityEmbeddings",
+    "EntityInjector",
+    "EntityLinker",
+    "EntitySpan",
+    "GraphError",
+    "Knowledge",
+    "KnowledgeGraph",
+    "KnowledgePromptEncoder",
+    "KnowledgeTextEncoder",
+    "LinkPrediction",
+    "TokenizedPrompts",
+    "TransE",
+    "TransEConfig",
+    "Triple",
+    "describe_entities",
+    "evaluate_link_prediction",
+    "has_knowledge",
+    "load_prompt_encoder",
+    "make_prompt_encoder",
+    "span_token_positions",
+    "train_transe",
+]
