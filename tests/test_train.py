@@ -1,0 +1,238 @@
+"""Full fine-tuning on the tiny PAI-class model: loss falls, resume, stop, NaN, preflight, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rapid_diffusion.train as train_module
+from rapid_diffusion.cli import main as cli_main
+from rapid_diffusion.paths import PROJECT_ROOT
+from rapid_diffusion.train import TrainConfig, TrainingError, complete_checkpoints, read_losses, train
+
+SQUARES = {"红色的方块": (230, 30, 30), "蓝色的方块": (30, 30, 230)}
+
+
+def write_pairs(folder: Path, extra_rows: list[dict] = ()) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (text, colour) in enumerate(SQUARES.items()):
+        pixels = np.full((64, 64, 3), 128, dtype=np.uint8)
+        pixels[16:48, 16:48] = colour
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": text})
+    rows += list(extra_rows)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+def quick_config(base, data: Path, output: Path, **overrides) -> TrainConfig:
+    settings = dict(
+        base=str(base), data=data, output=output, max_steps=6, learning_rate=1e-3, resolution=32,
+        checkpoint_every=0, validation_every=0, lr_warmup_steps=0,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine a second one mostly waits."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps its state per process; each in-process run here chooses its own precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture()
+def pairs(tmp_path) -> Path:
+    return write_pairs(tmp_path / "pairs")
+
+
+def test_cli_training_lowers_the_loss_and_registers_a_loadable_model(test_domains, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from rapid_diffusion.registry import ModelRegistry
+
+    data = write_pairs(tmp_path / "pairs", [{"file_name": "missing.png", "text": "缺失"}])
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with (data / "metadata.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"file_name": "broken.png", "text": "坏图"}) + "\n")
+    run = tmp_path / "run"
+    code = cli_main([
+        "train", "--base", "tiny", "--data", str(data), "--output", str(run), "--max-steps", "30", "--lr", "1e-3",
+        "--resolution", "32", "--lr-warmup-steps", "0", "--checkpoint-every", "10", "--keep-checkpoints", "1",
+        "--validation-prompt", "红色的方块", "--validation-every", "15", "--validation-inference-steps", "2",
+        "--domain-id", "tiny-ft",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "missing.png: 文件不存在 / file not found" in out and "broken.png" in out
+    losses = [row["loss"] for row in read_losses(run)]
+    assert [row["step"] for row in read_losses(run)] == list(range(1, 31))
+    assert np.mean(losses[-6:]) < 0.6 * np.mean(losses[:6])
+    assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-20"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000", "step-000015", "step-000030"]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "done" and status["domain_id"] == "tiny-ft"
+
+    pipe = StableDiffusionPipeline.from_pretrained(run / "model", safety_checker=None, requires_safety_checker=False)
+    assert {p.suffix for p in (run / "model" / "unet").iterdir()} == {".json", ".safetensors"}
+    image = pipe("红色的方块", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    spec = ModelRegistry(device=torch.device("cpu")).reload_domains()["tiny-ft"]
+    assert spec.model.path == (run / "model").resolve() and spec.height == 64 and "红色的方块" in spec.examples
+
+
+def test_resume_uses_the_newest_complete_checkpoint_and_ignores_a_half_written_one(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    first = train(quick_config(tiny_model_dir, pairs, run, max_steps=4, checkpoint_every=2, use_ema=True), log=lambda *_: None)
+    assert first.state == "done" and [p.name for p in complete_checkpoints(run)] == ["checkpoint-2"]
+    half_written = run / "checkpoints" / "tmp-checkpoint-6"
+    shutil.copytree(run / "checkpoints" / "checkpoint-2", half_written)
+    (half_written / "optimizer.bin").write_bytes(b"\0" * 10)
+
+    messages = []
+    resumed = train(quick_config(tiny_model_dir, pairs, run, max_steps=5, resume=True, use_ema=True), log=messages.append)
+    assert resumed.state == "done" and resumed.step == 5
+    assert any("resumed from checkpoint-2" in m for m in messages)
+    assert len(resumed.losses) == 3
+    assert [row["step"] for row in read_losses(run)] == [1, 2, 3, 4, 5]
+    assert not half_written.exists()
+
+
+def test_stop_request_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "STOP").touch()
+    monkeypatch.setattr(train_module.StopRequest, "requested", lambda self: len(read_losses(run)) >= 3)
+    stopped = train(quick_config(tiny_model_dir, pairs, run, max_steps=10), log=lambda *_: None)
+    assert stopped.state == "stopped" and stopped.step == 3
+    assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-3"]
+    assert json.loads((run / "status.json").read_text())["state"] == "stopped"
+    assert not (run / "model").exists()
+
+    monkeypatch.setattr(train_module.StopRequest, "requested", lambda self: False)
+    finished = train(quick_config(tiny_model_dir, pairs, run, max_steps=5, resume=True), log=lambda *_: None)
+    assert finished.state == "done" and (run / "model" / "model_index.json").is_file()
+
+
+def test_bf16_checkpointing_ema_with_a_frozen_text_encoder(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    config = quick_config(
+        tiny_model_dir, pairs, run, max_steps=3, mixed_precision="bf16", gradient_checkpointing=True,
+        train_text_encoder=False, use_ema=True, validation_prompts=["红色的方块"], validation_inference_steps=2,
+    )
+    assert train(config, log=lambda *_: None).state == "done"
+    before = load_file(tiny_model_dir / "text_encoder" / "model.safetensors")
+    after = load_file(run / "model" / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before) and after[next(iter(after))].dtype == torch.float32
+    unet_before = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    unet_after = load_file(run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
+
+
+def test_nan_loss_stops_the_run_with_a_clear_status(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    real_loss = train_module.diffusion_loss
+    calls = []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * math.nan if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_module, "diffusion_loss", poisoned)
+    result = train(quick_config(tiny_model_dir, pairs, tmp_path / "run"), log=lambda *_: None)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert result.state == "failed" and result.step == 3
+    assert status["state"] == "failed" and "NaN" in status["message"] and "learning rate" in status["message"]
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_preflight_refuses_settings_that_do_not_fit_and_says_what_to_change(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(train_module, "available_memory", lambda device: 1024)
+    with pytest.raises(TrainingError) as failure:
+        train(quick_config(tiny_model_dir, pairs, tmp_path / "run", use_ema=True), log=lambda *_: None)
+    message = str(failure.value)
+    assert "does not fit" in message and "--gradient-checkpointing" in message and "--ema" in message
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and "--mixed-precision bf16" in status["message"]
+
+
+def test_out_of_range_settings_are_refused_before_loading_anything(tmp_path):
+    config = TrainConfig(base="x", data=tmp_path, output=tmp_path / "run", max_steps=0, resolution=33, domain_id="Bad Id")
+    with pytest.raises(TrainingError) as failure:
+        config.validate()
+    assert str(failure.value).count(";") == 2 and "resolution" in str(failure.value)
+
+
+def test_memory_estimate_shrinks_with_the_advised_settings(tiny_model_dir):
+    pipe = train_module.load_base_pipeline(tiny_model_dir)
+    cpu = torch.device("cpu")
+    heavy = TrainConfig(base="x", data=Path("."), output=Path("."), use_ema=True, batch_size=4)
+    light = TrainConfig(
+        base="x", data=Path("."), output=Path("."), gradient_checkpointing=True, mixed_precision="bf16", train_text_encoder=False
+    )
+    assert train_module.estimate_memory(pipe, light, 64, cpu, False) < train_module.estimate_memory(pipe, heavy, 64, cpu, False)
+
+
+def test_center_crop_and_flip_are_plain_pil():
+    image = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
+    resized = train_module.resize_short_side(image, 20)
+    assert resized.size == (30, 20)
+    cropped = train_module.crop(resized, 20, None)
+    assert cropped.size == (20, 20) and np.array_equal(np.asarray(cropped), np.asarray(resized)[:, 5:25])
+    tensor = train_module.to_tensor(cropped)
+    assert tensor.shape == (3, 20, 20) and -1.0 <= tensor.min() and tensor.max() <= 1.0
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_on_cpu(tiny_model_dir, pairs, tmp_path):
+    run = tmp_path / "run"
+    env = dict(
+        os.environ, RAPID_DIFFUSION_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT),
+        ACCELERATE_USE_CPU="true",
+    )
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rapid_diffusion.train",
+        "--base", str(tiny_model_dir), "--data", str(pairs), "--output", str(run), "--max-steps", "4",
+        "--lr", "1e-3", "--resolution", "32", "--checkpoint-every", "2", "--domain-id", "two-proc",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert [row["step"] for row in read_losses(run)] == [1, 2, 3, 4]
+    assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-2"]
+    assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-2").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"
+    ]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "done" and status["processes"] == 2
+    assert (tmp_path / "home" / "domains" / "two-proc.yaml").is_file()
