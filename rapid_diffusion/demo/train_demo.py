@@ -1,0 +1,263 @@
+"""Train the demo model from scratch on the procedural world, on CPU, seeded.
+
+Recipe: (1) an ``AutoencoderKL`` with scale factor 4 (64x64 RGB <-> 16x16x4 latents) on
+reconstruction + a tiny KL term; (2) the ``UNet2DConditionModel`` and a small ``CLIPTextModel``
+jointly on the epsilon-prediction diffusion loss (the SD1.x noise schedule), with 10% empty
+captions for classifier-free guidance and an EMA of both. The result is saved with
+``StableDiffusionPipeline.save_pretrained(..., safe_serialization=True)`` in fp32 (about
+6 MB in all) with the PAI tokenizer (``factory.chinese_vocab()``).
+
+    rapid-diffusion train-demo --out assets/demo-model --seed 0
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ..factory import assemble_pipeline, build_tokenizer, chinese_vocab, pndm_scheduler
+from ..paths import ASSETS_DIR
+from . import world
+
+MODEL_MAX_LENGTH = 32
+
+
+@dataclass
+class TrainConfig:
+    """Defaults: about 50 minutes on one busy CPU core (a single thread is faster than two on a shared machine)."""
+
+    out: Path = ASSETS_DIR / "demo-model"
+    seed: int = 0
+    num_scenes: int = 10000
+    vae_steps: int = 700
+    vae_batch_size: int = 8
+    vae_lr: float = 1e-3
+    unet_steps: int = 2500
+    batch_size: int = 32
+    lr: float = 1.5e-3
+    warmup_steps: int = 100
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    vae_channels: tuple[int, ...] = (16, 32, 32)
+    unet_channels: tuple[int, ...] = (32, 64)
+    text_hidden: int = 64
+    threads: int = 1
+    device: str = "cpu"
+    log_every: int = 50
+    checkpoint_every: int = 500
+    init_from: Path | None = None
+
+
+def build_vae(channels: tuple[int, ...] = (16, 32, 32)) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=4,
+        mid_block_add_attention=False,
+        norm_num_groups=8,
+        sample_size=world.IMAGE_SIZE,
+    )
+
+
+def build_unet(channels: tuple[int, ...] = (32, 64), cross_attention_dim: int = 64) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=world.IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=channels,
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def build_text_encoder(hidden_size: int = 64) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(chinese_vocab()),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    return CLIPTextModel(config)
+
+
+def make_dataset(config: TrainConfig) -> tuple[np.ndarray, list[world.Scene]]:
+    """Training scenes (never a held-out combination) and their 64x64 renders."""
+    rng = np.random.default_rng(config.seed)
+    scenes = [world.sample_scene(rng, split="train") for _ in range(config.num_scenes)]
+    images = np.stack([np.asarray(world.render(scene)) for scene in scenes])
+    return images, scenes
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return schedule
+
+
+def train_vae(images: np.ndarray, config: TrainConfig, log: Callable[[str], None]) -> AutoencoderKL:
+    vae = build_vae(config.vae_channels).to(config.device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(100, config.vae_steps))
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    start = time.time()
+    for step in range(config.vae_steps):
+        index = torch.randint(len(images), (config.vae_batch_size,), generator=generator).numpy()
+        x = to_tensor(images[index]).to(config.device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % config.log_every == 0 or step == config.vae_steps - 1:
+            log(f"vae step {step + 1}/{config.vae_steps} loss {loss.item():.5f} ({time.time() - start:.0f}s)")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, device: str, batch: int = 256) -> torch.Tensor:
+    """Posterior means of every training image (unscaled)."""
+    chunks = [vae.encode(to_tensor(images[i : i + batch]).to(device)).latent_dist.mean.cpu() for i in range(0, len(images), batch)]
+    return torch.cat(chunks)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Exactly as ``StableDiffusionPipeline.encode_prompt`` does: padded to max length, no mask."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+def noise_scheduler() -> DDPMScheduler:
+    """The training-time view of the PNDM schedule the pipeline samples with."""
+    return DDPMScheduler.from_config(pndm_scheduler().config)
+
+
+def min_snr_weights(noise_schedule: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023): faster convergence."""
+    alphas = noise_schedule.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_diffusion(latents, scenes, tokenizer, vae, config: TrainConfig, log: Callable[[str], None], unet=None, text_encoder=None):
+    """Train (or, given ``unet`` and ``text_encoder``, continue training) on the diffusion loss."""
+    unet = (unet or build_unet(config.unet_channels, config.text_hidden)).to(config.device).train()
+    text_encoder = (text_encoder or build_text_encoder(config.text_hidden)).to(config.device).train()
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.unet_steps))
+    noise_schedule = noise_scheduler()
+    rng = np.random.default_rng(config.seed + 2)
+    generator = torch.Generator().manual_seed(config.seed + 3)
+    start = time.time()
+    for step in range(config.unet_steps):
+        index = rng.integers(len(scenes), size=config.batch_size)
+        captions = ["" if rng.random() < config.caption_dropout else world.caption(scenes[i], rng) for i in index]
+        ids = tokenize(tokenizer, captions).to(config.device)
+        clean = latents[index].to(config.device)
+        noise = torch.randn(clean.shape, generator=generator).to(config.device)
+        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(index),), generator=generator).to(config.device)
+        noisy = noise_schedule.add_noise(clean, noise, timesteps)
+        hidden = text_encoder(ids)[0]
+        error = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=hidden).sample, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (error * min_snr_weights(noise_schedule, timesteps, config.min_snr_gamma)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        update_ema(ema_unet, unet, config.ema_decay, step)
+        update_ema(ema_text, text_encoder, config.ema_decay, step)
+        if step % config.log_every == 0 or step == config.unet_steps - 1:
+            log(f"diffusion step {step + 1}/{config.unet_steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.unet_steps:
+            save_pipeline(config.out, vae, ema_unet, ema_text)
+            log(f"checkpoint at step {step + 1} saved to {config.out}")
+    return ema_unet.eval(), ema_text.eval()
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA with the usual warm-up (decay grows with the step count)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - d)
+
+
+def save_pipeline(out: Path, vae, unet, text_encoder) -> None:
+    """fp32 copies of the modules on CPU (the originals are left as they are), safetensors."""
+    tokenizer = build_tokenizer(out / "tokenizer", model_max_length=MODEL_MAX_LENGTH)
+    components = {
+        name: copy.deepcopy(module).to("cpu", torch.float32)
+        for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))
+    }
+    assemble_pipeline(components, tokenizer).save_pretrained(out, safe_serialization=True)
+
+
+def load_modules(folder: Path) -> tuple[AutoencoderKL, UNet2DConditionModel, CLIPTextModel]:
+    """VAE, UNet and text encoder of a saved demo pipeline, in fp32 (to continue training)."""
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32)
+    return vae.eval(), unet, text_encoder
+
+
+def train_demo(config: TrainConfig, log: Callable[[str], None] = print) -> Path:
+    """Run the whole recipe and write the pipeline folder to ``config.out``.
+
+    With ``config.init_from`` (a pipeline folder) the VAE is kept and the UNet and text encoder
+    continue training from that folder's weights.
+    """
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    start = time.time()
+    images, scenes = make_dataset(config)
+    log(f"rendered {len(scenes)} training scenes ({time.time() - start:.0f}s)")
+    unet = text_encoder = None
+    if config.init_from:
+        vae, unet, text_encoder = load_modules(config.init_from)
+        log(f"continuing from {config.init_from}")
+    else:
+        vae = train_vae(images, config, log)
+    latents = encode_latents(vae, images, config.device)
+    if not config.init_from:
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    latents = latents * vae.config.scaling_factor
+    log(f"latents {tuple(latents.shape)}, scaling_factor {vae.config.scaling_factor:.4f} ({time.time() - start:.0f}s)")
+    tokenizer = build_tokenizer(config.out / "tokenizer", model_max_length=MODEL_MAX_LENGTH)
+    unet, text_encoder = train_diffusion(latents, scenes, tokenizer, vae, config, log, unet, text_encoder)
+    save_pipeline(config.out, vae, unet, text_encoder)
+    log(f"saved {config.out} ({time.time() - start:.0f}s total)")
+    return config.out
