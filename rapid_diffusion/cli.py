@@ -451,6 +451,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-inference-steps", type=int, default=20)
     p.add_argument("--domain-id", default=None, help="id of the new domain (default: ft-<output folder name>)")
     p.add_argument("--skip-preflight", action="store_true", help="start even if the memory preflight says it will not fit")
+    p.add_argument("--knowledge", type=Path, default=None, help="a knowledge graph folder (triples.tsv + entities.tsv): inject and train its entities")
+    p.add_argument("--knowledge-lr", type=float, default=None, help="learning rate of the knowledge projection (default: 10x --lr)")
 
 
 def cmd_check_data(args) -> int:

@@ -8,7 +8,8 @@ resumed::
     loss.jsonl             one {"step", "loss", "lr"} per optimizer step
     samples/step-000000/   validation images at a fixed seed (step 0 = the base model)
     checkpoints/checkpoint-<step>/   complete accelerate states (written to tmp-*, then renamed)
-    model/                 the final diffusers pipeline (safetensors)
+    knowledge/             with ``--knowledge``: the TransE vectors the run trains against
+    model/                 the final diffusers pipeline (safetensors; + knowledge/ with ``--knowledge``)
 
 The result is registered as a domain (``$RAPID_DIFFUSION_HOME/domains/<id>.yaml``). Runs under
 ``accelerate launch`` with any number of processes: ``python -m rapid_diffusion.train ARGS``.
@@ -78,6 +79,8 @@ class TrainConfig:
     resume: bool = False
     domain_id: str | None = None
     skip_preflight: bool = False
+    knowledge: Path | None = None
+    knowledge_lr: float | None = None
 
     def validate(self) -> None:
         """Bounds that keep a request from a browser or an API reasonable; raises TrainingError."""
@@ -95,6 +98,11 @@ class TrainConfig:
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise TrainingError("; ".join(problems))
+
+    @property
+    def projection_lr(self) -> float:
+        """The knowledge projection starts at zero: it gets 10x the model's rate unless told."""
+        return self.knowledge_lr if self.knowledge_lr is not None else 10 * self.learning_rate
 
     @property
     def warmup_steps(self) -> int:
@@ -151,9 +159,14 @@ def read_losses(folder: Path) -> list[dict]:
 class PairDataset(torch.utils.data.Dataset):
     """Images resized once (short side = resolution), cropped and flipped per draw, with PIL/numpy."""
 
-    def __init__(self, pairs: list[Pair], tokenizer, resolution: int, center_crop: bool, random_flip: bool, seed: int):
+    def __init__(self, pairs: list[Pair], tokenizer, resolution: int, center_crop: bool, random_flip: bool, seed: int, knowledge=None):
         self.images = [resize_short_side(pair.image(), resolution) for pair in pairs]
-        self.input_ids = tokenize(tokenizer, [pair.text for pair in pairs])
+        texts = [pair.text for pair in pairs]
+        if knowledge is None:
+            self.input_ids, self.entity_ids = tokenize(tokenizer, texts), None
+        else:
+            tokens = knowledge.tokenize(tokenizer, texts)
+            self.input_ids, self.entity_ids = tokens.input_ids, tokens.entity_ids
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -166,7 +179,10 @@ class PairDataset(torch.utils.data.Dataset):
         image = crop(self.images[index], self.resolution, None if self.center_crop else self.rng)
         if self.random_flip and self.rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {"pixel_values": to_tensor(image), "input_ids": self.input_ids[index]}
+        item = {"pixel_values": to_tensor(image), "input_ids": self.input_ids[index]}
+        if self.entity_ids is not None:
+            item["entity_ids"] = self.entity_ids[index]
+        return item
 
 
 def resize_short_side(image: Image.Image, side: int) -> Image.Image:
@@ -223,6 +239,37 @@ def load_base_pipeline(folder: Path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ----------------------------------------------------------------------------- knowledge
+
+
+def prepare_knowledge(config: TrainConfig, base_folder: Path, hidden_size: int, say):
+    """The entity knowledge a ``--knowledge`` run trains: the run's own (on resume), else the
+    base model's ``knowledge/`` (continued), else TransE trained now on the graph with a zero
+    projection. Saved in the run folder so that a resumed run uses the very same vectors."""
+    from .knowledge import KNOWLEDGE_DIR, EntityEmbeddings, GraphError, Knowledge, KnowledgeGraph, TransEConfig, has_knowledge, train_transe
+
+    try:
+        graph = KnowledgeGraph.load(config.knowledge)
+        run_copy = Path(config.output) / KNOWLEDGE_DIR
+        if config.resume and has_knowledge(Path(config.output)):
+            return Knowledge.load(run_copy, config.knowledge)
+        if has_knowledge(base_folder):
+            say(f"knowledge: continuing the base model's {KNOWLEDGE_DIR}/ / 继续训练基础模型的知识投影")
+            return Knowledge.load(base_folder / KNOWLEDGE_DIR, config.knowledge)
+        model, loss = train_transe(graph, TransEConfig(seed=config.seed))
+    except (GraphError, OSError, KeyError) as exc:
+        raise TrainingError(f"知识图谱无法使用 / knowledge graph {config.knowledge}: {exc}") from exc
+    say(f"knowledge: TransE on {len(graph.entities)} entities, {len(graph.triples)} triples, loss {loss:.4f}")
+    return Knowledge.create(graph, EntityEmbeddings.from_model(model, graph), hidden_size)
+
+
+def plain_text_encoder(module):
+    """The ``CLIPTextModel`` inside a knowledge wrapper (or the module itself)."""
+    from .knowledge import KnowledgeTextEncoder
+
+    return module.text_encoder if isinstance(module, KnowledgeTextEncoder) else module
 
 
 # ----------------------------------------------------------------------------- memory preflight
@@ -457,6 +504,16 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
     text_encoder.requires_grad_(config.train_text_encoder)
     unet.train()
     text_encoder.train(config.train_text_encoder)
+    knowledge = None
+    if config.knowledge is not None:
+        from .knowledge import KNOWLEDGE_DIR, KnowledgeTextEncoder
+
+        knowledge = prepare_knowledge(config, folder, text_encoder.config.hidden_size, say)
+        knowledge.injector.to(accelerator.device)
+        if accelerator.is_main_process:
+            knowledge.save(Path(config.output) / KNOWLEDGE_DIR)
+        say(f"knowledge: {len(knowledge.entity_rows)} entities injected / 知识注入：{len(knowledge.entity_rows)} 个实体")
+        text_encoder = KnowledgeTextEncoder(text_encoder, knowledge.injector)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
@@ -468,15 +525,19 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
-    trained = list(unet.parameters()) + (list(text_encoder.parameters()) if config.train_text_encoder else [])
-    optimizer = make_optimizer(trained, config, accelerator.device)
+    trained = list(unet.parameters()) + (list(plain_text_encoder(text_encoder).parameters()) if config.train_text_encoder else [])
+    groups = [{"params": trained}]
+    if knowledge is not None:
+        groups.append({"params": list(knowledge.injector.parameters()), "lr": config.projection_lr})
+        trained = trained + groups[-1]["params"]
+    optimizer = make_optimizer(groups, config, accelerator.device)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=config.warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
-    dataset = PairDataset(report.pairs, tokenizer, resolution, config.center_crop, config.random_flip, config.seed)
+    dataset = PairDataset(report.pairs, tokenizer, resolution, config.center_crop, config.random_flip, config.seed, knowledge)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -484,13 +545,14 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
         drop_last=len(dataset) >= config.batch_size * accelerator.num_processes,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    models = [unet, text_encoder] if config.train_text_encoder else [unet]
+    text_is_trained = config.train_text_encoder or knowledge is not None
+    models = [unet, text_encoder] if text_is_trained else [unet]
     *models, optimizer, loader, lr_scheduler = accelerator.prepare(*models, optimizer, loader, lr_scheduler)
     unet = models[0]
-    text_encoder = models[1] if config.train_text_encoder else text_encoder
+    text_encoder = models[1] if text_is_trained else text_encoder
 
     step = resume_if_asked(config, accelerator, files, say)
-    validator = Validator(config, pipe, accelerator, files, resolution, base_spec)
+    validator = Validator(config, pipe, accelerator, files, resolution, base_spec, knowledge)
     if step == 0:
         validator.render(0, unet, text_encoder, ema)
 
@@ -545,7 +607,7 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
 
     files.update(state="saving", step=step, message="saving the model / 正在保存模型")
     validator.render(step, unet, text_encoder, ema, final=True)
-    model_dir, domain_id = save_result(config, accelerator, folder, unet, text_encoder, ema, resolution, base_spec)
+    model_dir, domain_id = save_result(config, accelerator, folder, unet, text_encoder, ema, resolution, base_spec, knowledge)
     seconds = time.time() - start
     files.update(
         state="done", step=step, model_dir=str(model_dir) if model_dir else None, domain_id=domain_id, seconds=seconds,
@@ -566,7 +628,8 @@ def main_should_log(step: int, max_steps: int) -> bool:
 
 
 def make_optimizer(parameters: list, config: TrainConfig, device: torch.device):
-    """AdamW; 8-bit (bitsandbytes) where it is installed and a GPU is present."""
+    """AdamW over ``parameters`` (tensors or param groups); 8-bit (bitsandbytes) where it is
+    installed and a GPU is present."""
     if wants_8bit_adam(config, device):
         import bitsandbytes as bnb
 
@@ -588,13 +651,20 @@ def diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
+    hidden = encode_captions(text_encoder, batch)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
     prediction = unet(noisy, timesteps, hidden.to(noisy.dtype) if hidden.dtype != noisy.dtype else hidden, return_dict=False)[0]
     return F.mse_loss(prediction.float(), target.float())
+
+
+def encode_captions(text_encoder, batch) -> torch.Tensor:
+    """Last hidden states; with knowledge, the linked entities' projections are injected."""
+    if "entity_ids" in batch:
+        return text_encoder(batch["input_ids"], batch["entity_ids"])
+    return text_encoder(batch["input_ids"], return_dict=False)[0]
 
 
 def resume_if_asked(config: TrainConfig, accelerator, files: RunFiles, say) -> int:
@@ -618,8 +688,9 @@ def resume_if_asked(config: TrainConfig, accelerator, files: RunFiles, say) -> i
 class Validator:
     """Renders the validation prompts at a fixed seed; step 0 shows the base model (the "before")."""
 
-    def __init__(self, config: TrainConfig, pipe, accelerator, files: RunFiles, resolution: int, base_spec: DomainSpec | None):
+    def __init__(self, config: TrainConfig, pipe, accelerator, files: RunFiles, resolution: int, base_spec: DomainSpec | None, knowledge=None):
         self.prompts = list(config.validation_prompts)
+        self.knowledge = knowledge
         self.seed = config.seed
         self.steps = config.validation_inference_steps
         self.pipe = pipe
@@ -648,7 +719,8 @@ class Validator:
         if ema is not None:
             ema.store(unwrapped.parameters())
             ema.copy_to(unwrapped.parameters())
-        components = dict(self.pipe.components, unet=unwrapped, text_encoder=self.accelerator.unwrap_model(text_encoder))
+        plain = plain_text_encoder(self.accelerator.unwrap_model(text_encoder))
+        components = dict(self.pipe.components, unet=unwrapped, text_encoder=plain)
         pipe = StableDiffusionPipeline(**components, requires_safety_checker=False).to(self.accelerator.device)
         pipe.set_progress_bar_config(disable=True)
         modes = [(m, m.training) for m in (unwrapped, components["text_encoder"])]
@@ -660,8 +732,7 @@ class Validator:
                 generator = torch.Generator(self.accelerator.device).manual_seed(self.seed)
                 with self.accelerator.autocast():
                     images += pipe(
-                        prompt,
-                        negative_prompt=self.negative_prompt or None,
+                        **self._prompt_arguments(pipe, prompt),
                         num_inference_steps=self.steps,
                         guidance_scale=self.guidance_scale,
                         height=self.resolution,
@@ -675,11 +746,26 @@ class Validator:
             if ema is not None:
                 ema.restore(unwrapped.parameters())
 
+    def _prompt_arguments(self, pipe, prompt: str) -> dict:
+        """The prompt as text, or as embeddings with the entities injected (the way generation does)."""
+        if self.knowledge is None:
+            return {"prompt": prompt, "negative_prompt": self.negative_prompt or None}
+        from .knowledge import KnowledgeTextEncoder
+
+        encoder = KnowledgeTextEncoder(pipe.text_encoder, self.knowledge.injector)
+
+        def embed(text: str) -> torch.Tensor:
+            tokens = self.knowledge.tokenize(pipe.tokenizer, [text])
+            device = pipe.text_encoder.device
+            return encoder(tokens.input_ids.to(device), tokens.entity_ids.to(device)).to(pipe.text_encoder.dtype)
+
+        return {"prompt_embeds": embed(prompt), "negative_prompt_embeds": embed(self.negative_prompt)}
+
 
 # ----------------------------------------------------------------------------- result
 
 
-def save_result(config, accelerator, base_folder: Path, unet, text_encoder, ema, resolution, base_spec) -> tuple[Path | None, str | None]:
+def save_result(config, accelerator, base_folder: Path, unet, text_encoder, ema, resolution, base_spec, knowledge=None) -> tuple[Path | None, str | None]:
     """Save the pipeline (safetensors, written to ``model.tmp`` then renamed) and register a domain.
 
     Frozen components are taken from the base folder again, so a mixed-precision run does not
@@ -693,14 +779,18 @@ def save_result(config, accelerator, base_folder: Path, unet, text_encoder, ema,
     if ema is not None:
         ema.copy_to(result.unet.parameters())
     if config.train_text_encoder:
-        result.text_encoder = accelerator.unwrap_model(text_encoder).to("cpu")
+        result.text_encoder = plain_text_encoder(accelerator.unwrap_model(text_encoder)).to("cpu")
     final = Path(config.output) / "model"
     tmp = Path(config.output) / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     result.save_pretrained(tmp, safe_serialization=True)
+    if knowledge is not None:
+        from .knowledge import KNOWLEDGE_DIR
+
+        knowledge.save(tmp / KNOWLEDGE_DIR)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    domain_id = write_domain_yaml(config, final, resolution, base_spec)
+    domain_id = write_domain_yaml(config, final, resolution, base_spec, with_knowledge=knowledge is not None)
     return final, domain_id
 
 
@@ -709,7 +799,7 @@ def default_domain_id(output: Path) -> str:
     return f"ft-{slug}"[:64]
 
 
-def write_domain_yaml(config: TrainConfig, model_dir: Path, resolution: int, base_spec: DomainSpec | None) -> str:
+def write_domain_yaml(config: TrainConfig, model_dir: Path, resolution: int, base_spec: DomainSpec | None, with_knowledge: bool = False) -> str:
     """``$RAPID_DIFFUSION_HOME/domains/<id>.yaml`` for the new model; it shows up in the domain picker."""
     domain_id = config.domain_id or default_domain_id(config.output)
     examples = list(dict.fromkeys(list(config.validation_prompts) + list(base_spec.examples if base_spec else ())))
@@ -725,6 +815,8 @@ def write_domain_yaml(config: TrainConfig, model_dir: Path, resolution: int, bas
         "width": max(64, resolution // 8 * 8),
         "offline_ready": True,
     }
+    if with_knowledge:
+        data["knowledge_graph"] = str((Path(model_dir) / "knowledge").resolve())
     if base_spec:
         data.update(
             num_inference_steps=base_spec.num_inference_steps,
@@ -767,6 +859,8 @@ def config_from_args(args) -> TrainConfig:
         resume=args.resume,
         domain_id=args.domain_id,
         skip_preflight=args.skip_preflight,
+        knowledge=args.knowledge,
+        knowledge_lr=args.knowledge_lr,
     )
 
 

@@ -236,3 +236,55 @@ def test_two_process_accelerate_launch_on_cpu(tiny_model_dir, pairs, tmp_path):
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "done" and status["processes"] == 2
     assert (tmp_path / "home" / "domains" / "two-proc.yaml").is_file()
+
+
+def test_knowledge_run_trains_the_projection_and_the_new_domain_injects_entities(tiny_model_dir, tmp_path, monkeypatch):
+    """``train --knowledge``: TransE vectors injected into the linked spans of the captions, the
+    zero projection trained, the model saved with ``knowledge/`` and its domain linking entities."""
+    from safetensors.torch import load_file
+
+    from rapid_diffusion.domains import load_domains
+    from rapid_diffusion.pipeline import GenerationRequest, generate
+    from rapid_diffusion.registry import ModelRegistry
+
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    graph = tmp_path / "graph"
+    graph.mkdir()
+    (graph / "triples.tsv").write_text("番茄\t颜色\t红色\n蓝莓\t颜色\t蓝色\n番茄\t形状\t圆形\n蓝莓\t形状\t圆形\n", encoding="utf-8")
+    (graph / "entities.tsv").write_text("番茄\t西红柿\n", encoding="utf-8")
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rows = []
+    for i, (text, colour) in enumerate({"一个西红柿": (230, 30, 30), "一颗蓝莓": (30, 30, 230)}.items()):
+        pixels = np.full((64, 64, 3), 128, dtype=np.uint8)
+        pixels[16:48, 16:48] = colour
+        Image.fromarray(pixels).save(data / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text}, ensure_ascii=False))
+    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+    lines: list[str] = []
+    config = quick_config(
+        tiny_model_dir, data, tmp_path / "run", max_steps=4, batch_size=2, knowledge=graph, domain_id="kg-run",
+        validation_prompts=["一个西红柿"], validation_every=0, validation_inference_steps=2,
+    )
+    result = train(config, log=lines.append)
+    assert result.state == "done", lines
+    assert any("TransE on 5 entities" in line for line in lines)
+    projection = load_file(result.model_dir / "knowledge" / "projection.safetensors")
+    assert projection["projection.weight"].abs().sum() > 0, "the zero-initialised projection did not train"
+    assert (result.model_dir / "knowledge" / "entity_embeddings.safetensors").is_file()
+    assert (tmp_path / "run" / "samples" / "step-000004" / "0.png").is_file()
+
+    spec = load_domains([tmp_path / "home" / "domains"])["kg-run"]
+    assert spec.knowledge_graph == (result.model_dir / "knowledge").resolve()
+    model = ModelRegistry(domains={"kg-run": spec}, device=torch.device("cpu"), dtype=torch.float32).get(spec)
+    assert model.encode_prompt is not None
+    request = GenerationRequest(prompt="一个西红柿", num_inference_steps=2, seed=0)
+    generated = generate(request, spec, registry=ModelRegistry(domains={"kg-run": spec}, device=torch.device("cpu"), dtype=torch.float32))
+    assert any("西红柿（番茄） → 颜色: 红色" in note for note in generated.notes), generated.notes
+
+
+def test_knowledge_graph_errors_are_reported_as_training_errors(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    with pytest.raises(TrainingError, match="knowledge graph"):
+        train(quick_config(tiny_model_dir, pairs, tmp_path / "run", max_steps=1, knowledge=tmp_path / "no-graph"), log=lambda *_: None)
