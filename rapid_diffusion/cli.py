@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-scenes", type=int, default=None, help="pre-rendered training scenes")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1: fastest on a shared machine)")
     p.add_argument("--init-from", type=Path, default=None, help="continue training this pipeline folder (keeps its VAE)")
+    p.add_argument("--vae-from", type=Path, default=None, help="keep this pipeline folder's VAE; train the UNet and text encoder from scratch")
     p.set_defaults(handler=cmd_train_demo)
 
     p = sub.add_parser("eval", help="prompt adherence on held-out world combinations: JSON report + contact sheet")
@@ -492,6 +493,7 @@ def cmd_train_demo(args) -> int:
         "num_scenes": args.num_scenes,
         "threads": args.threads,
         "init_from": args.init_from,
+        "vae_from": args.vae_from,
     }
     config = replace(TrainConfig(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
     print(f"model: {train_demo(config, log=lambda line: print(line, flush=True))}")

@@ -119,11 +119,11 @@ def pndm_scheduler() -> PNDMScheduler:
     )
 
 
-def assemble_pipeline(components: dict, tokenizer: BertTokenizer) -> StableDiffusionPipeline:
+def assemble_pipeline(components: dict, tokenizer: BertTokenizer, scheduler: PNDMScheduler | None = None) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
         **components,
         tokenizer=tokenizer,
-        scheduler=pndm_scheduler(),
+        scheduler=scheduler or pndm_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

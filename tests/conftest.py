@@ -78,6 +78,10 @@ def test_domains(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     write_domain(folder, "tiny", tiny_model_dir)
     monkeypatch.setenv("RAPID_DIFFUSION_DOMAINS", str(folder))
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    # The process-wide registry reads the domains when it is created: start a fresh one here.
+    import rapid_diffusion.registry
+
+    monkeypatch.setattr(rapid_diffusion.registry, "_default_registry", None)
     return folder
 
 

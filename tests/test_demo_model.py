@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from rapid_diffusion.domains import load_domains
@@ -104,3 +105,23 @@ def test_train_demo_runs_end_to_end_with_tiny_settings(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     image = pipe("红色圆形", num_inference_steps=2, height=64, width=64, output_type="pil").images[0]
     assert image.size == (64, 64) and pipe.vae.config.scaling_factor > 0
+    assert any(line.startswith("vae round trip, judged: colour") for line in lines)
+    # The recipe's schedule (see train_demo's docstring): PNDM, DDPM's linear betas, v-prediction.
+    scheduler = pipe.scheduler.config
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    assert (scheduler.beta_schedule, scheduler.prediction_type) == ("linear", "v_prediction")
+
+
+def test_train_demo_can_keep_a_trained_vae(tmp_path):
+    from safetensors.torch import load_file
+
+    from rapid_diffusion.demo.train_demo import TrainConfig, train_demo
+
+    tiny = dict(num_scenes=16, vae_steps=1, vae_batch_size=2, unet_steps=1, batch_size=2, checkpoint_every=0)
+    first = train_demo(TrainConfig(out=tmp_path / "a", **tiny), log=lambda line: None)
+    lines: list[str] = []
+    second = train_demo(TrainConfig(out=tmp_path / "b", seed=1, vae_from=first, **tiny), log=lines.append)
+    assert not any(line.startswith("vae step") for line in lines)
+    vae_a = load_file(first / "vae" / "diffusion_pytorch_model.safetensors")
+    vae_b = load_file(second / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)

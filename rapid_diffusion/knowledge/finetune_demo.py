@@ -23,7 +23,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from ..demo import train_demo, world
@@ -51,7 +50,6 @@ class DemoFinetuneConfig:
     num_scenes: int = 3000
     kg_dim: int = 64
     kg_epochs: int = 1000
-    min_snr_gamma: float = 5.0
     ema_decay: float = 0.99
     train_token_embeddings: bool = False
     seed: int = 0
@@ -93,7 +91,7 @@ def finetune_demo(config: DemoFinetuneConfig, log: Callable[[str], None] = print
     )
     trained = (pipe.unet, pipe.text_encoder, knowledge.injector)
     averages = [copy.deepcopy(module).requires_grad_(False) for module in trained]
-    noise_schedule = train_demo.noise_scheduler()
+    noise_schedule = train_demo.noise_scheduler(Path(config.base))
     rng = np.random.default_rng(config.seed + 1)
     generator = torch.Generator().manual_seed(config.seed + 2)
     start = time.time()
@@ -102,12 +100,7 @@ def finetune_demo(config: DemoFinetuneConfig, log: Callable[[str], None] = print
         captions = ["" if rng.random() < config.caption_dropout else captioner(scenes[i], rng) for i in index]
         batch = knowledge.tokenize(pipe.tokenizer, captions)
         hidden = encoder(batch.input_ids, batch.entity_ids if config.with_knowledge else None)
-        clean = latents[index]
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(index),), generator=generator)
-        predicted = pipe.unet(noise_schedule.add_noise(clean, noise, timesteps), timesteps, encoder_hidden_states=hidden).sample
-        error = F.mse_loss(predicted, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (error * train_demo.min_snr_weights(noise_schedule, timesteps, config.min_snr_gamma)).mean()
+        loss = train_demo.denoising_loss(pipe.unet, noise_schedule, latents[index], hidden, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model_params + list(knowledge.injector.parameters()), 1.0)
