@@ -288,3 +288,49 @@ def test_knowledge_graph_errors_are_reported_as_training_errors(tiny_model_dir, 
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
     with pytest.raises(TrainingError, match="knowledge graph"):
         train(quick_config(tiny_model_dir, pairs, tmp_path / "run", max_steps=1, knowledge=tmp_path / "no-graph"), log=lambda *_: None)
+
+
+DEMO_MODEL = PROJECT_ROOT / "assets" / "demo-model"
+KILL_DURING_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from accelerate import Accelerator
+from rapid_diffusion.train import TrainConfig, train
+
+real_save_state = Accelerator.save_state
+
+def save_state_then_die(self, output_dir=None, **kwargs):
+    if str(output_dir).endswith("tmp-checkpoint-4"):
+        Path(output_dir, "model.safetensors").write_bytes(b"half written")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save_state(self, output_dir, **kwargs)
+
+Accelerator.save_state = save_state_then_die
+base, data, run = sys.argv[1:4]
+train(TrainConfig(base=base, data=Path(data), output=Path(run), max_steps=6, learning_rate=1e-4, batch_size=2,
+                  checkpoint_every=2, keep_checkpoints=2, validation_every=0, lr_warmup_steps=0))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="assets/demo-model not trained yet")
+def test_demo_model_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(pairs, tmp_path, monkeypatch):
+    """A real SIGKILL in the middle of writing checkpoint 4: checkpoint 2 stays usable and a resumed
+    run continues from step 2 on the shipped demo model; a longer run there lowers the loss."""
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(DEMO_MODEL), str(pairs), str(run)], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-2"]
+    assert (run / "checkpoints" / "tmp-checkpoint-4").is_dir()
+
+    messages: list[str] = []
+    resumed = train(quick_config(DEMO_MODEL, pairs, run, max_steps=6, learning_rate=1e-4, batch_size=2, resolution=None, resume=True), log=messages.append)
+    assert resumed.state == "done" and resumed.step == 6 and len(resumed.losses) == 4
+    assert any("resumed from checkpoint-2" in m for m in messages)
+    assert not (run / "checkpoints" / "tmp-checkpoint-4").exists()
+
+    longer = train(quick_config(DEMO_MODEL, pairs, tmp_path / "longer", max_steps=60, learning_rate=3e-4, batch_size=2, resolution=None), log=lambda *_: None)
+    assert longer.state == "done"
+    assert np.mean(longer.losses[-15:]) < np.mean(longer.losses[:15]), (longer.losses[:15], longer.losses[-15:])

@@ -48,7 +48,7 @@ MODEL_MAX_LENGTH = 32
 
 @dataclass
 class TrainConfig:
-    """Defaults: about 75 minutes on one CPU core (a single thread is faster than two on a shared machine)."""
+    """Defaults: about an hour on one CPU core (a single thread is faster than two on a shared machine)."""
 
     out: Path = ASSETS_DIR / "demo-model"
     seed: int = 0
@@ -56,7 +56,7 @@ class TrainConfig:
     vae_steps: int = 3000
     vae_batch_size: int = 8
     vae_lr: float = 1e-3
-    unet_steps: int = 8000
+    unet_steps: int = 6000
     batch_size: int = 32
     lr: float = 1.5e-3
     warmup_steps: int = 100
@@ -219,6 +219,8 @@ def denoising_loss(unet, noise_schedule: DDPMScheduler, clean: torch.Tensor, hid
 
 def train_diffusion(latents, scenes, tokenizer, vae, config: TrainConfig, log: Callable[[str], None], unet=None, text_encoder=None):
     """Train (or, given ``unet`` and ``text_encoder``, continue training) on the diffusion loss."""
+    if unet is None:
+        torch.manual_seed(config.seed)  # the same initial weights whether this run trained the VAE or kept one
     unet = (unet or build_unet(config.unet_channels, config.text_hidden)).to(config.device).train()
     text_encoder = (text_encoder or build_text_encoder(config.text_hidden)).to(config.device).train()
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
