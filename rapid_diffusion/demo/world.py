@@ -219,9 +219,11 @@ def _shape_word(rng: np.random.Generator, shape: str) -> str:
     return words[0] if rng.random() < 0.7 else _pick(rng, words)
 
 
-def describe_object(obj: SceneObject, rng: np.random.Generator, with_position: bool = True) -> str:
-    """One object in one of several natural phrasings (position and size included or not)."""
-    colour, shape, size = obj.colour, _shape_word(rng, obj.shape), obj.size
+def describe_object(obj: SceneObject, rng: np.random.Generator, with_position: bool = True, shape_word: str | None = None) -> str:
+    """One object in one of several natural phrasings (position and size included or not).
+
+    ``shape_word`` names a shape outside the world (the fine-tuning benchmark's new shape)."""
+    colour, shape, size = obj.colour, shape_word or _shape_word(rng, obj.shape), obj.size
     where = _position_word(rng, obj.position)
     plain = [f"一个{colour}的{shape}", f"{colour}{shape}", f"{colour}的{shape}", f"一个{size}的{colour}{shape}", f"{size}{colour}{shape}"]
     placed = [
