@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="diffusion (UNet + text encoder) steps")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="diffusion learning rate (peak of the cosine schedule)")
+    p.add_argument("--schedule-steps", type=int, default=None, help="length of the cosine schedule; --steps may stop before its end (0: same as --steps)")
     p.add_argument("--num-scenes", type=int, default=None, help="pre-rendered training scenes")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1: fastest on a shared machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's cores, at most 2; 1 can be faster where other jobs load the cores)")
     p.add_argument("--init-from", type=Path, default=None, help="continue training this pipeline folder (keeps its VAE)")
     p.add_argument("--vae-from", type=Path, default=None, help="keep this pipeline folder's VAE; train the UNet and text encoder from scratch")
     p.set_defaults(handler=cmd_train_demo)
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=None, help="default: every held-out combination")
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the domain's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the domain's)")
+    p.add_argument("--images-per-prompt", type=int, default=3, help="images drawn (and judged) per prompt, each with its own seed")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_eval)
 
@@ -488,6 +490,7 @@ def cmd_train_demo(args) -> int:
         "out": args.out,
         "vae_steps": args.vae_steps,
         "unet_steps": args.steps,
+        "schedule_steps": args.schedule_steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "num_scenes": args.num_scenes,
@@ -504,7 +507,8 @@ def cmd_eval(args) -> int:
     from .demo.evaluate import evaluate
 
     spec, registry = resolve_spec(args)
-    report = evaluate(spec, registry, out=args.out, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    report = evaluate(spec, registry, out=args.out, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, images_per_prompt=args.images_per_prompt)
+    print(f"{report['num_images']} images ({report['num_prompts']} held-out prompts x {report['images_per_prompt']})")
     print(", ".join(f"{k} {v:.1%}" for k, v in report["accuracy"].items()))
     print(f"report: {args.out / 'report.json'}")
     print(f"contact sheet: {args.out / 'contact_sheet.png'}")

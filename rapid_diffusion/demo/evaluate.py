@@ -64,28 +64,35 @@ def contact_sheet(items: list[dict], images: list[Image.Image]) -> Image.Image:
     return sheet
 
 
-def evaluate(spec, registry=None, out: Path | None = None, num_prompts: int | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0) -> dict:
-    """Adherence of ``spec``'s model on held-out prompts; writes the report and sheet into ``out``."""
+def evaluate(spec, registry=None, out: Path | None = None, num_prompts: int | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0, images_per_prompt: int = 3) -> dict:
+    """Adherence of ``spec``'s model on held-out prompts; writes the report and sheet into ``out``.
+
+    Prompt ``i`` is drawn ``images_per_prompt`` times in one request (seeds ``seed + i * k`` onwards,
+    so no two images share a seed); every image is judged and counts alike.
+    """
     items, images = [], []
     start = time.time()
     for i, (prompt, scene) in enumerate(held_out_prompts(num_prompts)):
-        request = GenerationRequest(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed + i, num_images=1)
+        first_seed = seed + i * images_per_prompt
+        request = GenerationRequest(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, seed=first_seed, num_images=images_per_prompt)
         result = generate(request, spec, registry=registry)
-        image = result.images[0]
-        detected = judge.judge_image(image)
         expected = judge.parse_caption(prompt)
-        items.append({
-            "prompt": prompt,
-            "seed": seed + i,
-            "expected": [asdict(e) for e in expected],
-            "detected": [asdict(d) for d in detected],
-            "scores": judge.score(expected, detected),
-        })
-        images.append(image)
+        for image_seed, image in zip(result.seeds, result.images):
+            detected = judge.judge_image(image)
+            items.append({
+                "prompt": prompt,
+                "seed": image_seed,
+                "expected": [asdict(e) for e in expected],
+                "detected": [asdict(d) for d in detected],
+                "scores": judge.score(expected, detected),
+            })
+            images.append(image)
     accuracy = {m: sum(item["scores"].get(m, 0.0) for item in items) / max(len(items), 1) for m in METRICS}
     report = {
         "domain": spec.id,
-        "num_prompts": len(items),
+        "num_prompts": len(items) // max(images_per_prompt, 1),
+        "images_per_prompt": images_per_prompt,
+        "num_images": len(items),
         "num_inference_steps": steps if steps is not None else spec.num_inference_steps,
         "guidance_scale": guidance if guidance is not None else spec.guidance_scale,
         "seed": seed,

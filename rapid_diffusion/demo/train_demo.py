@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -48,24 +49,32 @@ MODEL_MAX_LENGTH = 32
 
 @dataclass
 class TrainConfig:
-    """Defaults: about an hour on one CPU core (a single thread is faster than two on a shared machine)."""
+    """Defaults: the shipped model's recipe, about 80 minutes on 2 CPU cores.
+
+    The diffusion stage stops two thirds of the way through a 12,000-step cosine schedule
+    (``unet_steps`` < ``schedule_steps``): longer training kept improving held-out shapes but drew
+    held-out colours worse (held-out eval at the demo domain's guidance 5: colour/shape 100/80% at
+    6,000 steps, 97/85% at 8,000, 88/87% at 9,000). On a machine whose cores are busy with other
+    jobs, ``threads=1`` can be the faster choice.
+    """
 
     out: Path = ASSETS_DIR / "demo-model"
     seed: int = 0
-    num_scenes: int = 10000
+    num_scenes: int = 100000
     vae_steps: int = 3000
     vae_batch_size: int = 8
     vae_lr: float = 1e-3
-    unet_steps: int = 6000
+    unet_steps: int = 8000
+    schedule_steps: int | None = 12000
     batch_size: int = 32
-    lr: float = 1.5e-3
+    lr: float = 1e-3
     warmup_steps: int = 100
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
-    vae_channels: tuple[int, ...] = (16, 32, 32)
+    vae_channels: tuple[int, ...] = (32, 64, 64)
     unet_channels: tuple[int, ...] = (32, 64, 96)
     text_hidden: int = 64
-    threads: int = 1
+    threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
     device: str = "cpu"
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -73,7 +82,7 @@ class TrainConfig:
     vae_from: Path | None = None
 
 
-def build_vae(channels: tuple[int, ...] = (16, 32, 32)) -> AutoencoderKL:
+def build_vae(channels: tuple[int, ...] = (32, 64, 64)) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -226,7 +235,8 @@ def train_diffusion(latents, scenes, tokenizer, vae, config: TrainConfig, log: C
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.unet_steps))
+    horizon = config.schedule_steps or config.unet_steps
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, horizon))
     noise_schedule = noise_scheduler()
     rng = np.random.default_rng(config.seed + 2)
     generator = torch.Generator().manual_seed(config.seed + 3)
