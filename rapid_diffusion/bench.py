@@ -42,6 +42,7 @@ class BenchConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     padding_bench: bool = True
+    sr: str | None = None
 
 
 @dataclass
@@ -74,6 +75,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict:
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = load_bench_model(config.model, log, device, dtype)
+    if config.sr:
+        model.upscaler = bench_upscaler(config.sr, device, dtype)
     side = native_side(model.pipe)
     height, width = config.height or side, config.width or side
     levels = ["none"] + [level for level in config.levels if level != "none"]
@@ -138,6 +141,15 @@ def load_folder_model(folder: Path, name: str) -> BenchModel:
     from .registry import load_pipeline
 
     return BenchModel(load_pipeline(folder, torch.device("cpu"), torch.float32), name)
+
+
+def bench_upscaler(sr: str, device, dtype) -> Callable:
+    """``rrdb23``: the paper's ESRGAN shape (RealESRGAN_x4plus, random weights: time does not depend
+    on their values); anything else: an ESRGAN checkpoint path."""
+    from .upscale import RRDBNet, Upscaler, load_sr_model
+
+    model = RRDBNet(num_feat=64, num_block=23, num_grow_ch=32) if sr == "rrdb23" else load_sr_model(Path(sr))
+    return Upscaler(model.eval(), device, dtype)
 
 
 def demo_upscaler(spec, device, dtype, log: Callable[[str], None]) -> Callable | None:

@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", default="none,flash,compile", help="comma-separated; 'none' (plain diffusers) always runs")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--sr", default=None, help="add x4 super-resolution to every run: rrdb23 (the paper's 23-block ESRGAN, random weights) or a checkpoint path")
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
     p.set_defaults(handler=cmd_bench)
 
@@ -531,7 +532,7 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     config = BenchConfig(
         model=args.model, device=args.device, steps=args.steps, height=args.height, width=args.width,
-        runs=args.runs, levels=levels, guidance_scale=args.guidance,
+        runs=args.runs, levels=levels, guidance_scale=args.guidance, sr=args.sr,
     )
     try:
         result = run_bench(config, log=lambda message: print(message, file=sys.stderr))

@@ -56,6 +56,16 @@ def test_bench_cli_writes_json_with_speedup(tmp_path, capsys, restore_threads):
     assert "| none | none |" in printed and "speedup" in printed
 
 
+def test_bench_sr_adds_a_timed_x4_stage(tmp_path, capsys, restore_threads):
+    from rapid_diffusion.upscale import DEMO_SR_WEIGHTS
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", "tiny-random", "--steps", "2", "--runs", "1", "--levels", "none", "--threads", "1"]
+    assert main(argv + ["--sr", str(DEMO_SR_WEIGHTS), "--json", str(out)]) == 0
+    plain = json.loads(out.read_text(encoding="utf-8"))["levels"]["none"]
+    assert plain["stages_s"]["super_resolution"]["median"] > 0
+
+
 def test_bench_cli_rejects_unknown_level(capsys):
     assert main(["bench", "--model", "tiny-random", "--levels", "none,warp"]) == 2
     assert "unknown warp" in capsys.readouterr().err
