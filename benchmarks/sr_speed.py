@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rapid_diffusion.upscale import RRDBNet, Upscaler, load_sr_model, time_upscaler  # noqa: E402
+from rapid_diffusion.bench import bench_upscaler  # noqa: E402
+from rapid_diffusion.upscale import time_upscaler  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [torch.float16, torch.float32] if device.type == "cuda" else [torch.float32]
     results = []
     for dtype in dtypes:
-        model = load_sr_model(args.weights) if args.weights else RRDBNet(num_feat=64, num_block=23, num_grow_ch=32)
-        upscaler = Upscaler(model.eval(), device, dtype, tile=args.tile or None)
+        upscaler = bench_upscaler(str(args.weights or "rrdb23"), device, dtype, tile=args.tile or None)
         with torch.inference_mode():
             record = time_upscaler(upscaler, size=args.size, runs=args.runs)
         record["dtype"] = str(dtype).removeprefix("torch.")
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(record)
         print(f"{record['model']} {record['dtype']} on {record['device']}: {record['input']} -> {record['output']} "
               f"mean {record['mean_s']:.3f} s, min {record['min_s']:.3f} s ({args.runs} runs)")
+    if len(results) == 2:
+        print(f"fp16 vs fp32: {results[1]['mean_s'] / results[0]['mean_s']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0

@@ -143,13 +143,13 @@ def load_folder_model(folder: Path, name: str) -> BenchModel:
     return BenchModel(load_pipeline(folder, torch.device("cpu"), torch.float32), name)
 
 
-def bench_upscaler(sr: str, device, dtype) -> Callable:
+def bench_upscaler(sr: str, device, dtype, tile: int | None = 256) -> Callable:
     """``rrdb23``: the paper's ESRGAN shape (RealESRGAN_x4plus, random weights: time does not depend
     on their values); anything else: an ESRGAN checkpoint path."""
     from .upscale import RRDBNet, Upscaler, load_sr_model
 
     model = RRDBNet(num_feat=64, num_block=23, num_grow_ch=32) if sr == "rrdb23" else load_sr_model(Path(sr))
-    return Upscaler(model.eval(), device, dtype)
+    return Upscaler(model.eval(), device, dtype, tile=tile)
 
 
 def demo_upscaler(spec, device, dtype, log: Callable[[str], None]) -> Callable | None:

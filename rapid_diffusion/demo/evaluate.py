@@ -72,7 +72,8 @@ def evaluate(spec, registry=None, out: Path | None = None, num_prompts: int | No
     """
     items, images = [], []
     start = time.time()
-    for i, (prompt, scene) in enumerate(held_out_prompts(num_prompts)):
+    prompts = held_out_prompts(num_prompts)
+    for i, (prompt, scene) in enumerate(prompts):
         first_seed = seed + i * images_per_prompt
         request = GenerationRequest(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, seed=first_seed, num_images=images_per_prompt)
         result = generate(request, spec, registry=registry)
@@ -90,7 +91,7 @@ def evaluate(spec, registry=None, out: Path | None = None, num_prompts: int | No
     accuracy = {m: sum(item["scores"].get(m, 0.0) for item in items) / max(len(items), 1) for m in METRICS}
     report = {
         "domain": spec.id,
-        "num_prompts": len(items) // max(images_per_prompt, 1),
+        "num_prompts": len(prompts),
         "images_per_prompt": images_per_prompt,
         "num_images": len(items),
         "num_inference_steps": steps if steps is not None else spec.num_inference_steps,
