@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from . import pipeline
 from .domains import DomainSpec
 from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult, RequestError
 from .registry import ModelRegistry, ModelUnavailableError
+from .settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,11 @@ class GpuGate:
 
 
 def gpu_concurrency() -> int:
-    default = max(1, torch.cuda.device_count())
-    return max(1, int(os.environ.get("RAPID_DIFFUSION_CONCURRENCY", default)))
+    return settings().concurrency or max(1, torch.cuda.device_count())
 
 
 def queue_size() -> int:
-    return max(1, int(os.environ.get("RAPID_DIFFUSION_QUEUE_SIZE", "16")))
+    return settings().queue_size
 
 
 def zero_gpu(fn: Callable, duration: int = 120) -> Callable:

@@ -20,7 +20,6 @@ import binascii
 import hashlib
 import io
 import json
-import os
 import stat
 import warnings
 import zipfile
@@ -29,6 +28,8 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
+
+from .settings import settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TSV_SUFFIXES = (".tsv",)
@@ -49,11 +50,8 @@ class DataLimits:
 
     @classmethod
     def from_env(cls) -> "DataLimits":
-        return cls(
-            max_pixels=int(os.environ.get("RAPID_DIFFUSION_MAX_PIXELS", cls.max_pixels)),
-            max_file_bytes=int(os.environ.get("RAPID_DIFFUSION_MAX_FILE_BYTES", cls.max_file_bytes)),
-            max_items=int(os.environ.get("RAPID_DIFFUSION_MAX_ITEMS", cls.max_items)),
-        )
+        current = settings()
+        return cls(max_pixels=current.max_pixels, max_file_bytes=current.max_file_bytes, max_items=current.max_items)
 
     @property
     def max_base64_chars(self) -> int:

@@ -8,7 +8,7 @@ folder listed in ``RAPID_DIFFUSION_DOMAINS`` (``os.pathsep``-separated), or into
 
 from __future__ import annotations
 
-import os
+import logging
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,9 +17,11 @@ from typing import Any
 import yaml
 
 from .paths import PROJECT_ROOT, home_dir
+from .settings import settings
 
 SAMPLER_NAMES = ("pndm", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "euler", "euler_a", "unipc")
 OPTIMIZATION_LEVELS = ("none", "flash", "compile")
+log = logging.getLogger(__name__)
 _ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -99,24 +101,42 @@ class DomainSpec:
         return f"{self.title_zh} / {self.title_en}"
 
 
+def user_domains_dir() -> Path:
+    """Where fine-tuned models register themselves (``$RAPID_DIFFUSION_HOME/domains``)."""
+    return home_dir() / "domains"
+
+
 def domain_dirs() -> list[Path]:
-    """Folders searched for domain YAML files, later ones overriding earlier ids."""
-    dirs = [PROJECT_ROOT / "domains", home_dir() / "domains"]
-    extra = os.environ.get("RAPID_DIFFUSION_DOMAINS", "")
-    dirs += [Path(p).expanduser() for p in extra.split(os.pathsep) if p.strip()]
-    return dirs
+    """Folders the owner controls, later ones overriding earlier ids: shipped, then configured."""
+    return [PROJECT_ROOT / "domains", *settings().domain_dirs]
 
 
-def load_domains(dirs: list[Path] | None = None) -> dict[str, DomainSpec]:
-    """Every domain in ``dirs`` (default: :func:`domain_dirs`), sorted by id."""
+def load_domains(dirs: list[Path] | None = None, user_dir: Path | None = None) -> dict[str, DomainSpec]:
+    """Every domain, sorted by id: the owner's folders (``dirs``), then the user folder
+    (by default only when ``dirs`` is not given).
+
+    A file in the user folder (written by fine-tuning, or by anyone who can start a job) never
+    replaces a domain of the owner's folders: such a file is skipped with a log line.
+    """
     specs: dict[str, DomainSpec] = {}
-    for folder in dirs if dirs is not None else domain_dirs():
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.glob("*.y*ml")):
+    if dirs is None:
+        dirs, user_dir = domain_dirs(), user_dir or user_domains_dir()
+    for folder in dirs:
+        for path in _yaml_files(folder):
             spec = load_domain_file(path)
             specs[spec.id] = spec
+    owner_ids = set(specs)
+    for path in _yaml_files(user_dir) if user_dir is not None else []:
+        spec = load_domain_file(path)
+        if spec.id in owner_ids:
+            log.error("%s: domain id '%s' is already a configured domain; the file is ignored", path, spec.id)
+            continue
+        specs[spec.id] = spec
     return dict(sorted(specs.items()))
+
+
+def _yaml_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.y*ml")) if folder.is_dir() else []
 
 
 def load_domain_file(path: Path) -> DomainSpec:

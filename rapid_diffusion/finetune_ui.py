@@ -12,23 +12,23 @@ Public hosts: ``RAPID_DIFFUSION_FINETUNE=off`` replaces the tab by a notice;
 from __future__ import annotations
 
 import hmac
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .data import IMAGE_SUFFIXES, DataReport, check_uploads, write_pairs_folder
 from .jobs import ACTIVE_STATES, JobBusyError, JobManager, JobSettings
+from .settings import settings
 
 POLL_SECONDS = 2.0
 PLOT_COLUMNS = ["step", "loss"]
 
 
 def finetune_enabled() -> bool:
-    return os.environ.get("RAPID_DIFFUSION_FINETUNE", "on").strip().lower() not in ("off", "0", "false", "no")
+    return settings().finetune
 
 
 def password_ok(given: str | None) -> bool:
-    expected = os.environ.get("RAPID_DIFFUSION_FINETUNE_PASSWORD")
+    expected = settings().password
     return not expected or hmac.compare_digest((given or "").encode(), expected.encode())
 
 
@@ -204,7 +204,7 @@ def build_finetune_tab(registry, jobs: JobManager | None = None) -> dict:
         gr.Markdown("本服务器已关闭微调 / Fine-tuning is switched off on this server (RAPID_DIFFUSION_FINETUNE=off).")
         return {}
     jobs = jobs or JobManager()
-    needs_password = bool(os.environ.get("RAPID_DIFFUSION_FINETUNE_PASSWORD"))
+    needs_password = settings().password is not None
     choices = [(spec.title, domain_id) for domain_id, spec in registry.domains.items()]
 
     gr.Markdown(
@@ -267,7 +267,7 @@ def build_finetune_tab(registry, jobs: JobManager | None = None) -> dict:
             learning_rate=float(lr),
             batch_size=int(bs),
             gradient_accumulation_steps=int(acc),
-            resolution=int(res) or None,
+            resolution=int(res or 0) or None,
             train_text_encoder=bool(te),
             mixed_precision=mp,
             gradient_checkpointing=bool(ckpt),
@@ -275,7 +275,7 @@ def build_finetune_tab(registry, jobs: JobManager | None = None) -> dict:
             seed=int(seed_value or 0),
             validation_prompts=(text.strip(),) if text and text.strip() else (),
             validation_every=max(10, int(n_steps) // 5),
-            domain_id=new_id.strip() or None,
+            domain_id=(new_id or "").strip() or None,
         )
         outcome = start_job(jobs, files, rows, settings, pw, allowed_bases=set(registry.domains))
         return outcome.job_id, outcome.message

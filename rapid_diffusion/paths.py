@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .settings import settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ASSETS_DIR = PROJECT_ROOT / "assets"
@@ -11,4 +12,4 @@ ASSETS_DIR = PROJECT_ROOT / "assets"
 
 def home_dir() -> Path:
     """``$RAPID_DIFFUSION_HOME`` (default ``~/.rapid-diffusion``): fine-tuned models, jobs, user domains."""
-    return Path(os.environ.get("RAPID_DIFFUSION_HOME", "~/.rapid-diffusion")).expanduser()
+    return settings().home

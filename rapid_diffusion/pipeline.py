@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -23,6 +22,7 @@ from PIL import Image, PngImagePlugin
 
 from .domains import SAMPLER_NAMES, DomainSpec
 from .samplers import make_scheduler
+from .settings import settings
 
 MAX_SEED = 2**32 - 1
 
@@ -52,11 +52,8 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> "Limits":
-        return cls(
-            max_images=int(os.environ.get("RAPID_DIFFUSION_MAX_IMAGES", cls.max_images)),
-            max_side=int(os.environ.get("RAPID_DIFFUSION_MAX_SIDE", cls.max_side)),
-            max_steps=int(os.environ.get("RAPID_DIFFUSION_MAX_STEPS", cls.max_steps)),
-        )
+        current = settings()
+        return cls(max_images=current.max_images, max_side=current.max_side, max_steps=current.max_steps)
 
 
 @dataclass(frozen=True)
@@ -220,18 +217,17 @@ def generate(
     request: GenerationRequest,
     spec: DomainSpec,
     *,
-    registry=None,
+    registry,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Generate images for ``request`` with the domain ``spec``: the call every face makes.
 
-    The domain's pipeline is loaded through the registry on first use; its lock makes one
+    The domain's pipeline is loaded through ``registry`` (a :class:`~.registry.ModelRegistry`,
+    passed in so that the pipeline never reaches for a global) on first use; its lock makes one
     request at a time run on it.
     """
-    from .registry import default_registry
-
-    model = (registry or default_registry()).get(spec)
+    model = registry.get(spec)
     with model.lock:
         if model.pipe is None:
             raise RuntimeError(f"the model of domain '{spec.id}' was unloaded; try again")

@@ -10,7 +10,6 @@ transformers both do so); no remote code, no custom pipelines.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +20,7 @@ from typing import Callable
 import torch
 
 from .domains import DomainSpec, ModelSource, load_domains
+from .settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,13 @@ class LoadedModel:
 
 def pick_device() -> tuple[torch.device, torch.dtype]:
     """``RAPID_DIFFUSION_DEVICE`` if set; else CUDA with fp16; else CPU with fp32."""
-    name = os.environ.get("RAPID_DIFFUSION_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = settings().device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     return device, torch.float16 if device.type == "cuda" else torch.float32
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return settings().hub_offline
 
 
 def find_cached_snapshot(source: ModelSource) -> Path | None:
@@ -182,9 +182,8 @@ class ModelRegistry:
         progress: Callable[[str], None] | None = None,
     ):
         self._domains = domains
-        self.max_models = max_models or int(os.environ.get("RAPID_DIFFUSION_MAX_MODELS", "2"))
-        budget_gb = os.environ.get("RAPID_DIFFUSION_MAX_MEMORY_GB")
-        self.max_bytes = max_bytes or (int(float(budget_gb) * 2**30) if budget_gb else None)
+        self.max_models = max_models or settings().max_models
+        self.max_bytes = max_bytes or settings().max_memory_bytes
         default_device, default_dtype = pick_device()
         self.device = device or default_device
         self.dtype = dtype or default_dtype

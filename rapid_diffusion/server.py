@@ -6,18 +6,17 @@ Nothing is loaded at start-up: the first request of a domain loads its model.
 
 from __future__ import annotations
 
-import os
-
 from fastapi import FastAPI
 
 from .api import GpuGate, create_api_app
 from .registry import ModelRegistry, default_registry
+from .settings import settings
 
 DEFAULT_PORT = 7860
 
 
 def max_upload() -> str:
-    return os.environ.get("RAPID_DIFFUSION_MAX_UPLOAD", "10mb")
+    return settings().max_upload
 
 
 def create_app(registry: ModelRegistry | None = None, gate: GpuGate | None = None) -> FastAPI:
@@ -56,11 +55,11 @@ def import_model_classes() -> None:
 
 def default_host() -> str:
     """127.0.0.1 locally; 0.0.0.0 on Hugging Face Spaces (``SPACE_ID`` is set there)."""
-    return os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+    return settings().server_host
 
 
 def default_port() -> int:
-    return int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT)
+    return settings().port
 
 
 def serve(host: str | None = None, port: int | None = None, registry: ModelRegistry | None = None) -> None:

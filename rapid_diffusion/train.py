@@ -484,6 +484,7 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
     if not report.usable:
         raise TrainingError("没有可用的图文对 / no usable image-text pairs")
 
+    config.domain_id = claim_domain_id(config)
     folder, base_spec = resolve_base(config.base)
     pipe = load_base_pipeline(folder)
     resolution = config.resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
@@ -799,9 +800,37 @@ def default_domain_id(output: Path) -> str:
     return f"ft-{slug}"[:64]
 
 
+def claim_domain_id(config: TrainConfig) -> str:
+    """The new domain's id, checked before any training: it never replaces another domain.
+
+    An id the user chose that is taken (by a shipped, configured or earlier fine-tuned domain)
+    is refused; a derived id gets a numeric suffix. Re-running or resuming the same output
+    folder may keep the id its own earlier run registered.
+    """
+    from .domains import load_domains, user_domains_dir
+
+    taken = {
+        spec.id for spec in load_domains().values()
+        if not (spec.source_file and spec.source_file.parent == user_domains_dir() and _registered_by(spec, config))
+    }
+    if config.domain_id is not None:
+        if config.domain_id in taken:
+            raise TrainingError(
+                f"领域 id「{config.domain_id}」已被占用，请换一个 / domain id '{config.domain_id}' is already taken; choose another"
+            )
+        return config.domain_id
+    base = default_domain_id(config.output)
+    candidates = [base] + [f"{base[:60]}-{n}" for n in range(2, 1000)]
+    return next(c for c in candidates if c not in taken)
+
+
+def _registered_by(spec: DomainSpec, config: TrainConfig) -> bool:
+    return spec.model.is_local and (Path(config.output) / "model").resolve() == spec.model.path
+
+
 def write_domain_yaml(config: TrainConfig, model_dir: Path, resolution: int, base_spec: DomainSpec | None, with_knowledge: bool = False) -> str:
     """``$RAPID_DIFFUSION_HOME/domains/<id>.yaml`` for the new model; it shows up in the domain picker."""
-    domain_id = config.domain_id or default_domain_id(config.output)
+    domain_id = config.domain_id or claim_domain_id(config)
     examples = list(dict.fromkeys(list(config.validation_prompts) + list(base_spec.examples if base_spec else ())))
     examples += ["一只猫", "一幅山水画", "一碗面条"][: max(0, 3 - len(examples))]
     base_name = base_spec.title_zh if base_spec else config.base

@@ -378,9 +378,9 @@ def sr_cache_dir() -> Path:
 
 def fetch_sr_weights(weights: SuperResolutionWeights, offline: bool | None = None) -> Path:
     """The local file of ``weights``, downloading it once if allowed, verified by sha256."""
-    from .registry import hub_offline
+    from .settings import settings
 
-    offline = hub_offline() if offline is None else offline
+    offline = settings().hub_offline if offline is None else offline
     if weights.path is not None:
         if not weights.path.is_file():
             raise SRWeightsUnavailable(f"SR weights file {weights.path} does not exist")

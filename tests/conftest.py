@@ -22,6 +22,25 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def fresh_settings(monkeypatch):
+    """The product reads its settings once; a test that changes the environment gets them re-read."""
+    from rapid_diffusion import settings
+
+    for name in ("setenv", "delenv"):
+        original = getattr(monkeypatch, name)
+
+        def changed(*args, _original=original, **kwargs):
+            _original(*args, **kwargs)
+            settings.reload()
+
+        setattr(monkeypatch, name, changed)
+    settings.reload()
+    yield
+    monkeypatch.undo()
+    settings.reload()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny StableDiffusionPipeline folder (CLIPTextModel + BertTokenizer + ...), safetensors."""

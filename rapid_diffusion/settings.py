@@ -1,0 +1,134 @@
+"""Every setting of the product, read from the environment once, in one validated object.
+
+``settings()`` builds :class:`Settings` on first use and returns the same object after that;
+entry points (the CLI, the server) read it once and pass values down. Tests that change the
+environment call :func:`reload`. Variables carry the ``RAPID_DIFFUSION_`` prefix, except the
+ones other tools define (``SPACE_ID``, ``HF_HUB_OFFLINE``, ``PORT``, ``GRADIO_SERVER_*``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PREFIX = "RAPID_DIFFUSION_"
+
+
+def _env(name: str, *others: str) -> AliasChoices:
+    return AliasChoices(PREFIX + name, *others)
+
+
+class Settings(BaseSettings):
+    """The product's settings; each field's description is the documentation of its variable."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    # Files
+    home: Path = Field(Path("~/.rapid-diffusion"), validation_alias=_env("HOME"),
+                       description="fine-tuned models, jobs, user domains, compile caches")
+    domains: str = Field("", validation_alias=_env("DOMAINS"),
+                         description="extra folders of domain YAML files, os.pathsep-separated")
+
+    # Devices and loaded models
+    device: str | None = Field(None, validation_alias=_env("DEVICE"), description="torch device; default CUDA, else CPU")
+    max_models: int = Field(2, ge=1, validation_alias=_env("MAX_MODELS"), description="loaded pipelines kept")
+    max_memory_gb: float | None = Field(None, gt=0, validation_alias=_env("MAX_MEMORY_GB"),
+                                        description="memory budget of loaded pipelines")
+
+    # Request limits
+    max_images: int = Field(8, ge=1, le=64, validation_alias=_env("MAX_IMAGES"))
+    max_side: int = Field(1024, ge=64, le=4096, validation_alias=_env("MAX_SIDE"))
+    max_steps: int = Field(150, ge=1, le=1000, validation_alias=_env("MAX_STEPS"))
+
+    # Serving
+    concurrency: int | None = Field(None, ge=1, validation_alias=_env("CONCURRENCY"),
+                                    description="generations at once; default one per GPU")
+    queue_size: int = Field(16, ge=1, validation_alias=_env("QUEUE_SIZE"), description="requests waiting at most")
+    max_upload: str = Field("10mb", validation_alias=_env("MAX_UPLOAD"), description="largest single uploaded file")
+    host: str | None = Field(None, validation_alias=AliasChoices("GRADIO_SERVER_NAME"))
+    port: int = Field(7860, validation_alias=AliasChoices("PORT", "GRADIO_SERVER_PORT"))
+    space_id: str | None = Field(None, validation_alias=AliasChoices("SPACE_ID"),
+                                 description="set by Hugging Face Spaces: implies a public host")
+    public: bool = Field(False, validation_alias=_env("PUBLIC"),
+                         description="public-host mode (also on whenever SPACE_ID is set)")
+    hub_offline: bool = Field(False, validation_alias=AliasChoices("HF_HUB_OFFLINE"))
+
+    # Fine-tuning
+    finetune: bool = Field(True, validation_alias=_env("FINETUNE"), description="the Fine-tune tab and jobs")
+    finetune_password: SecretStr | None = Field(None, validation_alias=_env("FINETUNE_PASSWORD"))
+
+    # Uploaded data
+    max_pixels: int = Field(4096 * 4096, ge=1, validation_alias=_env("MAX_PIXELS"),
+                            description="Pillow's decompression cap, checked before decoding")
+    max_file_bytes: int = Field(20 * 2**20, ge=1, validation_alias=_env("MAX_FILE_BYTES"))
+    max_items: int = Field(10_000, ge=1, validation_alias=_env("MAX_ITEMS"))
+
+    # Speed
+    batch_window_ms: float = Field(30.0, ge=0, validation_alias=_env("BATCH_WINDOW_MS"),
+                                   description="concurrent same-shape requests within this window share a batch; 0 = off")
+    compile_cache: bool = Field(True, validation_alias=_env("COMPILE_CACHE"),
+                                description="keep compiled/converted models under HOME/cache")
+    openvino_precision: Literal["f32", "bf16"] = Field("f32", validation_alias=_env("OPENVINO_PRECISION"))
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("device", "finetune_password", "space_id", "host", "max_memory_gb", "concurrency", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def is_public(self) -> bool:
+        """A public host: a Space, or the owner said so. Fine-tuning then needs a password."""
+        return self.public or bool(self.space_id)
+
+    @property
+    def domain_dirs(self) -> list[Path]:
+        return [Path(p).expanduser() for p in self.domains.split(os.pathsep) if p.strip()]
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return int(self.max_memory_gb * 2**30) if self.max_memory_gb else None
+
+    @property
+    def password(self) -> str | None:
+        return self.finetune_password.get_secret_value() if self.finetune_password else None
+
+    @property
+    def finetune_allowed(self) -> bool:
+        """Fine-tuning is on, and on a public host only behind a password."""
+        return self.finetune and (not self.is_public or self.password is not None)
+
+    @property
+    def server_host(self) -> str:
+        """127.0.0.1 locally; 0.0.0.0 on Hugging Face Spaces."""
+        return self.host or ("0.0.0.0" if self.space_id else "127.0.0.1")
+
+
+_current: Settings | None = None
+_lock = threading.Lock()
+
+
+def settings() -> Settings:
+    """The process's settings, read from the environment on first call."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Settings()
+        return _current
+
+
+def reload() -> Settings:
+    """Read the environment again (tests that change it; nothing in the product calls this)."""
+    global _current
+    with _lock:
+        _current = Settings()
+        return _current
