@@ -316,7 +316,7 @@ def cmd_upscale(args) -> int:
 
 
 def cmd_train_sr(args) -> int:
-    from .train_sr import SRTrainConfig, train_sr
+    from .demo.train_sr import SRTrainConfig, train_sr
 
     train_sr(SRTrainConfig(out=args.out, steps=args.steps, seed=args.seed, num_feat=args.features, num_conv=args.convs))
     return 0
