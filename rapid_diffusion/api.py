@@ -7,10 +7,12 @@ API share the service's GPU gate. No gradio here.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -39,8 +41,10 @@ def parse_predict_body(raw: bytes) -> GenerationRequest:
     """A PAI-EAS body -> request. Types are checked here; ranges by the core's ``resolve``."""
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserFacingError(400, f"{say('body_not_json')}: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad JSON, bad UTF-8 and integers past Python's 4,300-digit limit;
+        # RecursionError, nesting deeper than the parser's stack.
+        raise UserFacingError(400, f"{say('body_not_json')}: {str(exc)[:120]}") from exc
     if not isinstance(body, dict):
         raise UserFacingError(400, say("body_not_object"))
     for name, value in body.items():
@@ -95,9 +99,41 @@ def predict_response(result: GenerationResult) -> dict[str, Any]:
     }
 
 
+NOT_POST = ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"]
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+def error_response(exc: UserFacingError, request: Request, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The API's one error shape, ``{"error", "field"}``; each rejection logs one line, no traceback."""
+    field = API_FIELD_NAMES.get(exc.field, exc.field)
+    log.info("%s %s -> %d (%s)", request.method, request.url.path, exc.status, exc.message)
+    return JSONResponse({"error": exc.message, "field": field}, status_code=exc.status, headers=headers)
+
+
+async def run_while_connected(request: Request, work: Callable[[Callable[[], bool]], Any]) -> Any:
+    """Run ``work(should_stop)`` in a worker thread; ``should_stop`` turns true once the client has gone.
+
+    A client that gives up (a timeout, a closed tab) then frees its place in the GPU queue, or
+    stops its denoising loop at the next step, instead of making everyone behind it wait.
+    """
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        gone.set()
+        log.info("%s %s: client disconnected; its generation is cancelled", request.method, request.url.path)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await run_in_threadpool(work, gone.is_set)
+    finally:
+        watcher.cancel()
+
+
 def build_api_router(service: AppService) -> APIRouter:
     router = APIRouter()
-    gpu_generate = zero_gpu(lambda gen_request, domain: service.generate(gen_request, domain))
+    gpu_generate = zero_gpu(lambda gen_request, domain, should_stop: service.generate(gen_request, domain, should_stop=should_stop))
 
     @router.post("/api/predict/{domain}")
     async def predict(domain: str, request: Request) -> JSONResponse:
@@ -105,10 +141,9 @@ def build_api_router(service: AppService) -> APIRouter:
             raw = await read_limited_body(request)
             service.spec(domain)
             gen_request = parse_predict_body(raw)
-            result = await run_in_threadpool(gpu_generate, gen_request, domain)
+            result = await run_while_connected(request, lambda should_stop: gpu_generate(gen_request, domain, should_stop))
         except UserFacingError as exc:
-            body = {**exc.body(), "field": API_FIELD_NAMES.get(exc.field, exc.field)}
-            return JSONResponse(body, status_code=exc.status)
+            return error_response(exc, request)
         except GenerationCancelled as exc:
             return JSONResponse({"error": str(exc), "field": None}, status_code=499)
         except Exception:
@@ -116,9 +151,19 @@ def build_api_router(service: AppService) -> APIRouter:
             return JSONResponse({"error": say("internal_error"), "field": None}, status_code=500)
         return JSONResponse(predict_response(result))
 
+    @router.api_route("/api/predict/{domain}", methods=NOT_POST, include_in_schema=False)
+    async def predict_wrong_method(domain: str, request: Request) -> JSONResponse:
+        error = UserFacingError(405, say("method_not_allowed", method=request.method, allowed="POST"))
+        return error_response(error, request, headers={"Allow": "POST"})
+
     @router.get("/healthz")
     async def healthz() -> JSONResponse:
         return JSONResponse(await run_in_threadpool(service.health))
+
+    @router.api_route("/api/{path:path}", methods=["POST", *NOT_POST], include_in_schema=False)
+    async def unknown_api_path(path: str, request: Request) -> JSONResponse:
+        """Every other ``/api/...`` path answers here, so the UI mounted at ``/`` never swallows it."""
+        return error_response(UserFacingError(404, say("no_such_api", path=request.url.path[:200])), request)
 
     return router
 

@@ -53,6 +53,11 @@ class ModelSource:
     def describe(self) -> str:
         return str(self.path) if self.path is not None else f"{self.repo_id} (revision {self.revision})"
 
+    @property
+    def name(self) -> str:
+        """What users see (page, PNG metadata, API errors): never a server path, only its last two parts."""
+        return "/".join(self.path.parts[-2:]) if self.path is not None else self.repo_id
+
     @classmethod
     def parse(cls, value: str) -> "ModelSource":
         """A CLI-style source: an existing folder, else a hub id (``owner/name[@revision]``)."""

@@ -26,6 +26,21 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "loaded": ("已加载 {domain}（{seconds:.1f} 秒）", "Loaded {domain} in {seconds:.1f}s"),
     "unloaded": ("已卸载 {domain}", "Unloaded {domain}"),
     "not_loaded": ("{domain} 未加载", "{domain} was not loaded"),
+    "error_title": ("出错了", "Error"),
+    "admin_off": ("公开部署未设置密码，此操作已关闭。", "This action is off on a public host without a password."),
+    "wrong_password": ("密码错误。", "Wrong password."),
+    "finetune_off": (
+        "本服务未开放微调（公开部署须设置 RAPID_DIFFUSION_FINETUNE_PASSWORD）。",
+        "Fine-tuning is off here (a public host needs RAPID_DIFFUSION_FINETUNE_PASSWORD).",
+    ),
+    "stopped_title": ("已停止", "Stopped"),
+    "model_missing": ("模型文件缺失：不可用", "model files missing: unavailable"),
+    "offline_unavailable": ("离线：不可用（模型尚未下载）", "offline: unavailable (the model is not downloaded)"),
+    "will_download": ("首次生成会先下载模型 {model}，可能需要几分钟", "the first generation downloads {model} first, which can take minutes"),
+    "upload_too_large": ("上传总量超过 {limit}", "The upload exceeds {limit} in total"),
+    "body_timeout": ("请求体发送过慢，已超时", "The request body arrived too slowly"),
+    "method_not_allowed": ("不支持此方法（{method}），请用 {allowed}", "Method {method} not allowed; use {allowed}"),
+    "no_such_api": ("没有这个接口：{path}", "No such API path: {path}"),
 }
 
 

@@ -316,7 +316,7 @@ def run_pipeline(
     settings = {
         **asdict(request),
         "domain": spec.id,
-        "model": spec.model.describe(),
+        "model": spec.model.name,
         "upscaler": method,
         "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype).replace("torch.", ""),

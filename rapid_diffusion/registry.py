@@ -139,8 +139,11 @@ def load_pipeline(folder: Path, device: torch.device, dtype: torch.dtype):
     """Load a diffusers Stable Diffusion folder with the PAI classes, safely."""
     from diffusers import StableDiffusionPipeline
 
+    from safetensors import SafetensorError
+
     if not (folder / "model_index.json").is_file():
-        raise ModelUnavailableError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+        log.error("%s is not a diffusers pipeline folder (no model_index.json)", folder)
+        raise ModelUnavailableError(f"{folder.name} is not a diffusers pipeline folder (no model_index.json)")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             folder,
@@ -150,8 +153,10 @@ def load_pipeline(folder: Path, device: torch.device, dtype: torch.dtype):
             requires_safety_checker=False,
             local_files_only=True,
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelUnavailableError(f"could not load the pipeline in {folder}: {exc}") from exc
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        # The exception text names files on the server: it goes to the log, the user gets its kind.
+        log.error("could not load the pipeline in %s: %s", folder, exc)
+        raise ModelUnavailableError(f"the model files of {folder.name} could not be loaded ({type(exc).__name__})") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -270,8 +275,9 @@ class ModelRegistry:
         source = spec.model
         if source.is_local:
             if not (source.path / "model_index.json").is_file():
+                log.error("domain '%s': model folder %s is missing or has no model_index.json", spec.id, source.path)
                 raise ModelUnavailableError(
-                    f"domain '{spec.id}': model folder {source.path} is missing or has no model_index.json"
+                    f"领域「{spec.title_zh}」的模型文件缺失。 Domain '{spec.id}': the model {source.name} is missing."
                     f"{self._offline_hint()}"
                 )
             return source.path
@@ -288,7 +294,7 @@ class ModelRegistry:
 
     def _unreachable(self, spec: DomainSpec, reason: str) -> ModelUnavailableError:
         return ModelUnavailableError(
-            f"域「{spec.title_zh}」的模型尚未下载，且无法连接 Hugging Face Hub。 "
+            f"领域「{spec.title_zh}」的模型尚未下载，且无法连接 Hugging Face Hub。 "
             f"Domain '{spec.id}' needs {spec.model.describe()}, which is not in the local cache, "
             f"and the hub cannot be reached ({reason}).{self._offline_hint()}"
         )

@@ -10,6 +10,7 @@ body, a line on stderr). No web framework is imported here.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from contextlib import contextmanager
@@ -58,6 +59,8 @@ class GpuGate:
     (default 16) configure the server's gate; the UI's Gradio queue uses the same numbers.
     """
 
+    POLL_SECONDS = 0.2
+
     def __init__(self, slots: int = 1, max_waiting: int | None = None):
         self.slots = slots
         self.max_waiting = max_waiting
@@ -71,13 +74,14 @@ class GpuGate:
         return cls(current.concurrency or max(1, torch.cuda.device_count()), current.queue_size)
 
     @contextmanager
-    def slot(self):
+    def slot(self, should_stop: Callable[[], bool] | None = None):
+        """Hold a slot; a waiter whose ``should_stop`` turns true (its client left) gives up its place."""
         with self._lock:
             if self.max_waiting is not None and self._waiting >= self.max_waiting:
                 raise QueueFullError(f"{self._waiting} requests are already waiting")
             self._waiting += 1
         try:
-            self._semaphore.acquire()
+            self._acquire(should_stop)
         finally:
             with self._lock:
                 self._waiting -= 1
@@ -85,6 +89,14 @@ class GpuGate:
             yield
         finally:
             self._semaphore.release()
+
+    def _acquire(self, should_stop: Callable[[], bool] | None) -> None:
+        if should_stop is None:
+            self._semaphore.acquire()
+            return
+        while not self._semaphore.acquire(timeout=self.POLL_SECONDS):
+            if should_stop():
+                raise GenerationCancelled(say("stopped"))
 
 
 def zero_gpu(fn: Callable, duration: int = 120) -> Callable:
@@ -99,6 +111,15 @@ def zero_gpu(fn: Callable, duration: int = 120) -> Callable:
 def release_gpu_memory() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class Availability:
+    """What pressing Generate on a domain will do, said before it is pressed."""
+
+    state: str
+    usable: bool
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -151,6 +172,17 @@ class AppService:
     def state(self, spec: DomainSpec) -> str:
         return self.registry.state(spec)
 
+    def availability(self, spec: DomainSpec) -> Availability:
+        """Whether generation can work now, and what it will do first (download) or why not."""
+        state = self.state(spec)
+        if state == "missing":
+            return Availability(state, False, say("model_missing"))
+        if state == "needs-download":
+            if settings().hub_offline:
+                return Availability(state, False, say("offline_unavailable"))
+            return Availability(state, True, say("will_download", model=spec.model.name))
+        return Availability(state, True)
+
     def model_spec(self, source: str) -> DomainSpec:
         """A domain for a model named directly (a diffusers folder or ``owner/name[@rev]``), at its native size."""
         try:
@@ -187,7 +219,7 @@ class AppService:
             spec = replace(spec, optimization=optimization)
         try:
             resolved = request.resolve(spec)
-            with self.gate.slot():
+            with self.gate.slot(should_stop):
                 return generate(resolved, spec, registry=self.registry, progress=progress, should_stop=should_stop)
         except RequestError as exc:
             message = say("invalid_field", field=exc.field, reason_zh=exc.reason_zh, reason_en=exc.reason)
@@ -199,6 +231,17 @@ class AppService:
         except torch.cuda.OutOfMemoryError as exc:
             release_gpu_memory()
             raise UserFacingError(503, say("out_of_memory")) from exc
+
+    @staticmethod
+    def image_line(result: GenerationResult, index: int) -> str:
+        """Image ``index``'s settings as one line a person can read and paste (seed first: it is what varies)."""
+        s = result.image_settings(index)
+        upscaled = f" · 超分 SR {s['upscaler']}" if s.get("upscaler") else ""
+        return (
+            f"种子 seed {s['seed']} · {s['width']}x{s['height']}{upscaled} · 采样器 sampler {s['sampler']} · "
+            f"步数 steps {s['num_inference_steps']} · 引导 CFG {s['guidance_scale']} · "
+            f"领域 domain {s['domain']} · 模型 model {s['model']}"
+        )
 
     def inspect_prompt(self, domain_id: str | None, prompt: str) -> PromptReport | None:
         """How ``prompt`` fits the domain's text encoder; ``None`` while its tokenizer is not on disk."""
@@ -212,8 +255,25 @@ class AppService:
 
     # ------------------------------------------------------------------ models
 
-    def load(self, domain_id: str | None) -> str:
+    def admin_access(self) -> str:
+        """Who may load or unload models: ``open`` (anyone), ``password``, or ``off`` (public host, no password)."""
+        current = settings()
+        if current.password is not None:
+            return "password"
+        return "off" if current.is_public else "open"
+
+    def authorize(self, password: str | None) -> None:
+        """Refuse a model action the host does not allow this caller (403)."""
+        access = self.admin_access()
+        if access == "off":
+            raise UserFacingError(403, say("admin_off"))
+        expected = settings().password
+        if access == "password" and not hmac.compare_digest((password or "").encode(), expected.encode()):
+            raise UserFacingError(403, say("wrong_password"), "password")
+
+    def load(self, domain_id: str | None, password: str | None = None) -> str:
         """Load a domain's model now (behind the GPU gate); returns the sentence to show."""
+        self.authorize(password)
         spec = self.spec(domain_id)
         try:
             with self.gate.slot():
@@ -224,7 +284,8 @@ class AppService:
             raise UserFacingError(503, str(exc), "domain") from exc
         return say("loaded", domain=spec.id, seconds=model.load_seconds)
 
-    def unload(self, domain_id: str | None) -> str:
+    def unload(self, domain_id: str | None, password: str | None = None) -> str:
+        self.authorize(password)
         spec = self.spec(domain_id)
         done = self.registry.unload(self.registry.key_for(spec))
         return say("unloaded" if done else "not_loaded", domain=spec.id)

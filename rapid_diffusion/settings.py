@@ -50,6 +50,10 @@ class Settings(BaseSettings):
                                     description="generations at once; default one per GPU")
     queue_size: int = Field(16, ge=1, validation_alias=_env("QUEUE_SIZE"), description="requests waiting at most")
     max_upload: str = Field("10mb", validation_alias=_env("MAX_UPLOAD"), description="largest single uploaded file")
+    max_upload_total: int = Field(200 * 2**20, ge=1, validation_alias=_env("MAX_UPLOAD_TOTAL"),
+                                  description="bytes one upload request may carry in all (every file together)")
+    body_timeout: float = Field(10.0, gt=0, validation_alias=_env("BODY_TIMEOUT"),
+                                description="seconds a client may take to send the next piece of a request body")
     host: str | None = Field(None, validation_alias=AliasChoices("GRADIO_SERVER_NAME"))
     port: int = Field(7860, validation_alias=AliasChoices("PORT", "GRADIO_SERVER_PORT"))
     space_id: str | None = Field(None, validation_alias=AliasChoices("SPACE_ID"),

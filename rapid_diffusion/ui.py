@@ -24,6 +24,7 @@ from .messages import say
 from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult
 from .samplers import SAMPLER_LABELS
 from .service import AppService, UserFacingError, zero_gpu
+from .settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,12 @@ class UiContext:
         try:
             return self.service.spec(domain_id)
         except UserFacingError as exc:
-            raise gr.Error(exc.message) from exc
+            raise ui_error(exc.message) from exc
+
+
+def ui_error(message: str) -> gr.Error:
+    """The error toast: the service's bilingual sentence under a bilingual title."""
+    return gr.Error(message, title=say("error_title"))
 
 
 def build_ui(service: AppService | None = None) -> gr.Blocks:
@@ -84,7 +90,7 @@ def build_ui(service: AppService | None = None) -> gr.Blocks:
             "Fast domain-specific Chinese text-to-image (PAI-Diffusion models). "
             "选择领域，输入中文提示词，点击「生成」。 / Pick a domain, type a Chinese prompt, press Generate."
         )
-        with gr.Tab("生成 / Generate"):
+        with gr.Tab("文生图 / Text to image"):
             domain = build_generate_tab(ctx)
         with gr.Tab("模型 / Models"):
             build_models_tab(ctx, demo)
@@ -98,26 +104,35 @@ def build_ui(service: AppService | None = None) -> gr.Blocks:
     return demo
 
 
+CSS = """
+/* Phones: three tabs fit on one row instead of the third hiding behind "⋯". */
+@media (max-width: 480px) { .tab-container button[role="tab"] { padding-left: 6px; padding-right: 6px; font-size: 13px; } }
+"""
+
+
 def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
     initial = ctx.service.default_domain()
     spec = ctx.service.spec(initial) if initial else None
     with gr.Row():
         with gr.Column(scale=5):
             domain = gr.Dropdown(domain_choices(ctx.service), value=initial, label="领域 / Domain")
-            domain_info = gr.Markdown(domain_markdown(ctx.service, spec) if spec else "没有领域 / No domains configured")
-            prompt = gr.Textbox(label="提示词 / Prompt", lines=3, placeholder="例如：一碗热气腾腾的兰州牛肉拉面", elem_id="prompt")
+            domain_info = gr.Markdown(domain_markdown(ctx.service, spec) if spec else "没有领域 / No domains configured", elem_id="domain-card")
+            prompt = gr.Textbox(label="提示词 / Prompt", lines=3, placeholder=placeholder(spec), elem_id="prompt")
             token_info = gr.Markdown(elem_id="token-info")
             examples = gr.Dropdown(list(spec.examples) if spec else [], value=None, label="示例提示词 / Example prompts")
             negative = gr.Textbox(label="反向提示词 / Negative prompt", value=spec.negative_prompt if spec else "", lines=2)
             with gr.Row():
-                generate_btn = gr.Button("生成 / Generate", variant="primary", elem_id="generate")
+                generate_btn = gr.Button(
+                    "生成 / Generate", variant="primary", elem_id="generate", interactive=usable(ctx.service, spec)
+                )
                 stop_btn = gr.Button("停止 / Stop", variant="stop", elem_id="stop")
             with gr.Accordion("参数 / Settings", open=True):
                 with gr.Row():
                     steps = gr.Slider(1, 150, value=spec.num_inference_steps if spec else 20, step=1, label="步数 / Steps")
                     guidance = gr.Slider(0, 30, value=spec.guidance_scale if spec else 7.5, step=0.5, label="引导系数 / Guidance scale")
                 with gr.Row():
-                    seed = gr.Number(value=-1, precision=0, label="种子 / Seed (-1 = 随机 random)", scale=3)
+                    # No precision: Gradio would round 1.5 to 2 silently; the core refuses non-integers.
+                    seed = gr.Number(value=-1, label="种子 / Seed (-1 = 随机 random)", scale=3, elem_id="seed")
                     random_seed_btn = gr.Button("随机 / Random", scale=1)
                     reuse_seed_btn = gr.Button("复用种子 / Reuse seed", scale=1)
                 with gr.Row():
@@ -141,12 +156,14 @@ def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
         with gr.Column(scale=6):
             gallery = gr.Gallery(label="结果 / Images", columns=2, height="auto", object_fit="contain", format="png", elem_id="gallery")
             timings = gr.Markdown(elem_id="timings")
-            details = gr.JSON(label="每张图片的种子与参数 / Seed and settings per image")
+            details = gr.Textbox(
+                label="每张图片的参数 / Settings per image", lines=2, max_lines=8, interactive=False, buttons=["copy"], elem_id="details"
+            )
             files = gr.File(label="下载 PNG（含参数）/ Download PNGs (settings embedded)", file_count="multiple", interactive=False)
     last_seeds = gr.State([])
     reuse_seed = gr.State(None)
 
-    defaults = [domain_info, examples, negative, steps, guidance, sampler, size, super_resolution, optimization]
+    defaults = [domain_info, generate_btn, prompt, examples, negative, steps, guidance, sampler, size, super_resolution, optimization]
     domain.change(lambda d: domain_defaults(ctx, d), domain, defaults, api_visibility="private")
     examples.change(lambda e: e or gr.skip(), examples, prompt, api_visibility="private")
     for trigger in (prompt.change, domain.change):
@@ -172,6 +189,15 @@ def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
         concurrency_limit=ctx.service.gate.slots,
         api_visibility="undocumented",
         api_name="generate_ui",
+        show_progress_on=[gallery],
+    )
+    # The first generation loads the model: the picker and the card then say so, together.
+    event.then(
+        lambda d: (domain_picker_update(ctx, d), domain_markdown(ctx.service, ctx.spec(d))),
+        domain,
+        [domain, domain_info],
+        show_progress="hidden",
+        api_visibility="private",
     )
     stop_btn.click(make_stop(ctx), None, None, cancels=[event], concurrency_limit=None, api_visibility="private")
     return domain
@@ -183,7 +209,9 @@ def select_seed(seeds: list[int], evt: gr.SelectData) -> int | None:
 
 def make_stop(ctx: UiContext):
     def stop(request: gr.Request) -> None:
+        """Set the flag the denoising loop reads; the toast is shown here, since ``cancels`` ends the event itself."""
         ctx.stop_flags.stop(request.session_hash or "")
+        gr.Info(say("stopped"), title=say("stopped_title"))
 
     return stop
 
@@ -236,7 +264,7 @@ def make_ui_generate(ctx: UiContext):
         captions = [(str(path), f"种子 seed {s}") for path, s in zip(paths, result.seeds)]
         for note in result.notes:
             gr.Warning(note)
-        details = [result.image_settings(i) for i in range(len(result.images))]
+        details = "\n".join(ctx.service.image_line(result, i) for i in range(len(result.images)))
         return captions, timings_markdown(result), details, [str(p) for p in paths], result.seeds, result.seeds[0]
 
     return generate_from_ui
@@ -249,12 +277,13 @@ def generate_on_gpu(
     try:
         return service.generate(request, domain_id, optimization=optimization, progress=progress, should_stop=should_stop)
     except UserFacingError as exc:
-        raise gr.Error(exc.message) from exc
+        log.info("generation refused for domain %s: %s", domain_id, exc.message)
+        raise ui_error(exc.message) from exc
     except GenerationCancelled:
         raise
     except Exception as exc:
         log.exception("generation failed for domain %s", domain_id)
-        raise gr.Error(say("internal_error")) from exc
+        raise ui_error(say("internal_error")) from exc
 
 
 def progress_reporter(progress: gr.Progress):
@@ -288,7 +317,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     try:
         width, height = (int(p.strip()) for p in parts)
     except ValueError:
-        raise gr.Error(say("bad_size", size=size)) from None
+        raise ui_error(say("bad_size", size=size)) from None
     return width, height
 
 
@@ -316,17 +345,31 @@ def domain_picker_update(ctx: UiContext, current: str | None):
 
 
 def domain_markdown(service: AppService, spec: DomainSpec) -> str:
-    state = STATE_LABELS.get(service.state(spec), service.state(spec))
-    return f"**{spec.title}** — {spec.description}\n\n模型 / Model: `{spec.model.describe()}` · 状态 / State: **{state}**"
+    """The domain card: what it is, its model by name (never a server path), and what 生成 will do."""
+    availability = service.availability(spec)
+    state = STATE_LABELS.get(availability.state, availability.state)
+    card = f"**{spec.title}** — {spec.description}\n\n模型 / Model: `{spec.model.name}` · 状态 / State: **{state}**"
+    return f"{card}\n\n{'ℹ️' if availability.usable else '⛔'} {availability.note}" if availability.note else card
+
+
+def usable(service: AppService, spec: DomainSpec | None) -> bool:
+    return spec is not None and service.availability(spec).usable
+
+
+def placeholder(spec: DomainSpec | None) -> str:
+    """The domain's first example, so the hint matches what the model was made for."""
+    return f"例如 / e.g. {spec.examples[0]}" if spec and spec.examples else ""
 
 
 def domain_defaults(ctx: UiContext, domain_id: str | None):
     """When the domain changes, show its description and load its defaults into the widgets."""
     if not domain_id:
-        return (gr.skip(),) * 9
+        return (gr.skip(),) * 11
     spec = ctx.spec(domain_id)
     return (
         domain_markdown(ctx.service, spec),
+        gr.update(interactive=usable(ctx.service, spec)),
+        gr.update(placeholder=placeholder(spec)),
         gr.update(choices=list(spec.examples), value=None),
         spec.negative_prompt,
         spec.num_inference_steps,
@@ -353,25 +396,36 @@ def token_count_markdown(ctx: UiContext, domain_id: str | None, prompt: str | No
 
 
 def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> None:
+    """The loaded models and their cost; loading and unloading only where the host allows it.
+
+    On a public host without a password the buttons are not built at all, so no event exists
+    for a stranger to call; with a password every action checks it on the server.
+    """
     table = gr.Dataframe(headers=MODEL_COLUMNS, value=models_table(ctx.service), interactive=False, label="模型 / Models", elem_id="models-table")
     memory = gr.Markdown(device_memory_markdown())
-    with gr.Row():
-        domain = gr.Dropdown([(s.title, s.id) for s in ctx.service.domains.values()], label="领域 / Domain", scale=3)
-        load_btn = gr.Button("加载 / Load", variant="primary", scale=1)
-        unload_btn = gr.Button("卸载 / Unload", scale=1)
-        refresh_btn = gr.Button("刷新 / Refresh", scale=1)
-    status = gr.Markdown()
-    outputs = [table, memory, status]
-    load_btn.click(
-        lambda d: models_action(ctx, d, load=True),
-        domain,
-        outputs,
-        concurrency_id=GPU_GROUP,
-        concurrency_limit=ctx.service.gate.slots,
-        api_visibility="private",
-    )
-    unload_btn.click(lambda d: models_action(ctx, d, load=False), domain, outputs, api_visibility="private")
-    refresh_btn.click(lambda: models_view(ctx, ""), None, outputs, api_visibility="private")
+    access = ctx.service.admin_access()
+    outputs = [table, memory]
+    if access == "off":
+        gr.Markdown(say("admin_off"), elem_id="models-status")
+    else:
+        with gr.Row():
+            domain = gr.Dropdown([(s.title, s.id) for s in ctx.service.domains.values()], label="领域 / Domain", scale=3)
+            password = gr.Textbox(label="密码 / Password", type="password", scale=2, visible=access == "password")
+            load_btn = gr.Button("加载 / Load", variant="primary", scale=1)
+            unload_btn = gr.Button("卸载 / Unload", scale=1)
+        status = gr.Markdown(elem_id="models-status")
+        outputs = [table, memory, status]
+        load_btn.click(
+            lambda d, pw: models_action(ctx, d, pw, load=True),
+            [domain, password],
+            outputs,
+            concurrency_id=GPU_GROUP,
+            concurrency_limit=ctx.service.gate.slots,
+            api_visibility="private",
+        )
+        unload_btn.click(lambda d, pw: models_action(ctx, d, pw, load=False), [domain, password], outputs, api_visibility="private")
+    refresh_btn = gr.Button("刷新 / Refresh", size="sm")
+    refresh_btn.click(lambda: models_view(ctx, "")[: len(outputs)], None, outputs, api_visibility="private")
     demo.load(lambda: models_table(ctx.service), None, table, api_visibility="private")
 
 
@@ -395,18 +449,28 @@ def models_view(ctx: UiContext, message: str):
     return models_table(ctx.service), device_memory_markdown(), message
 
 
-def models_action(ctx: UiContext, domain_id: str | None, load: bool):
-    if not domain_id:
-        raise gr.Error(say("no_domain"))
+def models_action(ctx: UiContext, domain_id: str | None, password: str | None, load: bool):
+    """Load or unload; a refusal is a toast and a status line, and the table stays on screen."""
     try:
-        message = ctx.service.load(domain_id) if load else ctx.service.unload(domain_id)
+        if not domain_id:
+            raise UserFacingError(422, say("no_domain"), "domain")
+        message = ctx.service.load(domain_id, password) if load else ctx.service.unload(domain_id, password)
     except UserFacingError as exc:
-        raise gr.Error(exc.message) from exc
+        log.info("model action refused for domain %s: %s", domain_id, exc.message)
+        gr.Warning(exc.message, title=say("error_title"))
+        return models_view(ctx, f"⛔ {exc.message}")
     return models_view(ctx, message)
 
 
 def build_finetune(ctx: UiContext) -> dict[str, Any]:
-    """The Fine-tune tab from ``finetune_ui`` (its ``new_domain`` output refreshes the picker)."""
+    """The Fine-tune tab from ``finetune_ui`` (its ``new_domain`` output refreshes the picker).
+
+    Where fine-tuning is not allowed (off, or a public host without a password) the tab is a
+    notice and none of its events exist, so a stranger has nothing to call.
+    """
+    if not settings().finetune_allowed:
+        gr.Markdown(say("finetune_off"), elem_id="finetune-off")
+        return {}
     try:
         from .finetune_ui import build_finetune_tab
         from .jobs import JobManager

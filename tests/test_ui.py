@@ -114,7 +114,10 @@ def test_ui_generate_serves_the_png_files_with_settings_and_reports_progress(ui_
     assert [path for path, _ in gallery] == files
     settings = read_png_settings(open(files[1], "rb").read())
     assert (settings["seed"], settings["prompt"], settings["width"]) == (12, "一只橘猫在窗台上", 64)
-    assert details[1]["seed"] == 12 and details[0]["num_images"] == 1
+    lines = details.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("种子 seed 12 · 64x64") and "步数 steps 2" in lines[1]
+    assert "模型 model " in lines[0] and " /" not in lines[0], "no absolute server path in the settings line"
+    assert not settings["model"].startswith("/"), "nor in the PNG metadata"
     assert "unet" in timings and "vae_decode" in timings
     assert steps and steps[-1][0] == steps[-1][1], "the progress bar reaches the end of the denoising loop"
 
@@ -127,6 +130,7 @@ def test_ui_generate_serves_the_png_files_with_settings_and_reports_progress(ui_
         ({"size": "65x64"}, "width"),
         ({"size": "big"}, "512x512"),
         ({"seed": -7.0}, "seed"),
+        ({"seed": 1.5}, "参数 seed 无效"),
         ({"domain_id": "nope"}, "nope"),
     ],
 )
@@ -174,21 +178,42 @@ def test_token_counter_warns_before_truncation(registry):
 
 
 def test_changing_domain_loads_its_defaults(ctx):
-    info, examples, negative, steps, guidance, sampler, size, sr, optimization = domain_defaults(ctx, "tiny")
+    info, button, prompt, examples, negative, steps, guidance, sampler, size, sr, optimization = domain_defaults(ctx, "tiny")
     assert "测试 / Test" in info and "tiny random model" in info
+    assert button["interactive"] is True and prompt["placeholder"] == "例如 / e.g. 一个红色的圆形"
     assert examples["choices"] == ["一个红色的圆形", "蓝色正方形", "左边有一个小的绿色三角形"]
     assert (negative, steps, guidance, sampler, size["value"], sr) == ("模糊", 2, 5.0, "pndm", "64x64", False)
 
 
 def test_models_panel_loads_and_unloads(ctx, registry):
-    table, _, message = models_action(ctx, "tiny", load=True)
+    table, _, message = models_action(ctx, "tiny", None, load=True)
     assert "tiny" in message
     row = next(r for r in table if r[0] == "tiny")
     assert row[1].startswith("已加载") and row[2] == "cpu" and row[4] > 0
-    table, _, message = models_action(ctx, "tiny", load=False)
+    table, _, message = models_action(ctx, "tiny", None, load=False)
     assert next(r for r in table if r[0] == "tiny")[1].startswith("本地可用")
-    with pytest.raises(gr.Error):
-        models_action(ctx, "broken", load=True)
+
+
+def test_a_failed_load_keeps_the_table_and_says_why_without_a_path(ctx, registry):
+    table, _, message = models_action(ctx, "broken", None, load=True)
+    assert [row[0] for row in table] == ["broken", "tiny"], "the table stays on screen"
+    assert message.startswith("⛔") and "领域「测试」的模型文件缺失" in message and "missing" in message
+    assert str(registry.domains["broken"].model.path) not in message
+
+
+def test_the_domain_card_says_before_generating_when_a_model_cannot_work(monkeypatch, registry):
+    from rapid_diffusion.ui import domain_markdown
+
+    service = AppService(ModelRegistry(domains={"hub": spec("hub", repo_id="nobody/not-cached")}), GpuGate())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "⛔ 离线：不可用（模型尚未下载） / offline: unavailable" in domain_markdown(service, service.spec("hub"))
+    assert domain_defaults(UiContext(service), "hub")[1]["interactive"] is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert "首次生成会先下载模型 nobody/not-cached" in domain_markdown(service, service.spec("hub"))
+    assert domain_defaults(UiContext(service), "hub")[1]["interactive"] is True
+    tiny = AppService(registry, GpuGate())
+    card = domain_markdown(tiny, tiny.spec("tiny"))
+    assert registry.domains["tiny"].model.path.name in card and str(registry.domains["tiny"].model.path) not in card
 
 
 def free_port() -> int:
