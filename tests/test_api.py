@@ -2,6 +2,7 @@
 
 import base64
 import io
+import logging
 import threading
 import time
 
@@ -123,7 +124,44 @@ def test_unknown_domain_is_404_and_unloadable_model_503(client):
     assert "tiny" in response.json()["error"]
     response = predict(client, {"text": "猫"}, domain="broken")
     assert response.status_code == 503
-    assert "model_index.json" in response.json()["error"]
+    assert "missing" in response.json()["error"] and "模型文件缺失" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"text": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        b'{"text": "cat", "seed": ' + b"9" * 5_000 + b"}",
+        b'{"text": "\xff"}',
+    ],
+    ids=["20000-deep", "5000-digit-int", "bad-utf8"],
+)
+def test_pathological_json_is_400_not_500(client, raw, caplog):
+    caplog.set_level(logging.INFO, "rapid_diffusion")
+    response = client.post("/api/predict/tiny", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] is None and "JSON" in response.json()["error"]
+    rejections = [r for r in caplog.records if r.name == "rapid_diffusion.api"]
+    assert len(rejections) == 1 and rejections[0].exc_info is None, "one log line, no traceback"
+
+
+def test_zero_byte_safetensors_is_503_without_server_paths(copy_model, tmp_path):
+    model = copy_model("empty-weights")
+    (model / "text_encoder" / "model.safetensors").write_bytes(b"")
+    folder = tmp_path / "domains"
+    folder.mkdir()
+    write_domain(folder, "empty", model)
+    registry = ModelRegistry(domains=load_domains([folder]), device=torch.device("cpu"), dtype=torch.float32)
+    with TestClient(create_api_app(AppService(registry, GpuGate(1, 4)))) as client:
+        response = predict(client, {"text": "猫"}, domain="empty")
+    assert response.status_code == 503, response.text
+    assert response.json()["field"] == "domain" and "SafetensorError" in response.json()["error"]
+    assert str(tmp_path) not in response.text
+
+
+def test_healthz_names_no_server_paths(client, registry):
+    text = client.get("/healthz").text
+    assert "tiny" in text and str(registry.domains["tiny"].model.path) not in text and "/tmp" not in text
 
 
 def test_body_over_the_limit_is_413_before_parsing(client):

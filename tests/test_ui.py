@@ -223,13 +223,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(registry: ModelRegistry):
+def running_server(registry: ModelRegistry, gate: GpuGate | None = None):
     """The real app (JSON API + mounted UI) served by uvicorn on a free localhost port."""
     import uvicorn
 
     from rapid_diffusion.server import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(registry, GpuGate(1, 4)), host="127.0.0.1", port=free_port(), log_level="warning"))
+    app = create_app(registry, gate or GpuGate(1, 4))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 60

@@ -1,0 +1,205 @@
+"""A public host, tried as a stranger would: only generation is callable, and the server bounds what it reads."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from rapid_diffusion import pipeline, service
+from rapid_diffusion.domains import load_domains
+from rapid_diffusion.registry import ModelRegistry
+from rapid_diffusion.service import AppService, GpuGate, UserFacingError
+
+from conftest import write_domain
+from test_ui import running_server
+
+GENERATION_APIS = {"generate", "generate_ui"}
+
+
+@pytest.fixture()
+def registry(tmp_path, tiny_model_dir, monkeypatch):
+    folder = tmp_path / "domains"
+    folder.mkdir()
+    write_domain(folder, "tiny", tiny_model_dir, num_inference_steps=2)
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    return ModelRegistry(domains=load_domains([folder]), device=torch.device("cpu"), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- who may load models
+
+
+@pytest.mark.parametrize(
+    "env, password, allowed",
+    [
+        ({}, None, True),
+        ({"RAPID_DIFFUSION_PUBLIC": "1"}, None, False),
+        ({"SPACE_ID": "someone/demo"}, None, False),
+        ({"RAPID_DIFFUSION_PUBLIC": "1", "RAPID_DIFFUSION_FINETUNE_PASSWORD": "s3cret"}, "nope", False),
+        ({"RAPID_DIFFUSION_PUBLIC": "1", "RAPID_DIFFUSION_FINETUNE_PASSWORD": "s3cret"}, "s3cret", True),
+        ({"RAPID_DIFFUSION_FINETUNE_PASSWORD": "s3cret"}, None, False),
+    ],
+)
+def test_loading_and_unloading_need_the_password_where_one_is_set(registry, monkeypatch, env, password, allowed):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    app = AppService(registry, GpuGate())
+    if allowed:
+        assert "tiny" in app.load("tiny", password) and registry.loaded()
+        assert "tiny" in app.unload("tiny", password) and not registry.loaded()
+        return
+    for action in (app.load, app.unload):
+        with pytest.raises(UserFacingError) as refused:
+            action("tiny", password)
+        assert refused.value.status == 403 and " / " in refused.value.message
+    assert registry.loaded() == []
+
+
+def queue_call(url: str, fn_index: int, data: list, session: str) -> None:
+    response = httpx.post(
+        f"{url}/gradio_api/queue/join",
+        json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None},
+    )
+    assert response.status_code in (200, 404, 422), response.text
+
+
+def drain(url: str, session: str, expected: int, timeout: float = 60) -> list[dict]:
+    """Read the session's event stream until ``expected`` events completed."""
+    done = []
+    with httpx.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    done.append(message)
+                if message.get("msg") == "close_stream" or len(done) >= expected:
+                    break
+    return done
+
+
+@pytest.mark.slow
+def test_a_stranger_on_a_public_host_can_only_generate(registry, monkeypatch, tmp_path):
+    """Every event of the page, called by fn_index with the domain id in every field: nothing but generation runs."""
+    from gradio_client import Client
+
+    monkeypatch.setenv("RAPID_DIFFUSION_PUBLIC", "1")
+    home = tmp_path / "home"
+    with running_server(registry) as url:
+        api = Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+        assert set(api["named_endpoints"]) == {"/generate"} and not api["unnamed_endpoints"]
+        page = httpx.get(f"{url}/config").json()
+        assert "加载 / Load" not in json.dumps(page, ensure_ascii=False), "no load button is built"
+        others = [d for d in page["dependencies"] if d.get("api_name") not in GENERATION_APIS and d.get("backend_fn")]
+        assert others, "the page has helper events (token counter, domain defaults...)"
+        for dependency in others:
+            queue_call(url, dependency["id"], ["tiny"] * len(dependency["inputs"]), "stranger")
+        drain(url, "stranger", expected=len(others))
+    assert registry.loaded() == [], "no model was loaded by a stranger"
+    written = [p for p in home.rglob("*") if p.is_file()] if home.exists() else []
+    assert not [p for p in written if p.suffix in (".yaml", ".yml", ".json")], written
+
+
+# ----------------------------------------------------------------------------- the JSON API's own shape
+
+
+@pytest.fixture()
+def app_client(registry):
+    from rapid_diffusion.server import create_app
+
+    with TestClient(create_app(registry, GpuGate(1, 4))) as client:
+        yield client
+
+
+def test_wrong_method_is_405_and_unknown_api_paths_404_in_the_api_shape(app_client):
+    response = app_client.get("/api/predict/tiny")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert set(response.json()) == {"error", "field"} and "POST" in response.json()["error"]
+    for method, path in [("GET", "/api/nothing"), ("POST", "/api/predict"), ("DELETE", "/api/predict/tiny/x")]:
+        response = app_client.request(method, path)
+        assert response.status_code == 404, (method, path)
+        assert set(response.json()) == {"error", "field"} and "没有这个接口" in response.json()["error"]
+    assert app_client.get("/api/openapi.json").status_code == 200, "the API's own docs still answer"
+    assert app_client.get("/").status_code == 200, "and the UI"
+
+
+# ----------------------------------------------------------------------------- what the server reads
+
+
+def multipart(files: int, size: int) -> tuple[bytes, str]:
+    boundary = "rapid-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="f{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode() + b"\0" * size + b"\r\n"
+        for i in range(files)
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["declared", "streamed"])
+def test_an_upload_over_the_total_budget_is_413(registry, monkeypatch, streamed):
+    from rapid_diffusion.server import create_app
+
+    monkeypatch.setenv("RAPID_DIFFUSION_MAX_UPLOAD_TOTAL", str(3 * 2**20))
+    body, content_type = multipart(files=5, size=900 * 1024)  # each under the per-file cap, 4.4 MB in all
+    content = iter([body[i:i + 65536] for i in range(0, len(body), 65536)]) if streamed else body
+    with TestClient(create_app(registry, GpuGate(1, 4))) as client:
+        response = client.post("/gradio_api/upload", content=content, headers={"content-type": content_type})
+        assert response.status_code == 413, response.text
+        assert "上传总量超过 3 MB" in response.json()["error"]
+        small, content_type = multipart(files=2, size=900 * 1024)
+        response = client.post("/gradio_api/upload", content=small, headers={"content-type": content_type})
+        assert response.status_code == 200 and len(response.json()) == 2, "uploads within the budget still work"
+
+
+def test_a_slow_request_body_is_timed_out(registry, monkeypatch):
+    monkeypatch.setenv("RAPID_DIFFUSION_BODY_TIMEOUT", "1")
+    with running_server(registry) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            start = time.monotonic()
+            connection.sendall(
+                b"POST /api/predict/tiny HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n" + b'{"text": "'
+            )
+            answer = connection.recv(4096).decode("utf-8", "replace")
+            elapsed = time.monotonic() - start
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "请求体发送过慢" in answer and 0.9 <= elapsed < 5
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_gives_up_its_place_in_the_queue(registry, monkeypatch):
+    runs = []
+    real_generate = service.generate
+    monkeypatch.setattr(service, "generate", lambda *a, **k: runs.append(1) or real_generate(*a, **k))
+    gate = GpuGate(1, 4)
+    with running_server(registry, gate) as url:
+        with gate.slot():  # someone else is generating
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/api/predict/tiny", json={"text": "猫", "seed": 1}, timeout=1.0)
+            deadline = time.monotonic() + 5
+            while gate._waiting and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert gate._waiting == 0, "the abandoned request left the queue while the GPU was busy"
+        time.sleep(0.5)
+        assert runs == [], "and never ran"
+        response = httpx.post(f"{url}/api/predict/tiny", json={"text": "猫", "seed": 1}, timeout=60)
+        assert response.status_code == 200 and runs == [1]
+
+
+def test_a_running_generation_stops_when_asked(registry):
+    """The API's should_stop reaches the denoising loop: a set flag ends the run at the next step."""
+    calls = []
+
+    def stop_after_first_step():
+        calls.append(1)
+        return len(calls) > 1
+
+    request = pipeline.GenerationRequest(prompt="猫", num_inference_steps=4)
+    with pytest.raises(service.GenerationCancelled):
+        AppService(registry, GpuGate()).generate(request, "tiny", should_stop=stop_after_first_step)
+    assert 1 < len(calls) <= 4
