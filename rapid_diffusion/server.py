@@ -113,7 +113,7 @@ def create_app(registry: ModelRegistry | None = None, gate: GpuGate | None = Non
     """The FastAPI app: ``/api/predict/{domain}``, ``/healthz``, and the UI (+ ``/gradio_api``) at ``/``."""
     import gradio as gr
 
-    from .ui import CSS, build_ui
+    from .ui import CSS, I18N, build_ui
 
     import_model_classes()
     service = AppService(registry, gate)
@@ -130,6 +130,7 @@ def create_app(registry: ModelRegistry | None = None, gate: GpuGate | None = Non
         run_history=False,
         ssr_mode=False,
         css=CSS,
+        i18n=I18N,
     )
     current = settings()
     app.add_middleware(BodyGuard, upload_limit=current.max_upload_total, read_timeout=current.body_timeout)

@@ -73,12 +73,17 @@ class UiContext:
         try:
             return self.service.spec(domain_id)
         except UserFacingError as exc:
+            log.info("refused: %s", exc.message)
             raise ui_error(exc.message) from exc
 
 
 def ui_error(message: str) -> gr.Error:
-    """The error toast: the service's bilingual sentence under a bilingual title."""
-    return gr.Error(message, title=say("error_title"))
+    """The error toast: the service's bilingual sentence under a bilingual title.
+
+    No traceback in the server log (Gradio prints one per ``gr.Error`` by default): a refused
+    input is logged as one line where it is refused.
+    """
+    return gr.Error(message, title=say("error_title"), print_exception=False)
 
 
 def build_ui(service: AppService | None = None) -> gr.Blocks:
@@ -90,12 +95,14 @@ def build_ui(service: AppService | None = None) -> gr.Blocks:
             "Fast domain-specific Chinese text-to-image (PAI-Diffusion models). "
             "选择领域，输入中文提示词，点击「生成」。 / Pick a domain, type a Chinese prompt, press Generate."
         )
-        with gr.Tab("文生图 / Text to image"):
-            domain = build_generate_tab(ctx)
-        with gr.Tab("模型 / Models"):
-            build_models_tab(ctx, demo)
-        with gr.Tab("微调 / Fine-tune"):
-            finetune = build_finetune(ctx)
+        # "wrap": on a phone the third tab goes to a second row instead of hiding behind "⋯".
+        with gr.Tabs(overflow_behavior="wrap"):
+            with gr.Tab("文生图 / Text to image"):
+                domain = build_generate_tab(ctx)
+            with gr.Tab("模型 / Models"):
+                build_models_tab(ctx, demo)
+            with gr.Tab("微调 / Fine-tune"):
+                finetune = build_finetune(ctx)
         build_named_api(ctx)
         refresh_picker = [lambda d: domain_picker_update(ctx, d), domain, domain]
         demo.load(*refresh_picker, api_visibility="private")
@@ -105,9 +112,14 @@ def build_ui(service: AppService | None = None) -> gr.Blocks:
 
 
 CSS = """
-/* Phones: three tabs fit on one row instead of the third hiding behind "⋯". */
-@media (max-width: 480px) { .tab-container button[role="tab"] { padding-left: 6px; padding-right: 6px; font-size: 13px; } }
+/* The gallery grows with its images: four or eight show whole, not cut off behind a scrollbar. */
+#gallery .grid-wrap { max-height: none; height: auto; }
+/* Gradio 6.31's page drops an error's title (gr.Error(title=...)) and always shows "Error": say it Chinese first. */
+span.toast-title.error { font-size: 0; }
+span.toast-title.error::before { content: "出错了 / Error"; font-size: var(--text-lg); }
 """
+# Gradio's status tracker announces "common.complete" to screen readers, a key none of its locales defines.
+I18N = gr.I18n(en={"common.complete": "Complete"}, **{"zh-CN": {"common.complete": "完成"}, "zh": {"common.complete": "完成"}})
 
 
 def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
@@ -136,11 +148,12 @@ def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
                     random_seed_btn = gr.Button("随机 / Random", scale=1)
                     reuse_seed_btn = gr.Button("复用种子 / Reuse seed", scale=1)
                 with gr.Row():
-                    num_images = gr.Slider(1, 8, value=1, step=1, label="图片数量 / Images per run")
+                    num_images = gr.Slider(1, 8, value=1, step=1, label="图片数量 / Images per run", scale=2)
                     sampler = gr.Dropdown(
                         [(label, name) for name, label in SAMPLER_LABELS.items()],
                         value=spec.sampler if spec else "pndm",
                         label="采样器 / Sampler",
+                        scale=3,
                     )
                 with gr.Row():
                     size = gr.Dropdown(
@@ -317,6 +330,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     try:
         width, height = (int(p.strip()) for p in parts)
     except ValueError:
+        log.info("refused size %r", size)
         raise ui_error(say("bad_size", size=size)) from None
     return width, height
 
