@@ -203,6 +203,11 @@ class ModelRegistry:
         self._domains = load_domains()
         return self._domains
 
+    @property
+    def domain_errors(self) -> list:
+        """The domain files skipped at the last load, each a ``DomainSpecError`` naming file and field."""
+        return getattr(self.domains, "errors", [])
+
     def spec(self, domain_id: str) -> DomainSpec:
         try:
             return self.domains[domain_id]
