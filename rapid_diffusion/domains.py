@@ -31,6 +31,7 @@ class DomainSpecError(ValueError):
     def __init__(self, source: str, field_name: str, problem: str):
         self.source = source
         self.field_name = field_name
+        self.problem = problem
         super().__init__(f"{source}: field '{field_name}': {problem}")
 
 
