@@ -31,6 +31,7 @@ class DomainSpecError(ValueError):
     def __init__(self, source: str, field_name: str, problem: str):
         self.source = source
         self.field_name = field_name
+        self.problem = problem
         super().__init__(f"{source}: field '{field_name}': {problem}")
 
 
@@ -116,38 +117,64 @@ def domain_dirs() -> list[Path]:
     return [PROJECT_ROOT / "domains", *settings().domain_dirs]
 
 
-def load_domains(dirs: list[Path] | None = None, user_dir: Path | None = None) -> dict[str, DomainSpec]:
-    """Every domain, sorted by id: the owner's folders (``dirs``), then the user folder
+class Domains(dict):
+    """Domain specs by id, plus ``errors``: the files that were skipped, one error each."""
+
+    def __init__(self, specs: dict[str, DomainSpec] | None = None, errors: list[DomainSpecError] | None = None):
+        super().__init__(specs or {})
+        self.errors = errors or []
+
+
+def load_domains(dirs: list[Path] | None = None, user_dir: Path | None = None) -> Domains:
+    """Every valid domain, sorted by id: the owner's folders (``dirs``), then the user folder
     (by default only when ``dirs`` is not given).
 
-    A file in the user folder (written by fine-tuning, or by anyone who can start a job) never
-    replaces a domain of the owner's folders: such a file is skipped with a log line.
+    An invalid file is skipped with a logged error (file + field), kept in ``.errors``, so one
+    bad file never hides the others. A file in the user folder (written by fine-tuning, or by
+    anyone who can start a job) never replaces a domain of the owner's folders.
     """
     specs: dict[str, DomainSpec] = {}
+    errors: list[DomainSpecError] = []
     if dirs is None:
         dirs, user_dir = domain_dirs(), user_dir or user_domains_dir()
     for folder in dirs:
-        for path in _yaml_files(folder):
-            spec = load_domain_file(path)
+        for spec in _load_folder(folder, errors):
             specs[spec.id] = spec
     owner_ids = set(specs)
-    for path in _yaml_files(user_dir) if user_dir is not None else []:
-        spec = load_domain_file(path)
+    for spec in _load_folder(user_dir, errors) if user_dir is not None else []:
         if spec.id in owner_ids:
-            log.error("%s: domain id '%s' is already a configured domain; the file is ignored", path, spec.id)
+            log.error("%s: domain id '%s' is already a configured domain; the file is ignored", spec.source_file, spec.id)
             continue
         specs[spec.id] = spec
-    return dict(sorted(specs.items()))
+    return Domains(dict(sorted(specs.items())), errors)
+
+
+def _load_folder(folder: Path, errors: list[DomainSpecError]) -> list[DomainSpec]:
+    specs = []
+    for path in _yaml_files(folder):
+        try:
+            specs.append(load_domain_file(path))
+        except DomainSpecError as exc:
+            log.error("domain file skipped / 已跳过域文件: %s", exc)
+            errors.append(exc)
+    return specs
 
 
 def _yaml_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.y*ml")) if folder.is_dir() else []
+    return sorted(p for p in folder.glob("*.y*ml") if p.is_file()) if folder.is_dir() else []
 
 
 def load_domain_file(path: Path) -> DomainSpec:
+    """One domain file, read as UTF-8; any problem is a :class:`DomainSpecError` naming the file."""
     source = str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DomainSpecError(source, "<file>", f"不是 UTF-8 编码 / not UTF-8 (byte {exc.start})") from exc
+    except OSError as exc:
+        raise DomainSpecError(source, "<file>", f"无法读取 / cannot be read ({exc.strerror or exc})") from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise DomainSpecError(source, "<file>", f"not valid YAML ({exc})") from exc
     if not isinstance(data, dict):

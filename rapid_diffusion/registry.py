@@ -20,12 +20,18 @@ from typing import Callable
 import torch
 
 from .domains import DomainSpec, ModelSource, load_domains
+from .hub import (  # noqa: F401  (re-exported: callers import these from the registry)
+    _progress_tqdm,
+    cached_snapshot,
+    choose_weight_files,
+    download_snapshot,
+    find_cached_snapshot,
+    hub_offline,
+    incomplete_message,
+)
 from .settings import settings
 
 log = logging.getLogger(__name__)
-
-PIPELINE_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.bin"]
-SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor")
 
 
 class ModelUnavailableError(RuntimeError):
@@ -51,88 +57,6 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
     name = settings().device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     return device, torch.float16 if device.type == "cuda" else torch.float32
-
-
-def hub_offline() -> bool:
-    return settings().hub_offline
-
-
-def find_cached_snapshot(source: ModelSource) -> Path | None:
-    """The local snapshot folder of a hub model, if it is fully cached; no network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        folder = Path(
-            snapshot_download(
-                source.repo_id,
-                revision=source.revision,
-                local_files_only=True,
-                allow_patterns=PIPELINE_FILES,
-                ignore_patterns=[f"{c}/*" for c in SKIPPED_COMPONENTS],
-            )
-        )
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        return None
-    return folder if (folder / "model_index.json").is_file() else None
-
-
-def download_snapshot(source: ModelSource, progress: Callable[[str], None] | None = None) -> Path:
-    """Download the pipeline's files (safetensors preferred over .bin), reporting progress."""
-    from huggingface_hub import HfApi, snapshot_download
-
-    files = HfApi().list_repo_files(source.repo_id, revision=source.revision)
-    wanted = choose_weight_files(files)
-    return Path(
-        snapshot_download(
-            source.repo_id,
-            revision=source.revision,
-            allow_patterns=wanted,
-            tqdm_class=_progress_tqdm(progress) if progress else None,
-        )
-    )
-
-
-def choose_weight_files(files: list[str]) -> list[str]:
-    """The files a pipeline needs: configs, vocab and one weight format per component."""
-    chosen = []
-    folders_with_safetensors = {f.split("/")[0] for f in files if f.endswith(".safetensors")}
-    for name in files:
-        folder = name.split("/")[0] if "/" in name else ""
-        if folder in SKIPPED_COMPONENTS or name.count("/") > 1:
-            continue
-        if name == "model_index.json" or (folder and name.endswith((".json", ".txt"))):
-            chosen.append(name)
-        elif folder and name.endswith(".safetensors"):
-            chosen.append(name)
-        elif folder and name.endswith(".bin") and folder not in folders_with_safetensors:
-            chosen.append(name)
-    return chosen
-
-
-def _progress_tqdm(progress: Callable[[str], None]):
-    import io
-
-    from tqdm.auto import tqdm
-
-    class ReportingTqdm(tqdm):
-        """Reports each file's download through ``progress`` in 10% steps, drawing no bar."""
-
-        def __init__(self, *args, **kwargs):
-            kwargs.update(disable=False, file=io.StringIO())
-            kwargs.pop("name", None)
-            super().__init__(*args, **kwargs)
-
-        def update(self, n=1):
-            result = super().update(n)
-            if self.total:
-                tenth = int(10 * self.n / self.total)
-                if tenth != getattr(self, "_reported_tenth", None):
-                    self._reported_tenth = tenth
-                    progress(f"{self.desc or 'download'}: {self.n / self.total:.0%}")
-            return result
-
-    return ReportingTqdm
 
 
 def load_pipeline(folder: Path, device: torch.device, dtype: torch.dtype):
@@ -209,6 +133,11 @@ class ModelRegistry:
         self._domains = load_domains()
         return self._domains
 
+    @property
+    def domain_errors(self) -> list:
+        """The domain files skipped at the last load, each a ``DomainSpecError`` naming file and field."""
+        return getattr(self.domains, "errors", [])
+
     def spec(self, domain_id: str) -> DomainSpec:
         try:
             return self.domains[domain_id]
@@ -281,16 +210,20 @@ class ModelRegistry:
                     f"{self._offline_hint()}"
                 )
             return source.path
-        cached = find_cached_snapshot(source)
-        if cached is not None:
-            return cached
-        if hub_offline():
-            raise self._unreachable(spec, "HF_HUB_OFFLINE is set")
-        try:
-            self.progress(f"downloading {source.describe()} for domain '{spec.id}' (first use)")
-            return download_snapshot(source, self.progress)
-        except Exception as exc:  # network errors come in many classes (requests, httpx, hub)
-            raise self._unreachable(spec, f"{type(exc).__name__}: {exc}") from exc
+        reason = "HF_HUB_OFFLINE is set"
+        if not hub_offline():
+            try:
+                self.progress(f"checking {source.describe()} for domain '{spec.id}' against the hub")
+                return download_snapshot(source, self.progress)
+            except Exception as exc:  # network errors come in many classes (httpx, hub); the cache may still do
+                reason = f"{type(exc).__name__}: {exc}"
+                log.warning("domain '%s': hub check failed (%s); trying the local cache", spec.id, reason)
+        snapshot = cached_snapshot(source)
+        if snapshot.complete:
+            return snapshot.folder
+        if snapshot.folder is not None:
+            raise ModelUnavailableError(f"{incomplete_message(source, snapshot.missing)} ({reason}){self._offline_hint()}")
+        raise self._unreachable(spec, reason)
 
     def _unreachable(self, spec: DomainSpec, reason: str) -> ModelUnavailableError:
         return ModelUnavailableError(
@@ -304,12 +237,13 @@ class ModelRegistry:
         return f" Domains that work offline: {', '.join(ready)}." if ready else " No domain works offline here."
 
     def state(self, spec: DomainSpec) -> str:
-        """``loaded``, ``offline-ready`` (local files), ``cached`` (hub cache) or ``needs-download``."""
+        """``loaded``, ``offline-ready`` (local files), ``cached`` (complete in the hub cache),
+        ``incomplete`` (a download cut short) or ``needs-download``."""
         if self.key_for(spec) in self._models:
             return "loaded"
         if spec.model.is_local:
             return "offline-ready" if (spec.model.path / "model_index.json").is_file() else "missing"
-        return "cached" if find_cached_snapshot(spec.model) is not None else "needs-download"
+        return cached_snapshot(spec.model).state
 
     def tokenizer(self, spec: DomainSpec):
         """The domain's tokenizer without loading (or downloading) its model; ``None`` if not on disk.

@@ -15,6 +15,7 @@ import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -313,4 +314,12 @@ class AppService:
         states = {spec.id: self.state(spec) for spec in self.domains.values()}
         ready = [d for d, state in states.items() if state in READY_STATES]
         loaded = [d for d, state in states.items() if state == "loaded"]
-        return {"status": "ok", "ready": bool(ready), "domains": states, "loaded": loaded}
+        return {
+            "status": "ok", "ready": bool(ready), "domains": states, "loaded": loaded,
+            "domain_errors": [self.describe_domain_error(e) for e in self.registry.domain_errors],
+        }
+
+    @staticmethod
+    def describe_domain_error(error) -> dict[str, str]:
+        """A skipped domain file for a stranger's eyes: the file's name, never the server's path."""
+        return {"file": Path(error.source).name, "field": error.field_name, "problem": error.problem}

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     public: bool = Field(False, validation_alias=_env("PUBLIC"),
                          description="public-host mode (also on whenever SPACE_ID is set)")
     hub_offline: bool = Field(False, validation_alias=AliasChoices("HF_HUB_OFFLINE"))
+    hf_home: Path | None = Field(None, validation_alias=AliasChoices("HF_HOME"), description="Hugging Face's home folder")
+    hf_hub_cache: Path | None = Field(None, validation_alias=AliasChoices("HF_HUB_CACHE"),
+                                      description="the hub cache (default HF_HOME/hub)")
 
     # Fine-tuning
     finetune: bool = Field(True, validation_alias=_env("FINETUNE"), description="the Fine-tune tab and jobs")
@@ -84,7 +87,8 @@ class Settings(BaseSettings):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
-    @field_validator("device", "finetune_password", "space_id", "host", "max_memory_gb", "concurrency", mode="before")
+    @field_validator("device", "finetune_password", "space_id", "host", "max_memory_gb", "concurrency",
+                     "hf_home", "hf_hub_cache", mode="before")
     @classmethod
     def _blank_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -97,6 +101,13 @@ class Settings(BaseSettings):
     @property
     def domain_dirs(self) -> list[Path]:
         return [Path(p).expanduser() for p in self.domains.split(os.pathsep) if p.strip()]
+
+    @property
+    def hub_cache(self) -> Path | None:
+        """The hub cache folder when the environment names one; None means the library's default."""
+        if self.hf_hub_cache:
+            return self.hf_hub_cache.expanduser()
+        return self.hf_home.expanduser() / "hub" if self.hf_home else None
 
     @property
     def max_memory_bytes(self) -> int | None:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from rapid_diffusion.cli import main as cli_main
-from rapid_diffusion.data import DataLimits, check_path, check_uploads, write_pairs_folder
+from rapid_diffusion.data import DataLimits, check_path, check_uploads, decode_text, write_pairs_folder
 
 
 def png_bytes(seed: int, side: int = 64) -> bytes:
@@ -262,3 +262,97 @@ def test_cli_check_data_fails_when_nothing_is_usable(tmp_path, capsys):
     (tmp_path / "only.txt").write_text("描述", encoding="utf-8")
     assert cli_main(["check-data", str(tmp_path)]) == 1
     assert "only.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ("一碗牛肉拉面".encode("utf-8"), ("一碗牛肉拉面", "utf-8")),
+        (b"\xef\xbb\xbf" + "红烧肉".encode("utf-8"), ("红烧肉", "utf-8")),
+        ("清蒸鲈鱼".encode("gbk"), ("清蒸鲈鱼", "gb18030")),
+        ("北京烤鸭 𠀀".encode("gb18030"), ("北京烤鸭 𠀀", "gb18030")),
+        ("一只猫".encode("utf-16"), ("一只猫", "utf-16")),
+        ("一只猫".encode("utf-16-be").join([b"\xfe\xff", b""]), ("一只猫", "utf-16")),
+        (b"\xff\xff\x80\x00garbage", None),
+        (b"\x81\x30\x81\x30\x00\x01", None),  # decodes as GB18030, but to control characters
+    ],
+)
+def test_caption_encodings_are_detected_or_refused(data, expected):
+    assert decode_text(data) == expected
+
+
+def test_bom_keeps_the_first_metadata_row_and_leaves_no_bom_in_captions(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(1))
+    (tmp_path / "b.png").write_bytes(png_bytes(2))
+    rows = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [{"file_name": "a.png", "text": "红烧肉"}, {"file_name": "b.png", "text": "烤鸭"}])
+    (tmp_path / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + rows.encode("utf-8"))
+    report = check_path(tmp_path)
+    assert [(p.item, p.text) for p in report.pairs] == [("a.png", "红烧肉"), ("b.png", "烤鸭")]
+    assert report.issues == [] and report.notes == []
+
+
+def test_gbk_and_utf16_captions_are_decoded_and_noted_per_file(tmp_path):
+    archive = tmp_path / "pairs.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("cat.png", png_bytes(1))
+        zf.writestr("cat.txt", "一只猫".encode("utf-16"))
+        zf.writestr("dog.png", png_bytes(2))
+        zf.writestr("dog.txt", "一只狗".encode("gbk"))
+        zf.writestr("fox.png", png_bytes(3))
+        zf.writestr("fox.txt", "一只狐狸".encode("utf-8"))
+    report = check_path(archive)
+    assert [(p.item, p.text) for p in report.pairs] == [("cat.png", "一只猫"), ("dog.png", "一只狗"), ("fox.png", "一只狐狸")]
+    assert [(n.item, n.code) for n in report.notes] == [("cat.txt", "decoded_utf16"), ("dog.txt", "decoded_gb18030")]
+    assert "  * cat.txt: 按 UTF-16 解码 / decoded as UTF-16" in report.lines()
+    assert report.issues == []
+
+
+def test_a_line_in_another_encoding_than_the_file_is_rejected_by_line(tmp_path):
+    good, other = base64.b64encode(png_bytes(1)).decode(), base64.b64encode(png_bytes(2)).decode()
+    path = tmp_path / "mixed.tsv"
+    path.write_bytes(f"1\t红色的圆\t{good}\n".encode("utf-8") + f"2\t蓝色方块\t{other}\n".encode("gbk"))
+    report = check_path(path)
+    assert [p.text for p in report.pairs] == ["红色的圆"]
+    assert reasons(report) == {"row 2": "bad_encoding"}
+
+
+def test_utf16_metadata_jsonl_in_a_zip(tmp_path):
+    archive = tmp_path / "pairs.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.png", png_bytes(1))
+        zf.writestr("metadata.jsonl", (json.dumps({"file_name": "./a.png", "text": "宫保鸡丁"}, ensure_ascii=False) + "\r\n").encode("utf-16"))
+    report = check_path(archive)
+    assert [(p.item, p.text) for p in report.pairs] == [("./a.png", "宫保鸡丁")]
+    assert [(n.item, n.code) for n in report.notes] == [("metadata.jsonl", "decoded_utf16")]
+
+
+def test_every_problem_of_an_item_is_listed_and_counted_once(tmp_path):
+    (tmp_path / "tiny.png").write_bytes(png_bytes(3, side=16))
+    (tmp_path / "tiny.txt").write_text("长" * 500, encoding="utf-8")
+    (tmp_path / "zero.png").write_bytes(b"")
+    report = check_path(tmp_path)
+    assert [(i.item, i.code) for i in report.issues] == [
+        ("tiny.png", "caption_too_long"), ("tiny.png", "too_small"), ("zero.png", "missing_caption"), ("zero.png", "empty_file"),
+    ]
+    assert report.skipped == 2
+    assert "0 usable pairs, 2 items skipped" in report.summary()
+
+
+def test_hostile_zip_entries_are_named_not_raised(tmp_path):
+    from test_hazards import patch_zip_entry
+
+    archive = tmp_path / "odd.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in ("locked.png", "method.png", "ok.png"):
+            zf.writestr(name, png_bytes(len(name)))
+        zf.writestr("metadata.jsonl", "".join(json.dumps({"file_name": n, "text": "图"}) + "\n" for n in ("locked.png", "method.png", "ok.png", ".")))
+    patch_zip_entry(archive, "locked.png", flag_bits=0x1)
+    patch_zip_entry(archive, "method.png", method=99)
+    with zipfile.ZipFile(archive) as zf:  # what the checker must not let escape
+        with pytest.raises(RuntimeError):
+            zf.read("locked.png")
+        with pytest.raises(NotImplementedError):
+            zf.read("method.png")
+    report = check_path(archive)
+    assert [p.item for p in report.pairs] == ["ok.png"]
+    assert reasons(report) == {"locked.png": "encrypted", "method.png": "bad_compression", ".": "bad_name"}

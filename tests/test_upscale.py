@@ -335,7 +335,6 @@ def test_upscale_cli_round_trip(tmp_path, capsys):
 # ----------------------------------------------------------------------------- the demo model
 
 
-@pytest.mark.skipif(not DEMO_SR_WEIGHTS.is_file(), reason="assets/demo-sr.safetensors not built (rapid-diffusion train-sr)")
 def test_demo_sr_beats_lanczos_on_held_out_world_images():
     from rapid_diffusion.demo.train_sr import evaluate, render_world
 
@@ -345,7 +344,6 @@ def test_demo_sr_beats_lanczos_on_held_out_world_images():
     assert scores["esrgan"] >= scores["lanczos"] + 2.0, scores
 
 
-@pytest.mark.skipif(not DEMO_SR_WEIGHTS.is_file(), reason="assets/demo-sr.safetensors not built (rapid-diffusion train-sr)")
 def test_benchmark_sr_times_the_demo_model_and_lanczos():
     from rapid_diffusion.sr_bench import benchmark_sr
 
