@@ -36,6 +36,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "stopped_title": ("已停止", "Stopped"),
     "model_missing": ("模型文件缺失：不可用", "model files missing: unavailable"),
     "offline_unavailable": ("离线：不可用（模型尚未下载）", "offline: unavailable (the model is not downloaded)"),
+    "offline_incomplete": ("离线：不可用（模型下载未完成）", "offline: unavailable (the model download is incomplete)"),
+    "skipped_domain_files": ("已跳过的领域文件", "Skipped domain files"),
     "will_download": ("首次生成会先下载模型 {model}，可能需要几分钟", "the first generation downloads {model} first, which can take minutes"),
     "upload_too_large": ("上传总量超过 {limit}", "The upload exceeds {limit} in total"),
     "body_timeout": ("请求体发送过慢，已超时", "The request body arrived too slowly"),

@@ -178,9 +178,9 @@ class AppService:
         state = self.state(spec)
         if state == "missing":
             return Availability(state, False, say("model_missing"))
-        if state == "needs-download":
+        if state in ("needs-download", "incomplete"):
             if settings().hub_offline:
-                return Availability(state, False, say("offline_unavailable"))
+                return Availability(state, False, say("offline_unavailable" if state == "needs-download" else "offline_incomplete"))
             return Availability(state, True, say("will_download", model=spec.model.name))
         return Availability(state, True)
 
@@ -316,8 +316,12 @@ class AppService:
         loaded = [d for d, state in states.items() if state == "loaded"]
         return {
             "status": "ok", "ready": bool(ready), "domains": states, "loaded": loaded,
-            "domain_errors": [self.describe_domain_error(e) for e in self.registry.domain_errors],
+            "domain_errors": self.skipped_domain_files(),
         }
+
+    def skipped_domain_files(self) -> list[dict[str, str]]:
+        """The domain files skipped at the last load, as a stranger may see them."""
+        return [self.describe_domain_error(e) for e in self.registry.domain_errors]
 
     @staticmethod
     def describe_domain_error(error) -> dict[str, str]:

@@ -34,6 +34,7 @@ STATE_LABELS = {
     "offline-ready": "本地可用 offline-ready",
     "cached": "已缓存 cached",
     "needs-download": "需下载 needs-download",
+    "incomplete": "下载未完成 incomplete",
     "missing": "缺失 missing",
 }
 COMMON_SIZES = ("512x512", "512x768", "768x512", "768x768", "256x256")
@@ -417,6 +418,7 @@ def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> None:
     """
     table = gr.Dataframe(headers=MODEL_COLUMNS, value=models_table(ctx.service), interactive=False, label="模型 / Models", elem_id="models-table")
     memory = gr.Markdown(device_memory_markdown())
+    gr.Markdown(domain_errors_markdown(ctx.service), elem_id="domain-errors")
     access = ctx.service.admin_access()
     outputs = [table, memory]
     if access == "off":
@@ -449,6 +451,15 @@ def models_table(service: AppService) -> list[list[Any]]:
          "" if row.memory_mb is None else row.memory_mb, "" if row.load_seconds is None else row.load_seconds, row.optimization]
         for row in service.models()
     ]
+
+
+def domain_errors_markdown(service: AppService) -> str:
+    """The domain files skipped at start-up (file name and field, never a path), so the owner sees why one is missing."""
+    errors = service.skipped_domain_files()
+    if not errors:
+        return ""
+    lines = [f"- `{e['file']}` · {e['field']}: {e['problem']}" for e in errors]
+    return f"**⚠️ {say('skipped_domain_files')}**\n\n" + "\n".join(lines)
 
 
 def device_memory_markdown() -> str:

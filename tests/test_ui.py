@@ -261,3 +261,14 @@ def test_gradio_client_calls_generate_on_a_real_server(registry):
             client.predict(prompt="一只猫", domain="tiny", num_inference_steps=0, api_name="/generate")
         response = httpx.post(f"{url}/api/predict/tiny", json={"text": "猫", "num_inference_steps": 1, "seed": 3})
         assert response.status_code == 200 and response.json()["seeds"] == [3]
+
+
+def test_the_models_tab_lists_skipped_domain_files_by_name(tmp_path, tiny_model_dir):
+    from rapid_diffusion.ui import domain_errors_markdown
+
+    write_domain(tmp_path, "tiny", tiny_model_dir)
+    (tmp_path / "bad.yaml").write_text("id: bad\nheight: tall\n", encoding="utf-8")
+    service = AppService(ModelRegistry(domains=load_domains([tmp_path])), GpuGate())
+    text = domain_errors_markdown(service)
+    assert "已跳过的领域文件 / Skipped domain files" in text and "`bad.yaml`" in text and str(tmp_path) not in text
+    assert domain_errors_markdown(AppService(ModelRegistry(domains=load_domains([tmp_path / "none"])), GpuGate())) == ""
