@@ -22,6 +22,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from .domains import SAMPLER_NAMES, DomainSpec
+from .preview import PreviewCallback, previewer
 from .samplers import SAMPLER_TITLES, make_scheduler
 from .settings import settings
 
@@ -289,8 +290,13 @@ def generate(
     registry,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    preview: PreviewCallback | None = None,
+    preview_every: int = 5,
 ) -> GenerationResult:
     """Generate images for ``request`` with the domain ``spec``: the call every face makes.
+
+    ``preview(step, images)``, if given, gets cheap RGB projections of the latents every
+    ``preview_every`` sampler steps (see :mod:`.preview`).
 
     The domain's pipeline is loaded through ``registry`` (a :class:`~.registry.ModelRegistry`,
     passed in so that the pipeline never reaches for a global) on first use; its lock makes one
@@ -306,6 +312,8 @@ def generate(
             spec=spec,
             progress=progress,
             should_stop=should_stop,
+            preview=preview,
+            preview_every=preview_every,
             encode_prompt=model.encode_prompt,
             upscaler=model.upscaler,
         )
@@ -318,6 +326,8 @@ def run_pipeline(
     spec: DomainSpec,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    preview: PreviewCallback | None = None,
+    preview_every: int = 5,
     encode_prompt: PromptEncoder | None = None,
     upscaler: Upscaler | None = None,
 ) -> GenerationResult:
@@ -353,7 +363,9 @@ def run_pipeline(
         width=request.width,
         generator=generators,
         output_type="latent",
-        callback_on_step_end=_step_callback(progress, should_stop, request.num_inference_steps),
+        callback_on_step_end=_step_callback(
+            progress, should_stop, request.num_inference_steps, previewer(pipe, preview, preview_every)
+        ),
     ).images
     if should_stop is not None and should_stop():
         raise GenerationCancelled("generation stopped by the user / 已停止生成")
@@ -408,21 +420,30 @@ def lanczos_upscaler(images: list[Image.Image], scale: int = 4) -> tuple[list[Im
     return [im.resize((im.width * scale, im.height * scale), Image.LANCZOS) for im in images], "lanczos"
 
 
-def _step_callback(progress: ProgressCallback | None, should_stop: Callable[[], bool] | None, num_steps: int):
+def _step_callback(
+    progress: ProgressCallback | None,
+    should_stop: Callable[[], bool] | None,
+    num_steps: int,
+    show_preview: Callable[[int, torch.Tensor], None] | None = None,
+):
     """Report (done, total) in the request's sampler steps: one call per step, ``total == num_steps``.
 
     A sampler may evaluate the UNet more often than it makes steps (PNDM's PLMS warm-up spends two
     evaluations on its first step: 21 for 20 steps); evaluation ``k`` of ``n`` completes step
-    ``k * num_steps // n``. The stop flag is read after every evaluation.
+    ``k * num_steps // n``. The stop flag is read after every evaluation; ``show_preview(step,
+    latents)`` is called once per step.
     """
     reported = 0
 
     def on_step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         nonlocal reported
         done = (step + 1) * num_steps // pipe.num_timesteps
-        if progress is not None and done > reported:
+        if done > reported:
             reported = done
-            progress(done, num_steps)
+            if progress is not None:
+                progress(done, num_steps)
+            if show_preview is not None:
+                show_preview(done, callback_kwargs["latents"])
         if should_stop is not None and should_stop():
             pipe._interrupt = True
         return callback_kwargs
