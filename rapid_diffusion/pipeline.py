@@ -9,6 +9,7 @@ image can be reproduced alone by asking for ``seed + i`` with ``num_images=1``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -21,7 +22,8 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from .domains import SAMPLER_NAMES, DomainSpec
-from .samplers import make_scheduler
+from .preview import PreviewCallback, previewer
+from .samplers import SAMPLER_TITLES, make_scheduler
 from .settings import settings
 
 MAX_SEED = 2**32 - 1
@@ -75,19 +77,23 @@ class GenerationRequest:
     super_resolution: bool | None = None
 
     def resolve(self, spec: DomainSpec, limits: Limits | None = None) -> "GenerationRequest":
-        """Fill the domain's defaults, pick a seed if none was given, and validate every field."""
+        """Fill the domain's defaults, pick a seed if none was given, and validate every field.
+
+        A picked seed leaves room for the largest batch: image ``i`` uses ``seed + i``.
+        """
+        limits = limits or Limits.from_env()
         filled = replace(
             self,
             negative_prompt=spec.negative_prompt if self.negative_prompt is None else self.negative_prompt,
             num_inference_steps=spec.num_inference_steps if self.num_inference_steps is None else self.num_inference_steps,
             guidance_scale=spec.guidance_scale if self.guidance_scale is None else self.guidance_scale,
-            seed=random.randint(0, MAX_SEED) if self.seed is None else self.seed,
+            seed=random.randint(0, MAX_SEED + 1 - limits.max_images) if self.seed is None else self.seed,
             height=spec.height if self.height is None else self.height,
             width=spec.width if self.width is None else self.width,
             sampler=spec.sampler if self.sampler is None else self.sampler,
             super_resolution=spec.super_resolution if self.super_resolution is None else self.super_resolution,
         )
-        filled.validate(limits or Limits.from_env())
+        filled.validate(limits)
         return filled
 
     def validate(self, limits: Limits) -> None:
@@ -95,8 +101,15 @@ class GenerationRequest:
         _check_text("negative_prompt", self.negative_prompt, limits.max_prompt_chars, required=False)
         _check_int("num_inference_steps", self.num_inference_steps, 1, limits.max_steps)
         _check_number("guidance_scale", self.guidance_scale, 0.0, limits.max_guidance)
-        _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("num_images", self.num_images, 1, limits.max_images)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        if self.seed + self.num_images - 1 > MAX_SEED:
+            raise RequestError(
+                "seed",
+                f"must be between 0 and {MAX_SEED + 1 - self.num_images} for {self.num_images} images "
+                f"(image i uses seed + i, at most {MAX_SEED}), got {self.seed}",
+                f"生成 {self.num_images} 张图时须在 0 到 {MAX_SEED + 1 - self.num_images} 之间（第 i 张用 seed + i）",
+            )
         for name in ("height", "width"):
             _check_int(name, getattr(self, name), limits.min_side, limits.max_side)
             if getattr(self, name) % 8:
@@ -116,6 +129,15 @@ def _check_text(name: str, value: Any, max_chars: int, required: bool) -> None:
         raise RequestError(name, "must not be empty", "不能为空")
     if len(value) > max_chars:
         raise RequestError(name, f"must be at most {max_chars} characters, got {len(value)}", f"最多 {max_chars} 个字符（收到 {len(value)} 个）")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(value[exc.start])
+        raise RequestError(
+            name,
+            f"must be valid Unicode text; a lone surrogate U+{code:04X} is at position {exc.start}",
+            f"含无效字符（第 {exc.start} 位的孤立代理 U+{code:04X}）",
+        ) from None
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
@@ -178,33 +200,86 @@ class GenerationResult:
         """Everything needed to reproduce image ``index`` alone."""
         return {**self.settings, "seed": self.seeds[index], "num_images": 1}
 
+    def output_settings(self, index: int) -> dict[str, Any]:
+        """:meth:`image_settings` plus the size of the image as delivered (after super-resolution)."""
+        width, height = self.images[index].size
+        return {**self.image_settings(index), "output_width": width, "output_height": height}
+
+    def file_stem(self, index: int) -> str:
+        """A file name stem that images of other runs do not share, e.g. ``demo-44-pndm-20steps-sr4-1a2b3c4d``:
+        domain, seed, sampler, steps, super-resolution factor, and a short hash of all the settings."""
+        image = self.output_settings(index)
+        parts = [image["domain"], str(image["seed"]), image["sampler"], f"{image['num_inference_steps']}steps"]
+        if image["super_resolution"]:
+            parts.append(f"sr{upscale_factor(image)}")
+        digest = hashlib.sha256(json.dumps(image, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+        return "-".join(parts + [digest[:8]])
+
+    def summary(self, index: int) -> str:
+        """Image ``index``'s settings as one readable line (seed, size, sampler, steps, guidance)."""
+        image = self.output_settings(index)
+        return " · ".join([
+            f"种子 seed {image['seed']}",
+            size_summary(image),
+            SAMPLER_TITLES[image["sampler"]],
+            f"{image['num_inference_steps']} 步 steps",
+            f"引导 guidance {image['guidance_scale']:g}",
+        ])
+
     def png_bytes(self, index: int) -> bytes:
         buffer = io.BytesIO()
-        self.images[index].save(buffer, format="PNG", pnginfo=png_metadata(self.image_settings(index)))
+        self.images[index].save(buffer, format="PNG", pnginfo=png_metadata(self.output_settings(index)))
         return buffer.getvalue()
 
-    def save(self, out_dir: Path, stem: str = "image") -> list[Path]:
+    def save(self, out_dir: Path) -> list[Path]:
+        """Write every image as ``<file_stem>.png`` (settings embedded) into ``out_dir``."""
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = []
-        for i, seed in enumerate(self.seeds):
-            path = out_dir / f"{stem}-{seed}.png"
+        for i in range(len(self.images)):
+            path = out_dir / f"{self.file_stem(i)}.png"
             path.write_bytes(self.png_bytes(i))
             paths.append(path)
         return paths
 
 
+def upscale_factor(settings: dict[str, Any]) -> int:
+    """How many times larger the delivered image is than the generated one (1 without super-resolution)."""
+    return settings.get("output_width", settings["width"]) // settings["width"]
+
+
+def size_summary(settings: dict[str, Any]) -> str:
+    """``64×64``, or ``256×256 (64×64 → 超分辨率 super-resolution ×4)`` after super-resolution."""
+    generated = f"{settings['width']}×{settings['height']}"
+    if upscale_factor(settings) == 1:
+        return generated
+    output = f"{settings['output_width']}×{settings['output_height']}"
+    return f"{output} ({generated} → 超分辨率 super-resolution ×{upscale_factor(settings)})"
+
+
 def png_metadata(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
-    """Settings as PNG text chunks: ``rapid_diffusion`` (JSON) and ``parameters`` (A1111 style)."""
+    """Settings as PNG text chunks: ``rapid_diffusion`` (JSON) and ``parameters`` (A1111 style).
+
+    ``Size`` is the size of the file; an upscaled image also says the size it was generated at.
+    """
     info = PngImagePlugin.PngInfo()
     info.add_itxt("rapid_diffusion", json.dumps(settings, ensure_ascii=False, sort_keys=True))
     line = (
         f"{settings['prompt']}\nNegative prompt: {settings.get('negative_prompt', '')}\n"
         f"Steps: {settings['num_inference_steps']}, Sampler: {settings['sampler']}, "
         f"CFG scale: {settings['guidance_scale']}, Seed: {settings['seed']}, "
-        f"Size: {settings['width']}x{settings['height']}, Model: {settings.get('model', '')}"
+        f"Size: {png_size_text(settings)}, Model: {settings.get('model', '')}"
     )
     info.add_itxt("parameters", line)
     return info
+
+
+def png_size_text(settings: dict[str, Any]) -> str:
+    """``64x64``, or ``256x256, generated at 64x64, super-resolution x4``."""
+    generated = f"{settings['width']}x{settings['height']}"
+    if upscale_factor(settings) == 1:
+        return generated
+    output = f"{settings['output_width']}x{settings['output_height']}"
+    return f"{output}, generated at {generated}, super-resolution x{upscale_factor(settings)}"
 
 
 def read_png_settings(path_or_bytes: Path | bytes) -> dict[str, Any]:
@@ -225,8 +300,13 @@ def generate(
     registry,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    preview: PreviewCallback | None = None,
+    preview_every: int = 5,
 ) -> GenerationResult:
     """Generate images for ``request`` with the domain ``spec``: the call every face makes.
+
+    ``preview(step, images)``, if given, gets cheap RGB projections of the latents every
+    ``preview_every`` sampler steps (see :mod:`.preview`).
 
     The domain's pipeline is loaded through ``registry`` (a :class:`~.registry.ModelRegistry`,
     passed in so that the pipeline never reaches for a global) on first use; its lock makes one
@@ -242,6 +322,8 @@ def generate(
             spec=spec,
             progress=progress,
             should_stop=should_stop,
+            preview=preview,
+            preview_every=preview_every,
             encode_prompt=model.encode_prompt,
             upscaler=model.upscaler,
         )
@@ -254,6 +336,8 @@ def run_pipeline(
     spec: DomainSpec,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    preview: PreviewCallback | None = None,
+    preview_every: int = 5,
     encode_prompt: PromptEncoder | None = None,
     upscaler: Upscaler | None = None,
 ) -> GenerationResult:
@@ -265,7 +349,7 @@ def run_pipeline(
     request = request.resolve(spec)
     report = inspect_prompt(pipe.tokenizer, request.prompt)
     timings: dict[str, float] = {}
-    pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(request.sampler, model_scheduler_config(pipe))
     do_cfg = request.guidance_scale > 1.0
 
     start = time.perf_counter()
@@ -289,7 +373,9 @@ def run_pipeline(
         width=request.width,
         generator=generators,
         output_type="latent",
-        callback_on_step_end=_step_callback(progress, should_stop),
+        callback_on_step_end=_step_callback(
+            progress, should_stop, request.num_inference_steps, previewer(pipe, preview, preview_every)
+        ),
     ).images
     if should_stop is not None and should_stop():
         raise GenerationCancelled("generation stopped by the user / 已停止生成")
@@ -324,6 +410,14 @@ def run_pipeline(
     return GenerationResult(images, seeds, timings, settings, report, notes)
 
 
+def model_scheduler_config(pipe) -> dict[str, Any]:
+    """The config of the scheduler the model shipped with, kept aside on first use: every request
+    replaces ``pipe.scheduler`` with its sampler, whose config may lack some of the model's fields."""
+    if "model_scheduler_config" not in pipe.__dict__:
+        pipe.__dict__["model_scheduler_config"] = dict(pipe.scheduler.config)
+    return pipe.__dict__["model_scheduler_config"]
+
+
 def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
     with torch.inference_mode():
         scaled = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
@@ -336,12 +430,30 @@ def lanczos_upscaler(images: list[Image.Image], scale: int = 4) -> tuple[list[Im
     return [im.resize((im.width * scale, im.height * scale), Image.LANCZOS) for im in images], "lanczos"
 
 
-def _step_callback(progress: ProgressCallback | None, should_stop: Callable[[], bool] | None):
-    """Report (done, total) UNet evaluations; PNDM's PLMS makes one more than the step count."""
+def _step_callback(
+    progress: ProgressCallback | None,
+    should_stop: Callable[[], bool] | None,
+    num_steps: int,
+    show_preview: Callable[[int, torch.Tensor], None] | None = None,
+):
+    """Report (done, total) in the request's sampler steps: one call per step, ``total == num_steps``.
+
+    A sampler may evaluate the UNet more often than it makes steps (PNDM's PLMS warm-up spends two
+    evaluations on its first step: 21 for 20 steps); evaluation ``k`` of ``n`` completes step
+    ``k * num_steps // n``. The stop flag is read after every evaluation; ``show_preview(step,
+    latents)`` is called once per step.
+    """
+    reported = 0
 
     def on_step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        if progress is not None:
-            progress(step + 1, pipe.num_timesteps)
+        nonlocal reported
+        done = (step + 1) * num_steps // pipe.num_timesteps
+        if done > reported:
+            reported = done
+            if progress is not None:
+                progress(done, num_steps)
+            if show_preview is not None:
+                show_preview(done, callback_kwargs["latents"])
         if should_stop is not None and should_stop():
             pipe._interrupt = True
         return callback_kwargs

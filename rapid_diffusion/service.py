@@ -233,17 +233,6 @@ class AppService:
             release_gpu_memory()
             raise UserFacingError(503, say("out_of_memory")) from exc
 
-    @staticmethod
-    def image_line(result: GenerationResult, index: int) -> str:
-        """Image ``index``'s settings as one line a person can read and paste (seed first: it is what varies)."""
-        s = result.image_settings(index)
-        upscaled = f" · 超分 SR {s['upscaler']}" if s.get("upscaler") else ""
-        return (
-            f"种子 seed {s['seed']} · {s['width']}x{s['height']}{upscaled} · 采样器 sampler {s['sampler']} · "
-            f"步数 steps {s['num_inference_steps']} · 引导 CFG {s['guidance_scale']} · "
-            f"领域 domain {s['domain']} · 模型 model {s['model']}"
-        )
-
     def inspect_prompt(self, domain_id: str | None, prompt: str) -> PromptReport | None:
         """How ``prompt`` fits the domain's text encoder; ``None`` while its tokenizer is not on disk."""
         spec = self.spec(domain_id)

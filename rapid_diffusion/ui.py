@@ -278,7 +278,7 @@ def make_ui_generate(ctx: UiContext):
         captions = [(str(path), f"种子 seed {s}") for path, s in zip(paths, result.seeds)]
         for note in result.notes:
             gr.Warning(note)
-        details = "\n".join(ctx.service.image_line(result, i) for i in range(len(result.images)))
+        details = "\n".join(result.summary(i) for i in range(len(result.images)))
         return captions, timings_markdown(result), details, [str(p) for p in paths], result.seeds, result.seeds[0]
 
     return generate_from_ui
@@ -310,10 +310,9 @@ def progress_reporter(progress: gr.Progress):
 def save_pngs(result: GenerationResult) -> list[Path]:
     """Write the PNGs (settings embedded) straight into Gradio's cache, so they are served as-is."""
     cache = processing_utils.get_upload_folder()
-    stem = result.settings["domain"]
     return [
-        Path(processing_utils.save_bytes_to_cache(result.png_bytes(i), f"{stem}-{seed}.png", cache))
-        for i, seed in enumerate(result.seeds)
+        Path(processing_utils.save_bytes_to_cache(result.png_bytes(i), f"{result.file_stem(i)}.png", cache))
+        for i in range(len(result.images))
     ]
 
 

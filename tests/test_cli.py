@@ -42,13 +42,13 @@ def test_generate_with_model_folder_is_deterministic(unseen_model, tmp_path):
     first = cli(*args, "--seed", "42", "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
     paths = first.stdout.split()
-    assert [os.path.basename(p) for p in paths] == ["image-42.png", "image-43.png"]
+    assert [os.path.basename(p).split("-")[:4] for p in paths] == [["custom", str(s), "pndm", "3steps"] for s in (42, 43)]
     again = cli(*args, "--seed", "42", "--out", str(tmp_path / "b"))
     other = cli(*args, "--seed", "7", "--out", str(tmp_path / "c"))
-    a, b, c = (np.asarray(Image.open(tmp_path / d / f"image-{s}.png")) for d, s in (("a", 42), ("b", 42), ("c", 7)))
+    a, b, c = (np.asarray(Image.open(next((tmp_path / d).glob(f"custom-{s}-*.png")))) for d, s in (("a", 42), ("b", 42), ("c", 7)))
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
-    assert read_png_settings(tmp_path / "a" / "image-43.png")["seed"] == 43
+    assert read_png_settings(paths[1])["seed"] == 43
     assert Image.open(paths[0]).size == (64, 64)  # the model's native size, read from its config
 
 

@@ -1,7 +1,12 @@
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
+from rapid_diffusion import pipeline
 from rapid_diffusion.pipeline import (
+    MAX_SEED,
     GenerationCancelled,
     GenerationRequest,
     Limits,
@@ -87,6 +92,10 @@ def test_samplers_give_different_images(registry, spec):
         ({"sampler": "dpm_magic"}, "sampler"),
         ({"num_inference_steps": "20"}, "num_inference_steps"),
         ({"super_resolution": "yes"}, "super_resolution"),
+        ({"seed": MAX_SEED, "num_images": 2}, "seed"),
+        ({"seed": MAX_SEED - 6, "num_images": 8}, "seed"),
+        ({"prompt": "红色\ud800圆形"}, "prompt"),
+        ({"negative_prompt": "\udc00"}, "negative_prompt"),
     ],
 )
 def test_validation_names_the_field_and_range(spec, fields, field):
@@ -95,6 +104,15 @@ def test_validation_names_the_field_and_range(spec, fields, field):
         GenerationRequest(**fields).resolve(spec, Limits())
     assert info.value.field == field
     assert field in str(info.value)
+
+
+def test_the_last_image_of_a_request_keeps_a_valid_seed(spec, monkeypatch):
+    GenerationRequest(prompt="红色", seed=MAX_SEED - 7, num_images=8).resolve(spec, Limits())
+    with pytest.raises(RequestError, match=f"between 0 and {MAX_SEED - 7} for 8 images"):
+        GenerationRequest(prompt="红色", seed=MAX_SEED, num_images=8).resolve(spec, Limits())
+    monkeypatch.setattr(pipeline.random, "randint", lambda low, high: high)  # the largest seed it may pick
+    picked = GenerationRequest(prompt="红色", num_images=1).resolve(spec, Limits(max_images=8))
+    assert picked.seed + 8 - 1 == MAX_SEED
 
 
 def test_validation_happens_before_loading(test_domains):
@@ -132,16 +150,39 @@ def test_png_carries_the_settings(registry, spec, tmp_path):
     assert settings["domain"] == "tiny"
 
 
-def test_progress_and_stop(registry, spec):
-    steps = []
-    result = generate(
-        GenerationRequest(prompt="红色", seed=1), spec, registry=registry, progress=lambda i, n: steps.append((i, n))
-    )
-    total = steps[-1][1]
-    assert total in (4, 5)  # PNDM (PLMS) evaluates the UNet once more than the step count
-    assert steps == [(i, total) for i in range(1, total + 1)] and result.images
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_progress_counts_the_requested_steps_once_each(registry, spec, sampler):
+    """PNDM evaluates the UNet 5 times for 4 steps (PLMS warm-up); progress still says 1/4 .. 4/4."""
+    steps, evaluations = [], []
+    hook = registry.get(spec).pipe.unet.register_forward_hook(lambda *args: evaluations.append(1))
+    try:
+        result = generate(
+            GenerationRequest(prompt="红色", seed=1, sampler=sampler),
+            spec,
+            registry=registry,
+            progress=lambda i, n: steps.append((i, n)),
+        )
+    finally:
+        hook.remove()
+    assert steps == [(i, 4) for i in range(1, 5)] and result.images
+    assert len(evaluations) == (5 if sampler == "pndm" else 4)
+
+
+def test_stop_cancels(registry, spec):
     with pytest.raises(GenerationCancelled):
         generate(GenerationRequest(prompt="红色", seed=1), spec, registry=registry, should_stop=lambda: True)
+
+
+def test_a_sampler_does_not_depend_on_the_one_before(registry, spec):
+    """Each request's scheduler comes from the model's own config, not from the last request's
+    scheduler (Euler has no set_alpha_to_one, DDIM's default of it is True)."""
+    ddim = run(registry, spec, sampler="ddim")
+    direct = dict(registry.get(spec).pipe.scheduler.config)
+    run(registry, spec, sampler="euler")
+    after_euler = run(registry, spec, sampler="ddim")
+    assert dict(registry.get(spec).pipe.scheduler.config) == direct
+    assert direct["set_alpha_to_one"] is False and direct["clip_sample"] is False
+    assert np.array_equal(pixels(ddim), pixels(after_euler))
 
 
 def test_super_resolution_without_weights_is_labelled_lanczos(registry, spec):
@@ -150,3 +191,38 @@ def test_super_resolution_without_weights_is_labelled_lanczos(registry, spec):
     assert result.settings["upscaler"] == "lanczos"
     assert "super_resolution" in result.timings
     assert any("lanczos" in note for note in result.notes)
+
+
+def test_png_metadata_states_the_output_size_after_super_resolution(registry, spec):
+    plain, upscaled = run(registry, spec), run(registry, spec, super_resolution=True)
+    with Image.open(io.BytesIO(plain.png_bytes(0))) as image:
+        assert image.size == (64, 64) and "Size: 64x64, Model:" in image.text["parameters"]
+    with Image.open(io.BytesIO(upscaled.png_bytes(0))) as image:
+        assert image.size == (256, 256)
+        assert "Size: 256x256, generated at 64x64, super-resolution x4, Model:" in image.text["parameters"]
+    settings = read_png_settings(upscaled.png_bytes(0))
+    assert (settings["width"], settings["output_width"], settings["output_height"]) == (64, 256, 256)
+
+
+def test_file_names_differ_between_runs_and_repeat_for_the_same_settings(registry, spec, tmp_path):
+    runs = [run(registry, spec, seed=44), run(registry, spec, seed=44, super_resolution=True), run(registry, spec, seed=44, sampler="ddim")]
+    stems = [result.file_stem(0) for result in runs]
+    assert stems[0].startswith("tiny-44-pndm-4steps-") and len(stems[0].rsplit("-", 1)[1]) == 8
+    assert stems[1].startswith("tiny-44-pndm-4steps-sr4-")
+    assert stems[2].startswith("tiny-44-ddim-4steps-")
+    assert len(set(stems)) == 3
+    assert run(registry, spec, seed=44).file_stem(0) == stems[0]
+    assert run(registry, spec, seed=44, guidance_scale=7.5).file_stem(0) != stems[0]
+    out = tmp_path / "out"
+    paths = runs[0].save(out) + runs[1].save(out) + runs[2].save(out)
+    assert [path.name for path in paths] == [f"{stem}.png" for stem in stems]
+    assert sorted(path.name for path in out.iterdir()) == sorted(path.name for path in paths)
+
+
+def test_summary_is_one_readable_line_per_image(registry, spec):
+    result = run(registry, spec, seed=44, num_images=2, guidance_scale=7.5)
+    assert result.summary(1) == "种子 seed 45 · 64×64 · PNDM · 4 步 steps · 引导 guidance 7.5"
+    upscaled = run(registry, spec, seed=44, sampler="dpmpp_2m_karras", super_resolution=True)
+    assert upscaled.summary(0) == (
+        "种子 seed 44 · 256×256 (64×64 → 超分辨率 super-resolution ×4) · DPM-Solver++ 2M Karras · 4 步 steps · 引导 guidance 5"
+    )

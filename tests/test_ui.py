@@ -1,6 +1,7 @@
 """The Gradio face: the named /generate API, the UI's handlers, and a real server + gradio_client."""
 
 import socket
+from pathlib import Path
 import threading
 import time
 from contextlib import contextmanager
@@ -115,8 +116,11 @@ def test_ui_generate_serves_the_png_files_with_settings_and_reports_progress(ui_
     settings = read_png_settings(open(files[1], "rb").read())
     assert (settings["seed"], settings["prompt"], settings["width"]) == (12, "一只橘猫在窗台上", 64)
     lines = details.splitlines()
-    assert len(lines) == 2 and lines[1].startswith("种子 seed 12 · 64x64") and "步数 steps 2" in lines[1]
-    assert "模型 model " in lines[0] and " /" not in lines[0], "no absolute server path in the settings line"
+    assert lines == [
+        "种子 seed 11 · 64×64 · PNDM · 2 步 steps · 引导 guidance 5",
+        "种子 seed 12 · 64×64 · PNDM · 2 步 steps · 引导 guidance 5",
+    ]
+    assert [Path(f).name.split("-")[:4] for f in files] == [["tiny", "11", "pndm", "2steps"], ["tiny", "12", "pndm", "2steps"]]
     assert not settings["model"].startswith("/"), "nor in the PNG metadata"
     assert "unet" in timings and "vae_decode" in timings
     assert steps and steps[-1][0] == steps[-1][1], "the progress bar reaches the end of the denoising loop"
