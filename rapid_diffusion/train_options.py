@@ -244,6 +244,17 @@ PRESETS = {
 SMALL_BASE_SIDE = 128
 
 
+def cadence(max_steps: int) -> int:
+    """Validation images, validation loss and a checkpoint every fifth of a run started from the tab."""
+    return max(10, max_steps // 5)
+
+
+def preset_config(preset: Preset, **fields) -> TrainConfig:
+    """The run a preset stands for, as the Fine-tune tab starts it (``fields`` add base, data, output...)."""
+    every = cadence(preset.max_steps)
+    return TrainConfig(**{**preset.values(), "validation_every": every, "checkpoint_every": every, **fields})
+
+
 def size_class(native_side: int) -> str:
     return "small" if native_side <= SMALL_BASE_SIDE else "large"
 
