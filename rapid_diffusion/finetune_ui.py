@@ -14,7 +14,7 @@ resume, check, poll, delete) needs it, and none of the tab's events is in the pu
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .data import IMAGE_SUFFIXES, DataReport, check_uploads, write_pairs_folder
@@ -24,6 +24,7 @@ from .settings import settings
 from .train_options import (
     DEFAULT_PRESET,
     PRESET_LABELS,
+    Preset,
     TrainConfig,
     TrainingError,
     cadence,
@@ -104,14 +105,20 @@ def device_kind(registry) -> str:
 
 def preset_fields(registry, base: str | None, preset: str) -> tuple[int, str, int, int]:
     """The Advanced numbers a preset stands for on this base: steps, learning rate, batch, accumulation."""
-    chosen = preset_for(preset or DEFAULT_PRESET, native_side(registry, base))
+    chosen = capped(preset_for(preset or DEFAULT_PRESET, native_side(registry, base)))
     return chosen.max_steps, f"{chosen.learning_rate:g}", chosen.batch_size, chosen.gradient_accumulation_steps
+
+
+def capped(preset: Preset) -> Preset:
+    """The host's step limit (``RAPID_DIFFUSION_FINETUNE_MAX_STEPS``) applies to presets too."""
+    limit = settings().finetune_max_steps
+    return replace(preset, max_steps=min(preset.max_steps, limit)) if limit else preset
 
 
 def duration_markdown(registry, base: str | None, preset: str) -> str:
     """How long the preset takes here, from the measured per-step time, or when it will be known."""
     side = native_side(registry, base)
-    chosen = preset_for(preset or DEFAULT_PRESET, side)
+    chosen = capped(preset_for(preset or DEFAULT_PRESET, side))
     seconds = estimate_seconds(chosen, side, device_kind(registry))
     if seconds is None:
         return (f"{chosen.max_steps} 步；开始后几步内显示剩余时间 / {chosen.max_steps} steps; "
@@ -148,6 +155,9 @@ def config_from_form(form: Form) -> TrainConfig:
     except (TypeError, ValueError):
         raise TrainingError(f"学习率应是一个数，例如 1e-5 / the learning rate must be a number such as 1e-5: {form.learning_rate!r}") from None
     steps = int(form.steps or 0)
+    limit = settings().finetune_max_steps
+    if limit and steps > limit:
+        raise TrainingError(f"本服务器每次最多训练 {limit} 步 / this server allows at most {limit} steps per job")
     config = TrainConfig(
         base=form.base or "", data=Path("."), output=Path("."), name=form.name.strip(),
         max_steps=steps, learning_rate=learning_rate,

@@ -7,6 +7,7 @@ model registers itself reaches all three.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -28,12 +29,10 @@ def denoising_loss(unet, noise_scheduler, latents, hidden, noise=None, timesteps
     """MSE between the UNet's prediction and its target (noise, or v for v-prediction schedulers)
     at random timesteps, or at the given ``noise`` and ``timesteps`` (a comparable validation loss)."""
     latents = latents.float()
-    if noise is None:
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    if noise is None:  # drawn on the CPU (seeded runs repeat on any device), then moved
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     if timesteps is None:
-        timesteps = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device, generator=generator
-        )
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -41,6 +40,27 @@ def denoising_loss(unet, noise_scheduler, latents, hidden, noise=None, timesteps
         target = noise
     prediction = unet(noisy, timesteps, hidden.to(noisy.dtype), return_dict=False)[0]
     return F.mse_loss(prediction.float(), target.float())
+
+
+def make_ema(module: torch.nn.Module, decay: float):
+    """diffusers' EMAModel with the usual warm-up: the decay grows as (1 + step) / (10 + step) up to ``decay``."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(module.parameters(), decay=decay)
+
+
+def averaged_copy(module: torch.nn.Module, ema) -> torch.nn.Module:
+    """A frozen copy of ``module`` holding the EMA weights (the module itself keeps training)."""
+    average = copy.deepcopy(module).requires_grad_(False)
+    ema.copy_to(average.parameters())
+    return average
+
+
+def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up, then a half cosine to zero at ``total_steps`` (diffusers' get_scheduler)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
 def write_domain_yaml(domain_id: str, data: dict) -> Path:

@@ -259,3 +259,10 @@ def test_smoothed_loss_is_debiased_and_flat_on_a_constant():
     assert finetune_ui.smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
     values = finetune_ui.smoothed([1.0, 0.0] * 50)
     assert max(values[-10:]) - min(values[-10:]) < 0.2
+
+
+def test_the_host_step_limit_caps_presets_and_refuses_longer_jobs(monkeypatch, registry, manager, uploads):
+    monkeypatch.setenv("RAPID_DIFFUSION_FINETUNE_MAX_STEPS", "50")
+    assert finetune_ui.preset_fields(registry, "tiny", "thorough")[0] == 50
+    outcome = finetune_ui.start_job(manager, uploads, [], form(steps=60))
+    assert outcome.job_id is None and outcome.message.startswith("本服务器每次最多训练 50 步")
