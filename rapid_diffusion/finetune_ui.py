@@ -19,7 +19,6 @@ from pathlib import Path
 
 from .data import IMAGE_SUFFIXES, DataReport, check_uploads, write_pairs_folder
 from .jobs import ACTIVE_STATES, DeleteRefused, JobBusyError, JobManager, delete_finetuned
-from .run_files import read_status
 from .settings import settings
 from .train_options import (
     DEFAULT_PRESET,
@@ -36,6 +35,7 @@ from .train_options import (
 
 POLL_SECONDS = 2.0
 STEP_AXIS, LOSS_AXIS, SERIES = "步数", "损失", "曲线"
+PLOT_COLUMNS = ("step", "loss", "series")  # vega-lite field names stay ASCII; the titles carry the Chinese
 TRAIN_SERIES, VALIDATION_SERIES = "训练（平滑）/ training (smoothed)", "验证 / validation"
 LEARNING_RATES = ["1e-3", "5e-4", "2e-4", "1e-4", "5e-5", "2e-5", "1e-5", "5e-6", "2e-6", "1e-6"]
 PRECISION_CHOICES = [
@@ -269,6 +269,7 @@ class JobView:
     samples: list[tuple[str, str]]
     comparison: list[tuple[str, str]]
     new_domain: str | None
+    revision: str | None = None  # changes whenever the job's files do
 
 
 EMPTY_VIEW_TEXT = "还没有训练任务 / no training job yet"
@@ -298,11 +299,12 @@ def view_job(jobs: JobManager, job_id: str | None) -> JobView:
         samples[-12:],
         comparison_gallery(job, status) if finished else [],
         status.get("domain_id") if finished else None,
+        f"{job.id}:{status.get('updated_at')}:{state}",
     )
 
 
 def comparison_gallery(job, status: dict) -> list[tuple[str, str]]:
-    """Before / after for each validation prompt, side by side (a two-column gallery), same seed."""
+    """Before / after for each validation prompt, side by side (pairs in a four-column gallery), same seed."""
     before, after = job.before_after()
     prompts = status.get("validation_prompts") or []
     seed = status.get("validation_seed", 0)
@@ -359,10 +361,11 @@ def loss_plot_value(losses: list[dict], validation: list[dict]) -> dict:
     """``gr.LinePlot``'s own wire format (columns + rows): smoothed training loss and validation loss."""
     train_rows = [[row["step"], value, TRAIN_SERIES] for row, value in zip(losses, smoothed([r["loss"] for r in losses]))]
     validation_rows = [[row["step"], row["loss"], VALIDATION_SERIES] for row in validation]
+    step, loss, series = PLOT_COLUMNS
     return {
-        "columns": [STEP_AXIS, LOSS_AXIS, SERIES],
+        "columns": list(PLOT_COLUMNS),
         "data": train_rows + validation_rows,
-        "datatypes": {STEP_AXIS: "quantitative", LOSS_AXIS: "quantitative", SERIES: "nominal"},
+        "datatypes": {step: "quantitative", loss: "quantitative", series: "nominal"},
         "mark": "line",
     }
 
@@ -452,15 +455,15 @@ def build_finetune_tab(registry, jobs: JobManager | None = None) -> dict:
                 resume_button = gr.Button("继续训练 / Resume")
     status = gr.Markdown()
     progress = gr.HTML()
-    loss_plot = gr.LinePlot(x=STEP_AXIS, y=LOSS_AXIS, color=SERIES, title="损失（越低越好）/ loss (lower is better)",
+    loss_plot = gr.LinePlot(x=PLOT_COLUMNS[0], y=PLOT_COLUMNS[1], color=PLOT_COLUMNS[2], title="损失（越低越好）/ loss (lower is better)",
                             x_title=STEP_AXIS, y_title=LOSS_AXIS, color_title=SERIES)
-    samples = gr.Gallery(label="训练中的样图（固定种子）/ samples while training (fixed seed)", columns=6, height="auto")
-    comparison = gr.Gallery(label="同一种子：微调前（左）/ 微调后（右）· same seed: before (left) / after (right)",
-                            columns=2, height="auto", elem_id="before-after")
+    samples = gr.Gallery(label="训练中的样图（固定种子）/ samples while training (fixed seed)", columns=6, height=240, object_fit="contain")
+    comparison = gr.Gallery(label="同一种子：微调前 / 微调后，两两并排 · same seed: before / after, side by side",
+                            columns=4, height=360, object_fit="contain", elem_id="before-after")
     with gr.Row():
         mine = gr.Dropdown(finetuned_choices(registry), value=None, label="我的微调模型 / my fine-tuned models", scale=3)
         delete_button = gr.Button("删除模型 / Delete model", variant="stop", scale=1)
-    new_domain = gr.Textbox(visible=False)
+    new_domain = gr.Textbox(visible="hidden")  # rendered (so its change event fires), never shown
 
     def form(*values) -> Form:
         return Form(*values)
@@ -479,14 +482,16 @@ def build_finetune_tab(registry, jobs: JobManager | None = None) -> dict:
         outcome = resume_job(jobs, current, pw)
         return outcome.job_id or current, outcome.message
 
-    def on_poll(current, pw, known):
+    def on_poll(current, pw, known, seen):
         if access_problem(pw):
-            return None, "", "", loss_plot_value([], []), [], [], gr.skip()
+            return None, "", "", loss_plot_value([], []), [], [], gr.skip(), None
         view = view_job(jobs, current)
         if view.new_domain and view.new_domain not in registry.domains:
             registry.reload_domains()
-        return (view.job_id, view.status_markdown, view.progress_html, view.loss_plot, view.samples, view.comparison,
-                view.new_domain or gr.skip() if view.new_domain != known else gr.skip())
+        unchanged = view.revision == seen  # re-sending an unchanged plot restarts its drawing every tick
+        heavy = (gr.skip(),) * 3 if unchanged else (view.loss_plot, view.samples, view.comparison)
+        domain = view.new_domain if view.new_domain and view.new_domain != known else gr.skip()
+        return (view.job_id, view.status_markdown, view.progress_html, *heavy, domain, view.revision)
 
     def on_delete(domain_id, pw):
         message = delete_model(jobs, domain_id, pw)
@@ -512,6 +517,7 @@ def build_finetune_tab(registry, jobs: JobManager | None = None) -> dict:
     delete_button.click(on_delete, inputs=[mine, password], outputs=[status, new_domain], **private)
     new_domain.change(refresh_lists, inputs=base, outputs=[base, mine], **private)
     timer = gr.Timer(POLL_SECONDS)
-    poll_outputs = [job_id, status, progress, loss_plot, samples, comparison, new_domain]
-    timer.tick(on_poll, inputs=[job_id, password, new_domain], outputs=poll_outputs, show_progress="hidden", **private)
+    seen = gr.State(None)
+    poll_outputs = [job_id, status, progress, loss_plot, samples, comparison, new_domain, seen]
+    timer.tick(on_poll, inputs=[job_id, password, new_domain, seen], outputs=poll_outputs, show_progress="hidden", **private)
     return {"new_domain": new_domain, "status": status, "loss_plot": loss_plot, "timer": timer, "job_id": job_id}

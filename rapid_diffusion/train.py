@@ -20,6 +20,7 @@ import errno
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -826,8 +827,9 @@ def register_domain(config: TrainConfig, model_dir: Path, resolution: int, base_
     examples = list(dict.fromkeys([*config.validation_prompts, *read_status_prompts(config), *(base_spec.examples if base_spec else ())]))
     examples += ["一只猫", "一幅山水画", "一碗面条"][: max(0, 3 - len(examples))]
     name = (config.name or Path(config.output).name).strip()
-    zh = f"{name}（基于 {base_spec.title_zh if base_spec else config.base}）" + ("·提前停止" if stopped else "")
-    en = f"{name} (based on {base_spec.title_en if base_spec else config.base})" + (" · stopped early" if stopped else "")
+    base_zh, base_en = (short_title(base_spec.title_zh), short_title(base_spec.title_en)) if base_spec else (config.base, config.base)
+    zh = f"{name}（基于 {base_zh}）" + ("·提前停止" if stopped else "")
+    en = f"{name} (based on {base_en})" + (" · stopped early" if stopped else "")
     data = {
         "title": {"zh": zh, "en": en},
         "description": f"Full fine-tune of {config.base} on {len(read_losses(config.output))} steps of your pairs"
@@ -849,6 +851,11 @@ def register_domain(config: TrainConfig, model_dir: Path, resolution: int, base_
         )
     write_domain_yaml(domain_id, data)
     return domain_id
+
+
+def short_title(title: str) -> str:
+    """"演示（几何图形）" -> "演示", "Demo (shapes)" -> "Demo": no brackets inside the new title's brackets."""
+    return re.sub(r"\s*[（(][^（）()]*[）)]$", "", title) or title
 
 
 def read_status_prompts(config: TrainConfig) -> list[str]:

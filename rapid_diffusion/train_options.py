@@ -61,7 +61,7 @@ class TrainConfig:
     lr_warmup_steps: int | None = option(None, help="default: 10%% of the steps, at most 100")
     max_grad_norm: float = option(1.0, help="gradient clipping")
     center_crop: bool = option(True, help="centre crop (else a random crop per draw)")
-    random_flip: bool = option(True, help="flip half of the draws left-right")
+    random_flip: bool = option(False, help="flip half of the draws left-right (off: captions saying 左/右 would lie)")
     seed: int = option(0, help="seed of training and of the validation images")
     checkpoint_every: int = option(100, help="steps between checkpoints (0 = only when stopped)")
     keep_checkpoints: int = option(2, help="complete checkpoints kept")

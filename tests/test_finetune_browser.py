@@ -91,6 +91,7 @@ def test_fine_tune_on_the_defaults_in_the_browser_then_generate_with_the_new_mod
         page.get_by_role("tab", name="生成 / Generate").click()
         picker = page.get_by_label("领域 / Domain").first
         picker.click()
+        picker.fill("我的形状")
         option = page.get_by_role("option", name="我的形状（基于 演示）", exact=False)
         expect(option.first).to_be_visible(timeout=30_000)
         option.first.click()

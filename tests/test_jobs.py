@@ -91,7 +91,7 @@ def test_job_trains_from_its_run_json_then_the_tab_shows_before_after_and_the_na
     view = finetune_ui.view_job(JobManager(manager.root), None)
     assert view.job_id == outcome.job_id and view.new_domain.startswith("ft-") and "我的粉色" in view.status_markdown
     assert outcome.job_id not in view.status_markdown
-    assert view.loss_plot["columns"] == ["步数", "损失", "曲线"]
+    assert view.loss_plot["columns"] == ["step", "loss", "series"]
     assert [row[0] for row in view.loss_plot["data"] if row[2] == finetune_ui.TRAIN_SERIES] == [1, 2, 3, 4]
     assert [label for _, label in view.comparison] == ["微调前 / before · 红色的方块 · 种子 / seed 0", "微调后 / after · 红色的方块 · 种子 / seed 0"]
     before, after = (np.asarray(Image.open(path)) for path, _ in view.comparison)
