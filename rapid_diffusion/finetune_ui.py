@@ -370,6 +370,12 @@ def loss_plot_value(losses: list[dict], validation: list[dict]) -> dict:
     }
 
 
+def drawable(plot: dict) -> dict | None:
+    """The plot once training losses exist, else nothing: Gradio's LinePlot never draws the lines of
+    a coloured plot whose first value had no rows (nor one whose first rows had only one curve)."""
+    return plot if any(row[2] == TRAIN_SERIES for row in plot["data"]) else None
+
+
 def _job_or_latest(jobs: JobManager, job_id: str | None):
     if job_id:
         try:
@@ -484,12 +490,12 @@ def build_finetune_tab(registry, jobs: JobManager | None = None) -> dict:
 
     def on_poll(current, pw, known, seen):
         if access_problem(pw):
-            return None, "", "", loss_plot_value([], []), [], [], gr.skip(), None
+            return None, "", "", None, [], [], gr.skip(), None
         view = view_job(jobs, current)
         if view.new_domain and view.new_domain not in registry.domains:
             registry.reload_domains()
         unchanged = view.revision == seen  # re-sending an unchanged plot restarts its drawing every tick
-        heavy = (gr.skip(),) * 3 if unchanged else (view.loss_plot, view.samples, view.comparison)
+        heavy = (gr.skip(),) * 3 if unchanged else (drawable(view.loss_plot), view.samples, view.comparison)
         domain = view.new_domain if view.new_domain and view.new_domain != known else gr.skip()
         return (view.job_id, view.status_markdown, view.progress_html, *heavy, domain, view.revision)
 

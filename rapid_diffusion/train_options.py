@@ -263,9 +263,11 @@ def preset_for(key: str, native_side: int) -> Preset:
     return PRESETS[size_class(native_side)][key]
 
 
-# Seconds per optimizer step of each preset's batch, measured on 2 CPU cores (benchmarks/README.md);
-# large bases have no CPU measurement: the trainer reports the remaining time after its first steps.
-SECONDS_PER_STEP = {("small", "cpu"): 0.29}
+# Seconds per step of a whole quick-preset run (loading, validation, saving included), measured by
+# ``benchmarks/finetune_new_concept.py --preset quick`` on the 2-core CPU machine: 106.7 s / 300 steps
+# (benchmarks/README.md). Large bases have no measurement here: the tab shows the time left after
+# the first steps instead.
+SECONDS_PER_STEP = {("small", "cpu"): 0.36}
 
 
 def estimate_seconds(preset: Preset, native_side: int, device: str) -> float | None:

@@ -86,6 +86,7 @@ def test_fine_tune_on_the_defaults_in_the_browser_then_generate_with_the_new_mod
         expect(page.locator("#before-after img").first).to_be_visible(timeout=60_000)
         assert page.locator("#before-after img").count() == 4, "2 held-out prompts x (before, after)"
         expect(page.get_by_text("种子 / seed 0").first).to_be_visible()
+        page.wait_for_timeout(3000)  # the loss plot (vega) draws after its data arrives
         page.screenshot(path=str(ARTIFACTS / "finetune.png"), full_page=True)
 
         page.get_by_role("tab", name="生成 / Generate").click()
