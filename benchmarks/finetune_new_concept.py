@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig(
             base="demo", data=args.out / "data", output=args.out / "run", max_steps=args.steps, learning_rate=args.lr,
             batch_size=args.batch_size, gradient_accumulation_steps=1, checkpoint_every=0, validation_every=0,
-            lr_warmup_steps=10, domain_id="demo-half-disc", random_flip=False,
+            lr_warmup_steps=10, domain_id="demo-half-disc", random_flip=False, holdout=0,
         )
     start = time.time()
     result = train(config, log=lambda line: None)

@@ -381,11 +381,11 @@ def fail(files: RunFiles, exc: BaseException) -> str:
 
 
 def split_holdout(pairs: list[Pair], config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
-    """Keep a few pairs out of training, seeded: their captions are the default validation
-    prompts (the before/after comparison) and their loss is the validation loss."""
+    """Keep a few pairs out of training, seeded: their loss is the validation loss, and their
+    captions are the validation prompts (the before/after comparison) unless prompts were given."""
     count = config.holdout
     if count is None:
-        count = 0 if config.validation_prompts else (4 if len(pairs) >= 32 else 2 if len(pairs) >= 8 else 0)
+        count = 4 if len(pairs) >= 32 else 2 if len(pairs) >= 8 else 0
     count = min(count, len(pairs) - 1)
     held = set(random.Random(config.seed).sample(range(len(pairs)), count)) if count > 0 else set()
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]

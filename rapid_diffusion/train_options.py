@@ -69,7 +69,7 @@ class TrainConfig:
         flag="--validation-prompt", factory=list,
         help="rendered every --validation-every steps (repeatable); default: the held-out pairs' captions",
     )
-    holdout: int | None = option(None, help="pairs kept out of training for validation; default: 2 from 8 pairs, 4 from 32")
+    holdout: int | None = option(None, help="pairs kept out of training for the validation loss (and prompts); default: 2 from 8 pairs, 4 from 32")
     validation_every: int = option(100, help="steps between validations (0 = only before and after)")
     validation_inference_steps: int = option(20, help="denoising steps of the validation images")
     resume: bool = option(False, help="continue from the newest complete checkpoint")

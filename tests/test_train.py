@@ -200,6 +200,8 @@ def test_out_of_range_settings_are_refused_before_loading_anything(tmp_path):
     with pytest.raises(TrainingError) as failure:
         config.validate()
     assert str(failure.value).count(";") == 2 and "resolution" in str(failure.value)
+    with pytest.raises(TrainingError, match="验证提示词不能为空白"):
+        TrainConfig(base="x", data=tmp_path, output=tmp_path, validation_prompts=[" "]).validate()
 
 
 def test_memory_estimate_shrinks_with_the_advised_settings(tiny_model_dir):
