@@ -471,9 +471,6 @@ def build_finetune_tab(registry, jobs: JobManager | None = None) -> dict:
         delete_button = gr.Button("删除模型 / Delete model", variant="stop", scale=1)
     new_domain = gr.Textbox(visible="hidden")  # rendered (so its change event fires), never shown
 
-    def form(*values) -> Form:
-        return Form(*values)
-
     form_inputs = [name, base, steps, learning_rate, batch_size, accumulation, resolution, train_text_encoder,
                    mixed_precision, checkpointing, ema, seed, prompt]
 
@@ -481,7 +478,7 @@ def build_finetune_tab(registry, jobs: JobManager | None = None) -> dict:
         return access_problem(pw) or report_markdown(check_rows(files, rows))
 
     def on_start(files, rows, pw, *values):
-        outcome = start_job(jobs, files, rows, form(*values), pw, allowed_bases=set(registry.domains))
+        outcome = start_job(jobs, files, rows, Form(*values), pw, allowed_bases=set(registry.domains))
         return outcome.job_id, outcome.message
 
     def on_resume(current, pw):
