@@ -15,6 +15,11 @@ the domain's defaults (2 seeds per prompt):
 - old vocabulary: the judge's colour / shape / position scores on 12 ordinary world prompts.
 
     python benchmarks/finetune_new_concept.py --out runs/half-disc [--steps 300] [--lr 2e-4]
+    python benchmarks/finetune_new_concept.py --out runs/quick --preset quick --threads 2   # as the Fine-tune tab runs it
+
+``--preset`` trains exactly what the Fine-tune tab starts on its defaults (the preset's steps, rate
+and batch, pairs held out for validation, samples and a checkpoint every fifth of the run); the
+wall time it prints is what ``train_options.SECONDS_PER_STEP`` stores for the tab's estimate.
 """
 
 from __future__ import annotations
@@ -157,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-old", type=int, default=24, help="world pairs mixed in (keeps the old words)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--preset", choices=("quick", "standard", "thorough"), default=None,
+                        help="train as the Fine-tune tab does on this preset (overrides --steps/--lr/--batch-size)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["RAPID_DIFFUSION_HOME"] = str((args.out / "home").resolve())
@@ -166,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     from rapid_diffusion.pipeline import GenerationRequest, generate
     from rapid_diffusion.registry import ModelRegistry
     from rapid_diffusion.train import TrainConfig, train
+    from rapid_diffusion.train_options import preset_config, preset_for
 
     cpu = dict(device=torch.device("cpu"), dtype=torch.float32)
     registry = ModelRegistry(**cpu)
@@ -176,11 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"before: new-shape rate {before['new_shape_rate']:.0%}, old {before['old']}", flush=True)
 
     pairs = write_pairs(world, args.out / "data", args.num_old)
-    config = TrainConfig(
-        base="demo", data=args.out / "data", output=args.out / "run", max_steps=args.steps, learning_rate=args.lr,
-        batch_size=args.batch_size, checkpoint_every=0, validation_every=0, lr_warmup_steps=10, domain_id="demo-half-disc",
-        random_flip=False,
-    )
+    if args.preset:
+        preset = preset_for(args.preset, spec.height)
+        args.steps, args.lr, args.batch_size = preset.max_steps, preset.learning_rate, preset.batch_size
+        config = preset_config(preset, base="demo", data=args.out / "data", output=args.out / "run", name="半圆形", domain_id="demo-half-disc")
+    else:
+        config = TrainConfig(
+            base="demo", data=args.out / "data", output=args.out / "run", max_steps=args.steps, learning_rate=args.lr,
+            batch_size=args.batch_size, gradient_accumulation_steps=1, checkpoint_every=0, validation_every=0,
+            lr_warmup_steps=10, domain_id="demo-half-disc", random_flip=False, holdout=0,
+        )
     start = time.time()
     result = train(config, log=lambda line: None)
     seconds = time.time() - start
@@ -192,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"after: new-shape rate {after['new_shape_rate']:.0%}, old {after['old']}", flush=True)
     report = {
         "new_word": NEW_WORD, "vae_round_trips": round_trips, "pairs": pairs, "steps": args.steps, "lr": args.lr,
-        "batch_size": args.batch_size, "train_seconds": round(seconds, 1), "torch_threads": args.threads,
+        "batch_size": args.batch_size, "preset": args.preset, "train_seconds": round(seconds, 1), "torch_threads": args.threads,
         "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
         "before": before, "after": after,
     }

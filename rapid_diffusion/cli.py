@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .train_options import add_arguments as add_train_arguments
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="a folder or zip (metadata.jsonl or .txt captions), or an EasyNLP TSV")
     p.set_defaults(handler=cmd_check_data, light=True)
 
-    p = sub.add_parser("train", help="full fine-tune (UNet + text encoder) on image-text pairs")
+    p = sub.add_parser("train", help="full fine-tune (UNet + text encoder) on image-text pairs; --output is the new model's folder")
     add_train_arguments(p)
     p.set_defaults(handler=cmd_train)
 
@@ -427,35 +429,6 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="a domain id, a diffusers folder, or a hub id (owner/name)")
-    p.add_argument("--data", required=True, type=Path, help="folder, zip or TSV of image-text pairs")
-    p.add_argument("--output", required=True, type=Path, help="run folder: status, samples, checkpoints, model/")
-    p.add_argument("--max-steps", type=int, default=500)
-    p.add_argument("--lr", type=float, default=1e-5, help="learning rate")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    p.add_argument("--ema", action="store_true", help="keep an exponential moving average of the UNet")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=True, help="where bitsandbytes and a GPU exist")
-    p.add_argument("--lr-scheduler", default="constant_with_warmup", help="any diffusers get_scheduler name")
-    p.add_argument("--lr-warmup-steps", type=int, default=None, help="default: 10%% of the steps, at most 100")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--validation-prompt", action="append", help="rendered every --validation-every steps (repeatable)")
-    p.add_argument("--validation-every", type=int, default=100)
-    p.add_argument("--validation-inference-steps", type=int, default=20)
-    p.add_argument("--domain-id", default=None, help="id of the new domain (default: ft-<output folder name>)")
-    p.add_argument("--skip-preflight", action="store_true", help="start even if the memory preflight says it will not fit")
-    p.add_argument("--knowledge", type=Path, default=None, help="a knowledge graph folder (triples.tsv + entities.tsv): inject and train its entities")
-    p.add_argument("--knowledge-lr", type=float, default=None, help="learning rate of the knowledge projection (default: 10x --lr)")
-
-
 def cmd_check_data(args) -> int:
     from .data import check_path
 
@@ -466,17 +439,15 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """``train``'s flags are generated from TrainConfig (train_options); the trainer's own ``run`` does the rest."""
     from .registry import ModelUnavailableError
-    from .train import TrainingError, config_from_args, train
+    from .train import run
+    from .train_options import TrainingError, config_from_args
 
     try:
-        result = train(config_from_args(args))
+        return run(config_from_args(args))
     except (TrainingError, ModelUnavailableError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
-    if result.state == "done" and result.model_dir is not None:
-        print(f"model: {result.model_dir}")
-        print(f"domain: {result.domain_id}")
-    return {"done": 0, "stopped": 3}.get(result.state, 1)
 
 
 def cmd_train_demo(args) -> int:

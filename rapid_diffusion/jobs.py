@@ -1,9 +1,11 @@
-"""Training jobs: one at a time per device, each a separate ``python -m rapid_diffusion train`` process.
+"""Training jobs: one at a time per device, each a separate ``python -m rapid_diffusion.train`` process.
 
-A job lives in ``$RAPID_DIFFUSION_HOME/jobs/<id>/``: ``job.json`` (settings, pid), ``data/``
-(the uploaded pairs, copied in), ``log.txt``, and the trainer's own run files (``status.json``,
-``loss.jsonl``, ``samples/``, ``checkpoints/``, ``model/``). All state is on disk, so a browser
-refresh or a server restart loses nothing; the UI polls.
+A job lives in ``$RAPID_DIFFUSION_HOME/jobs/<id>/``, which is also the trainer's ``--output``:
+``run.json`` (its TrainConfig, read by ``train --config``), ``job.json`` (pid, command), ``data/``
+(the uploaded pairs, copied in), ``log.txt``, the trainer's run files (``status.json``,
+``loss.jsonl``, ``samples/``, ``checkpoints/``) and, once saved, the model itself (a diffusers
+pipeline folder). All state is on disk, so a browser refresh or a server restart loses nothing;
+the UI polls. This module imports no torch.
 
 Sharing the device with generation (the policy): generation keeps being served while a job
 trains. The trainer runs in its own process at a lower CPU priority (``nice -n 10``), and its memory
@@ -23,65 +25,20 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
+from .domains import load_domains, user_domains_dir
 from .paths import home_dir
-from .train import STOP_FILE, read_losses, write_json_atomic
+from .run_files import ACTIVE_STATES, CONFIG_FILE, STOP_FILE, read_losses, read_status, read_validation_losses, write_json_atomic
+from .train_options import TrainConfig
 
-ACTIVE_STATES = ("starting", "preparing", "checking", "running", "saving")
 STOP_GRACE_SECONDS = 60.0
 TRAINER_NICENESS = 10
 
 
 class JobBusyError(RuntimeError):
     """A job is already training on this device."""
-
-
-@dataclass(frozen=True)
-class JobSettings:
-    """What the browser (or a caller) chooses; turned into ``rapid-diffusion train`` arguments."""
-
-    base: str
-    max_steps: int = 200
-    learning_rate: float = 1e-5
-    batch_size: int = 1
-    resolution: int | None = None
-    train_text_encoder: bool = True
-    mixed_precision: str = "no"
-    use_ema: bool = False
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    validation_prompts: tuple[str, ...] = ()
-    validation_every: int = 50
-    validation_inference_steps: int = 20
-    checkpoint_every: int = 100
-    domain_id: str | None = None
-    extra_args: tuple[str, ...] = field(default=())
-
-    def arguments(self, data: Path, output: Path) -> list[str]:
-        args = [
-            "--base", self.base, "--data", str(data), "--output", str(output),
-            "--max-steps", str(self.max_steps), "--lr", str(self.learning_rate),
-            "--batch-size", str(self.batch_size), "--mixed-precision", self.mixed_precision,
-            "--seed", str(self.seed), "--gradient-accumulation-steps", str(self.gradient_accumulation_steps),
-            "--validation-every", str(self.validation_every),
-            "--validation-inference-steps", str(self.validation_inference_steps),
-            "--checkpoint-every", str(self.checkpoint_every),
-            "--train-text-encoder" if self.train_text_encoder else "--no-train-text-encoder",
-        ]
-        if self.resolution:
-            args += ["--resolution", str(self.resolution)]
-        if self.use_ema:
-            args.append("--ema")
-        if self.gradient_checkpointing:
-            args.append("--gradient-checkpointing")
-        if self.domain_id:
-            args += ["--domain-id", self.domain_id]
-        for prompt in self.validation_prompts:
-            args += ["--validation-prompt", prompt]
-        return args + list(self.extra_args)
 
 
 class Job:
@@ -96,22 +53,23 @@ class Job:
         path = self.folder / "job.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
+    def config(self) -> TrainConfig | None:
+        path = self.folder / CONFIG_FILE
+        return TrainConfig.load(path) if path.is_file() else None
+
     def status(self) -> dict:
         """The trainer's status, corrected to ``failed`` when its process died without saying so."""
-        path = self.folder / "status.json"
-        try:
-            status = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            status = {"state": "starting", "step": 0}
+        status = read_status(self.folder) or {"state": "starting", "step": 0}
         if status.get("state", "starting") in ACTIVE_STATES and not self.is_alive():
             status["state"] = "failed"
             status["message"] = f"训练进程已退出 / the training process exited; see {self.folder / 'log.txt'}: {self.log_tail(3)}"
         return status
 
     def is_alive(self) -> bool:
-        if self.process is not None:
-            return self.process.poll() is None
+        """The job's current process runs (after a resume, ``job.json`` names a newer one than ``process``)."""
         pid = self.info().get("pid")
+        if self.process is not None and pid in (None, self.process.pid):
+            return self.process.poll() is None
         if not pid:
             return False
         try:
@@ -122,6 +80,9 @@ class Job:
 
     def losses(self) -> list[dict]:
         return read_losses(self.folder)
+
+    def validation_losses(self) -> list[dict]:
+        return read_validation_losses(self.folder)
 
     def sample_folders(self) -> list[Path]:
         root = self.folder / "samples"
@@ -197,28 +158,43 @@ class JobManager:
         (folder / "data").mkdir(parents=True)
         return folder
 
-    def start(self, settings: JobSettings, data: Path, folder: Path | None = None) -> Job:
-        """Start a training process on ``data`` (copied into the job's folder unless already there)."""
+    def start(self, config: TrainConfig, data: Path, folder: Path | None = None) -> Job:
+        """Start a training process on ``data`` (copied into the job's folder unless already there).
+
+        The job's folder is the run's output; ``config.data`` and ``config.output`` are set here.
+        """
+        self._refuse_if_busy()
+        folder = folder or self.new_job_folder()
+        config = replace(config, data=_copy_into(Path(data), folder / "data"), output=folder)
+        config.save(folder / CONFIG_FILE)
+        return self._launch(folder)
+
+    def resume(self, job_id: str) -> Job:
+        """Continue a stopped or crashed job from its last complete checkpoint (same folder, same id)."""
+        self._refuse_if_busy()
+        job = self.job(job_id)
+        config = job.config()
+        if config is None:
+            raise KeyError(f"job '{job_id}' has no {CONFIG_FILE}")
+        replace(config, resume=True).save(job.folder / CONFIG_FILE)
+        (job.folder / STOP_FILE).unlink(missing_ok=True)
+        return self._launch(job.folder)
+
+    def _refuse_if_busy(self) -> None:
         running = self.active()
         if running is not None:
-            raise JobBusyError(
-                f"已有训练任务在运行（{running.id}），请等待或停止它 / job {running.id} is already training on this device"
-            )
-        folder = folder or self.new_job_folder()
-        data = _copy_into(Path(data), folder / "data")
-        command = [self.python, "-m", "rapid_diffusion", "train", *settings.arguments(data, folder)]
+            raise JobBusyError("已有训练任务在运行，请等待或停止它 / a job is already training on this device")
+
+    def _launch(self, folder: Path) -> Job:
+        command = [self.python, "-m", "rapid_diffusion.train", "--config", str(folder / CONFIG_FILE)]
         if shutil.which("nice"):
             command = ["nice", "-n", str(TRAINER_NICENESS), *command]
-        log = (folder / "log.txt").open("ab")
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self._environment(),
-            start_new_session=True,
-        )
-        log.close()
-        write_json_atomic(
-            folder / "job.json",
-            {"id": folder.name, "pid": process.pid, "command": command, "settings": _settings_json(settings), "created_at": time.time()},
-        )
+        with (folder / "log.txt").open("ab") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self._environment(),
+                start_new_session=True,
+            )
+        write_json_atomic(folder / "job.json", {"id": folder.name, "pid": process.pid, "command": command, "created_at": time.time()})
         self._processes[folder.name] = process
         return Job(folder, process)
 
@@ -255,5 +231,25 @@ def _is_our_trainer(pid: int) -> bool:
     return state != "Z" and (not cmdline or b"rapid_diffusion" in cmdline)
 
 
-def _settings_json(settings: JobSettings) -> dict:
-    return asdict(settings)
+class DeleteRefused(ValueError):
+    """The domain is not a fine-tuned model of this server (or it is training); the message says which."""
+
+
+def delete_finetuned(domain_id: str, jobs: JobManager | None = None) -> str:
+    """Remove a fine-tuned model: its domain YAML in the user folder and its run folder.
+
+    Shipped and configured domains are refused, and so is a model whose job is still training.
+    The folder is deleted only when the trainer wrote it (it holds ``status.json``), so a YAML
+    pointing at some other folder loses its registration, never the files. Returns a sentence.
+    """
+    spec = load_domains().get(domain_id)
+    if spec is None or spec.source_file is None or spec.source_file.parent != user_domains_dir():
+        raise DeleteRefused(f"只能删除微调得到的模型 / only fine-tuned models can be deleted: '{domain_id}'")
+    folder = spec.model.path if spec.model.is_local else None
+    running = (jobs or JobManager()).active()
+    if running is not None and folder is not None and running.folder.resolve() == folder:
+        raise DeleteRefused("该模型正在训练，请先停止 / this model is training; stop it first")
+    spec.source_file.unlink(missing_ok=True)
+    if folder is not None and (folder / "status.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+    return f"已删除模型「{spec.title_zh}」 / deleted {spec.title_en}"

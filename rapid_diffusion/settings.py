@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # Fine-tuning
     finetune: bool = Field(True, validation_alias=_env("FINETUNE"), description="the Fine-tune tab and jobs")
     finetune_password: SecretStr | None = Field(None, validation_alias=_env("FINETUNE_PASSWORD"))
+    finetune_max_steps: int | None = Field(None, ge=1, validation_alias=_env("FINETUNE_MAX_STEPS"),
+                                           description="most steps a fine-tune job from the web UI may run (presets are capped)")
 
     # Uploaded data
     max_pixels: int = Field(4096 * 4096, ge=1, validation_alias=_env("MAX_PIXELS"),
@@ -87,8 +89,8 @@ class Settings(BaseSettings):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
-    @field_validator("device", "finetune_password", "space_id", "host", "max_memory_gb", "concurrency",
-                     "hf_home", "hf_hub_cache", mode="before")
+    @field_validator("device", "finetune_password", "finetune_max_steps", "space_id", "host", "max_memory_gb",
+                     "concurrency", "hf_home", "hf_hub_cache", mode="before")
     @classmethod
     def _blank_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

@@ -1,24 +1,22 @@
 """Full fine-tuning (no LoRA) of a PAI-Diffusion pipeline on image-text pairs, with accelerate.
 
 The UNet is trained, the text encoder too by default (as in the PAI-Diffusion paper), the VAE
-stays frozen. The run folder (``--output``) holds everything a job needs to be watched and
-resumed::
+stays frozen. ``--output DIR`` becomes the new model's diffusers pipeline folder, as in diffusers'
+own training scripts (``StableDiffusionPipeline.from_pretrained(DIR)``), with the run files and
+``checkpoints/`` beside the model (layout: :mod:`rapid_diffusion.run_files`). The tokenizer is
+saved with ``vocab.txt`` and ``special_tokens_map.json`` too, which transformers 4.x needs.
 
-    status.json            state, step, loss, ETA, message (rewritten atomically)
-    loss.jsonl             one {"step", "loss", "lr"} per optimizer step
-    samples/step-000000/   validation images at a fixed seed (step 0 = the base model)
-    checkpoints/checkpoint-<step>/   complete accelerate states (written to tmp-*, then renamed)
-    knowledge/             with ``--knowledge``: the TransE vectors the run trains against
-    model/                 the final diffusers pipeline (safetensors; + knowledge/ with ``--knowledge``)
-
-The result is registered as a domain (``$RAPID_DIFFUSION_HOME/domains/<id>.yaml``). Runs under
-``accelerate launch`` with any number of processes: ``python -m rapid_diffusion.train ARGS``.
-A ``STOP`` file in the run folder, or SIGTERM, saves a checkpoint and ends the run.
+The options are :class:`rapid_diffusion.train_options.TrainConfig` (one schema: flags, job JSON
+and UI defaults). The result is registered as a domain (``$RAPID_DIFFUSION_HOME/domains/<id>.yaml``).
+Runs under ``accelerate launch`` with any number of processes: ``python -m rapid_diffusion.train ARGS``.
+A ``STOP`` file in the run folder, or SIGTERM, saves a checkpoint and the model so far, then ends.
+A full disk ends the run ``failed`` with partial files removed; ``--resume`` continues later.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import errno
 import math
 import os
 import random
@@ -28,129 +26,34 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import yaml
 from PIL import Image
 
 from .data import DataReport, Pair, check_path
 from .domains import DomainSpec, ModelSource
-from .paths import home_dir
+from .run_files import (
+    CHECKPOINT_PREFIX,
+    MODEL_TMP,
+    STOP_FILE,
+    TMP_CHECKPOINT_PREFIX,
+    RunFiles,
+    checkpoint_step,
+    complete_checkpoints,
+    read_losses,
+)
+from .train_options import TrainConfig, TrainingError, add_arguments, config_from_args, derived_domain_id
+from .training_core import denoising_loss, load_base_pipeline, tokenize, write_domain_yaml
 
-STOP_FILE = "STOP"
-CHECKPOINT_PREFIX = "checkpoint-"
-MIXED_PRECISION = ("no", "fp16", "bf16")
+__all__ = ["TrainConfig", "TrainingError", "TrainResult", "train", "main", "parse_args", "complete_checkpoints", "read_losses"]
 
-
-class TrainingError(RuntimeError):
-    """The run cannot start or had to stop (bad data, no memory, NaN loss); the message says why."""
-
-
-@dataclass
-class TrainConfig:
-    base: str
-    data: Path
-    output: Path
-    max_steps: int = 500
-    learning_rate: float = 1e-5
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    resolution: int | None = None
-    train_text_encoder: bool = True
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    use_ema: bool = False
-    use_8bit_adam: bool = True
-    lr_scheduler: str = "constant_with_warmup"
-    lr_warmup_steps: int | None = None
-    max_grad_norm: float = 1.0
-    center_crop: bool = True
-    random_flip: bool = True
-    seed: int = 0
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_every: int = 100
-    validation_inference_steps: int = 20
-    resume: bool = False
-    domain_id: str | None = None
-    skip_preflight: bool = False
-    knowledge: Path | None = None
-    knowledge_lr: float | None = None
-
-    def validate(self) -> None:
-        """Bounds that keep a request from a browser or an API reasonable; raises TrainingError."""
-        checks = [
-            (1 <= self.max_steps <= 100_000, "max_steps must be between 1 and 100000"),
-            (0 < self.learning_rate <= 1, "learning rate must be in (0, 1]"),
-            (1 <= self.batch_size <= 64, "batch size must be between 1 and 64"),
-            (1 <= self.gradient_accumulation_steps <= 64, "gradient accumulation must be between 1 and 64"),
-            (self.resolution is None or (32 <= self.resolution <= 2048 and self.resolution % 8 == 0),
-             "resolution must be a multiple of 8 between 32 and 2048"),
-            (self.mixed_precision in MIXED_PRECISION, f"mixed precision must be one of {', '.join(MIXED_PRECISION)}"),
-            (self.domain_id is None or re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", self.domain_id) is not None,
-             "domain id: lowercase letters, digits, '-' or '_' (max 64)"),
-        ]
-        problems = [message for ok, message in checks if not ok]
-        if problems:
-            raise TrainingError("; ".join(problems))
-
-    @property
-    def projection_lr(self) -> float:
-        """The knowledge projection starts at zero: it gets 10x the model's rate unless told."""
-        return self.knowledge_lr if self.knowledge_lr is not None else 10 * self.learning_rate
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.lr_warmup_steps if self.lr_warmup_steps is not None else min(100, self.max_steps // 10)
-
-
-# ----------------------------------------------------------------------------- status files
-
-
-class RunFiles:
-    """The run folder's status, loss history and samples; written by the main process only."""
-
-    def __init__(self, folder: Path, enabled: bool = True):
-        self.folder = Path(folder)
-        self.enabled = enabled
-        self.status: dict = {}
-        if enabled:
-            self.folder.mkdir(parents=True, exist_ok=True)
-
-    def update(self, **fields) -> None:
-        self.status.update(fields, updated_at=time.time())
-        if self.enabled:
-            write_json_atomic(self.folder / "status.json", self.status)
-
-    def log_loss(self, step: int, loss: float, lr: float) -> None:
-        if self.enabled:
-            with (self.folder / "loss.jsonl").open("a", encoding="utf-8") as history:
-                history.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
-
-    def truncate_losses(self, after_step: int) -> None:
-        """Drop loss entries past a resumed checkpoint, so the history has no repeats."""
-        path = self.folder / "loss.jsonl"
-        if self.enabled and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_losses(folder: Path) -> list[dict]:
-    path = Path(folder) / "loss.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+DISK_FULL = (
+    "磁盘已满，训练已停止；已删除未写完的文件。请释放空间后点击「继续训练」（命令行：--resume） / "
+    "disk full: the run stopped and its partial files were removed; free some space, then resume"
+)
 
 
 # ----------------------------------------------------------------------------- data
@@ -204,13 +107,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    """The same padding and truncation the pipeline uses at inference."""
-    return tokenizer(
-        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-
-
 # ----------------------------------------------------------------------------- base model
 
 
@@ -223,22 +119,6 @@ def resolve_base(base: str) -> tuple[Path, DomainSpec | None]:
         spec = registry.spec(base)
         return registry.resolve_folder(spec), spec
     return registry.resolve_folder(adhoc_spec(ModelSource.parse(base))), None
-
-
-def load_base_pipeline(folder: Path):
-    """fp32 master weights whatever the checkpoint's dtype (fp16 checkpoints are common)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder,
-        dtype=torch.float32,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        local_files_only=True,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # ----------------------------------------------------------------------------- knowledge
@@ -367,23 +247,10 @@ def wants_8bit_adam(config: TrainConfig, device: torch.device) -> bool:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Finished checkpoints, oldest first; half-written ``tmp-*`` folders never count."""
-    root = Path(folder) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX) :])
-
-
 def save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> Path:
     """Write to ``tmp-checkpoint-N``, rename when every process is done, then prune old ones."""
     root = Path(folder) / "checkpoints"
-    tmp = root / f"tmp-{CHECKPOINT_PREFIX}{step}"
+    tmp = root / f"{TMP_CHECKPOINT_PREFIX}{step}"
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -400,10 +267,21 @@ def save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> Path:
     return final
 
 
-def remove_partial_checkpoints(folder: Path) -> None:
+def remove_partial_files(folder: Path) -> None:
+    """Half-written checkpoints and a half-saved model: never used, and they may fill the disk."""
     root = Path(folder) / "checkpoints"
-    for partial in root.glob(f"tmp-{CHECKPOINT_PREFIX}*") if root.is_dir() else []:
+    for partial in root.glob(f"{TMP_CHECKPOINT_PREFIX}*") if root.is_dir() else []:
         shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(Path(folder) / MODEL_TMP, ignore_errors=True)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC (or a quota) anywhere in the chain: torch and safetensors wrap the OSError."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # ----------------------------------------------------------------------------- stop requests
@@ -454,18 +332,47 @@ def train(config: TrainConfig, report: DataReport | None = None, log=print) -> T
     if main:
         (Path(config.output) / STOP_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    files.update(state="preparing", step=0, max_steps=config.max_steps, started_at=time.time(), pid=os.getpid())
+    files.update(state="preparing", step=0, max_steps=config.max_steps, started_at=time.time(), pid=os.getpid(), name=config.name)
     stop = StopRequest(config.output)
     try:
         return _train(config, accelerator, files, say, report, set_seed, stop)
-    except TrainingError as exc:
-        files.update(state="failed", message=str(exc))
-        raise
-    except Exception as exc:
-        files.update(state="failed", message=f"{type(exc).__name__}: {exc}")
+    except BaseException as exc:
+        message = fail(files, exc)
+        if is_disk_full(exc):
+            raise TrainingError(message) from exc
         raise
     finally:
         stop.close()
+
+
+def fail(files: RunFiles, exc: BaseException) -> str:
+    """Mark the run failed with a sentence; after a full disk, delete the partial files first."""
+    if is_disk_full(exc):
+        if files.enabled:
+            remove_partial_files(files.folder)
+        message = DISK_FULL
+    elif isinstance(exc, TrainingError):
+        message = str(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        message = "已中断 / interrupted"
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+    try:
+        files.update(state="failed", message=message)
+    except OSError:
+        pass  # the disk is still full: status.json keeps its last complete version
+    return message
+
+
+def split_holdout(pairs: list[Pair], config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
+    """Keep a few pairs out of training, seeded: their loss is the validation loss, and their
+    captions are the validation prompts (the before/after comparison) unless prompts were given."""
+    count = config.holdout
+    if count is None:
+        count = 4 if len(pairs) >= 32 else 2 if len(pairs) >= 8 else 0
+    count = min(count, len(pairs) - 1)
+    held = set(random.Random(config.seed).sample(range(len(pairs)), count)) if count > 0 else set()
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
 def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: StopRequest) -> TrainResult:
@@ -483,6 +390,7 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
     files.update(state="checking", data=report.summary(), skipped=[i.message for i in report.issues])
     if not report.usable:
         raise TrainingError("没有可用的图文对 / no usable image-text pairs")
+    train_pairs, held_out = split_holdout(report.pairs, config)
 
     config.domain_id = claim_domain_id(config)
     folder, base_spec = resolve_base(config.base)
@@ -490,7 +398,7 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
     resolution = config.resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     check = preflight(pipe, config, resolution, accelerator.device, accelerator.num_processes if accelerator.device.type == "cpu" else 1)
     say(check.message())
-    files.update(preflight=check.message())
+    files.update(preflight=check.message(), memory_fits=check.fits)
     if not check.fits and not config.skip_preflight:
         raise TrainingError(check.message())
 
@@ -538,7 +446,7 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
         num_warmup_steps=config.warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
-    dataset = PairDataset(report.pairs, tokenizer, resolution, config.center_crop, config.random_flip, config.seed, knowledge)
+    dataset = PairDataset(train_pairs, tokenizer, resolution, config.center_crop, config.random_flip, config.seed, knowledge)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -553,13 +461,14 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
     text_encoder = models[1] if text_is_trained else text_encoder
 
     step = resume_if_asked(config, accelerator, files, say)
-    validator = Validator(config, pipe, accelerator, files, resolution, base_spec, knowledge)
+    held_batch = holdout_batch(held_out, tokenizer, resolution, knowledge) if held_out else None
+    validator = Validator(config, pipe, accelerator, files, resolution, base_spec, knowledge, held_out, held_batch, vae, noise_scheduler, weight_dtype)
     if step == 0:
         validator.render(0, unet, text_encoder, ema)
 
     updates_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
     losses: list[float] = []
-    files.update(state="running", step=step, resolution=resolution, pairs=len(dataset), processes=accelerator.num_processes)
+    files.update(state="running", step=step, resolution=resolution, pairs=len(dataset), held_out=len(held_out), processes=accelerator.num_processes)
     run_start, run_start_step = time.time(), step
     while step < config.max_steps:
         epoch, done_in_epoch = divmod(step, updates_per_epoch)
@@ -587,18 +496,14 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
                 return TrainResult("failed", step, None, None, losses, time.time() - start)
             losses.append(mean_loss)
             files.log_loss(step, mean_loss, lr_scheduler.get_last_lr()[0])
-            eta = (time.time() - run_start) / (step - run_start_step) * (config.max_steps - step)
-            files.update(step=step, loss=mean_loss, eta_seconds=eta)
+            remaining = (time.time() - run_start) / (step - run_start_step) * (config.max_steps - step)
+            files.update(step=step, loss=mean_loss, eta_seconds=remaining, seconds_per_step=(time.time() - run_start) / (step - run_start_step))
             if main_should_log(step, config.max_steps):
-                say(f"step {step}/{config.max_steps} loss {mean_loss:.4f} eta {eta:.0f}s")
+                say(f"step {step}/{config.max_steps} loss {mean_loss:.4f} eta {remaining:.0f}s")
             if stop.requested():
                 accelerator.set_trigger()
             if accelerator.check_trigger():
-                files.update(state="saving", message="stopping: saving a checkpoint / 正在保存检查点")
-                save_checkpoint(accelerator, config.output, step, config.keep_checkpoints)
-                files.update(state="stopped", message=f"已停止于第 {step} 步 / stopped at step {step}; resume with --resume")
-                say(f"stopped at step {step}; checkpoint saved")
-                return TrainResult("stopped", step, None, None, losses, time.time() - start)
+                return finish_early(config, accelerator, files, say, validator, step, (folder, unet, text_encoder, ema, resolution, base_spec, knowledge), losses, start)
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
                 save_checkpoint(accelerator, config.output, step, config.keep_checkpoints)
             if config.validation_every and step % config.validation_every == 0 and step < config.max_steps:
@@ -606,15 +511,34 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
             if step >= config.max_steps:
                 break
 
-    files.update(state="saving", step=step, message="saving the model / 正在保存模型")
+    files.update(state="saving", step=step, message="正在保存模型 / saving the model")
     validator.render(step, unet, text_encoder, ema, final=True)
     model_dir, domain_id = save_result(config, accelerator, folder, unet, text_encoder, ema, resolution, base_spec, knowledge)
     seconds = time.time() - start
     files.update(
         state="done", step=step, model_dir=str(model_dir) if model_dir else None, domain_id=domain_id, seconds=seconds,
-        message=f"完成：新领域「{domain_id}」/ done: new domain '{domain_id}'",
+        message=f"完成：新模型「{config.name or domain_id}」已可在「生成」中使用 / done: the new model is in the Generate tab",
     )
     return TrainResult("done", step, model_dir, domain_id, losses, seconds)
+
+
+def finish_early(config, accelerator, files, say, validator, step, model, losses, start) -> TrainResult:
+    """A stop request: a checkpoint to resume from, and the weights so far as a usable model.
+
+    ``model`` is what :func:`save_result` needs: (base folder, unet, text encoder, ema, resolution,
+    base spec, knowledge)."""
+    files.update(state="saving", message="正在保存检查点和模型 / stopping: saving a checkpoint and the model")
+    save_checkpoint(accelerator, config.output, step, config.keep_checkpoints)
+    _, unet, text_encoder, ema, *_ = model
+    validator.render(step, unet, text_encoder, ema, final=True)
+    model_dir, domain_id = save_result(config, accelerator, *model, stopped=True)
+    files.update(
+        state="stopped", step=step, model_dir=str(model_dir) if model_dir else None, domain_id=domain_id,
+        message=f"已在第 {step} 步提前停止，模型已保存可用；可点击「继续训练」 / stopped early at step {step}: "
+                "the model so far is saved and usable; resume to continue",
+    )
+    say(f"stopped at step {step}; checkpoint and model saved")
+    return TrainResult("stopped", step, model_dir, domain_id, losses, time.time() - start)
 
 
 def nan_message(step: int, loss: float) -> str:
@@ -638,27 +562,17 @@ def make_optimizer(parameters: list, config: TrainConfig, device: torch.device):
     return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-2)
 
 
-def diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype) -> torch.Tensor:
-    """The standard denoising objective: predict the noise (or v) added at a random timestep.
+def diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype, noise=None, timesteps=None) -> torch.Tensor:
+    """The denoising objective on a batch of pairs (random timesteps, or the given ones).
 
     Latents are the VAE posterior *mean*: for SD's VAE the posterior variance is tiny (the same as
     sampling), while small VAEs trained with a weak KL term (the demo model's) have a variance
     as large as the signal, and sampling from it would teach the UNet noise.
     """
-    pixels = batch["pixel_values"].to(dtype=weight_dtype)
+    pixels = batch["pixel_values"].to(device=vae.device, dtype=weight_dtype)
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-    latents = latents.float()
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    hidden = encode_captions(text_encoder, batch)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    prediction = unet(noisy, timesteps, hidden.to(noisy.dtype) if hidden.dtype != noisy.dtype else hidden, return_dict=False)[0]
-    return F.mse_loss(prediction.float(), target.float())
+    return denoising_loss(unet, noise_scheduler, latents, encode_captions(text_encoder, batch), noise, timesteps)
 
 
 def encode_captions(text_encoder, batch) -> torch.Tensor:
@@ -669,28 +583,38 @@ def encode_captions(text_encoder, batch) -> torch.Tensor:
 
 
 def resume_if_asked(config: TrainConfig, accelerator, files: RunFiles, say) -> int:
-    """Load the newest complete checkpoint when ``--resume``; returns the step to continue from."""
+    """Load the newest complete checkpoint when ``--resume``; returns the step to continue from.
+    The loss histories are cut at that step (0 without a checkpoint), so no step appears twice."""
     if accelerator.is_main_process:
-        remove_partial_checkpoints(config.output)
+        remove_partial_files(config.output)
     accelerator.wait_for_everyone()
-    if not config.resume:
-        return 0
-    found = complete_checkpoints(config.output)
-    if not found:
+    found = complete_checkpoints(config.output) if config.resume else []
+    step = 0
+    if found:
+        accelerator.load_state(str(found[-1]))
+        step = checkpoint_step(found[-1])
+        say(f"resumed from {found[-1].name} / 从第 {step} 步继续")
+    elif config.resume:
         say("no checkpoint to resume from; starting at step 0 / 没有检查点，从头开始")
-        return 0
-    accelerator.load_state(str(found[-1]))
-    step = checkpoint_step(found[-1])
     files.truncate_losses(step)
-    say(f"resumed from {found[-1].name} / 从第 {step} 步继续")
     return step
 
 
-class Validator:
-    """Renders the validation prompts at a fixed seed; step 0 shows the base model (the "before")."""
+def holdout_batch(pairs: list[Pair], tokenizer, resolution: int, knowledge) -> dict:
+    """The held-out pairs as one batch, centre-cropped and never flipped (the same every time)."""
+    dataset = PairDataset(pairs, tokenizer, resolution, center_crop=True, random_flip=False, seed=0, knowledge=knowledge)
+    return torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
 
-    def __init__(self, config: TrainConfig, pipe, accelerator, files: RunFiles, resolution: int, base_spec: DomainSpec | None, knowledge=None):
-        self.prompts = list(config.validation_prompts)
+
+class Validator:
+    """Renders the validation prompts at a fixed seed (step 0 shows the base model, the "before")
+    and measures the loss on the held-out pairs at fixed timesteps and noise (comparable over steps)."""
+
+    VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+    def __init__(self, config: TrainConfig, pipe, accelerator, files: RunFiles, resolution: int, base_spec: DomainSpec | None,
+                 knowledge=None, held_out=(), held_batch=None, vae=None, noise_scheduler=None, weight_dtype=torch.float32):
+        self.prompts = list(config.validation_prompts) or [pair.text for pair in held_out]
         self.knowledge = knowledge
         self.seed = config.seed
         self.steps = config.validation_inference_steps
@@ -700,17 +624,49 @@ class Validator:
         self.resolution = resolution
         self.negative_prompt = base_spec.negative_prompt if base_spec else ""
         self.guidance_scale = base_spec.guidance_scale if base_spec else 7.5
+        self.held_batch = held_batch
+        self.vae, self.noise_scheduler, self.weight_dtype = vae, noise_scheduler, weight_dtype
+        files.update(validation_prompts=self.prompts, validation_seed=self.seed)
 
     def render(self, step: int, unet, text_encoder, ema, final: bool = False) -> None:
-        if not self.prompts:
-            return
         if self.accelerator.is_main_process:
-            folder = self.files.folder / "samples" / f"step-{step:06d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(self._images(unet, text_encoder, ema)):
-                image.save(folder / f"{i}.png")
-            self.files.update(latest_samples=str(folder), **({"final_samples": str(folder)} if final else {}))
+            if self.held_batch is not None:
+                self.files.log_validation_loss(step, self._validation_loss(unet, text_encoder))
+            if self.prompts:
+                folder = self.files.folder / "samples" / f"step-{step:06d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for i, image in enumerate(self._images(unet, text_encoder, ema)):
+                    image.save(folder / f"{i}.png")
+                self.files.update(latest_samples=str(folder), **({"final_samples": str(folder)} if final else {}))
         self.accelerator.wait_for_everyone()
+
+    @torch.no_grad()
+    def _validation_loss(self, unet, text_encoder) -> float:
+        """Mean loss over the held-out pairs x a few fixed timesteps, with seeded noise."""
+        unet, text_encoder = self.accelerator.unwrap_model(unet), self.accelerator.unwrap_model(text_encoder)
+        modes = [(m, m.training) for m in (unet, text_encoder)]
+        for module, _ in modes:
+            module.eval()
+        try:
+            device = self.accelerator.device
+            batch = {k: v.to(device) for k, v in self.held_batch.items()}
+            total = self.noise_scheduler.config.num_train_timesteps
+            generator = torch.Generator().manual_seed(self.seed)
+            losses = []
+            for fraction in self.VALIDATION_TIMESTEPS:
+                size = len(batch["input_ids"])
+                timesteps = torch.full((size,), int(fraction * (total - 1)), device=device, dtype=torch.long)
+                noise = torch.randn((size, *self._latent_shape()), generator=generator).to(device)
+                with self.accelerator.autocast():
+                    losses.append(diffusion_loss(batch, unet, text_encoder, self.vae, self.noise_scheduler, self.weight_dtype, noise, timesteps).item())
+            return float(np.mean(losses))
+        finally:
+            for module, was_training in modes:
+                module.train(was_training)
+
+    def _latent_shape(self) -> tuple[int, int, int]:
+        side = self.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.vae.config.latent_channels, side, side
 
     @torch.no_grad()
     def _images(self, unet, text_encoder, ema) -> list[Image.Image]:
@@ -766,11 +722,13 @@ class Validator:
 # ----------------------------------------------------------------------------- result
 
 
-def save_result(config, accelerator, base_folder: Path, unet, text_encoder, ema, resolution, base_spec, knowledge=None) -> tuple[Path | None, str | None]:
-    """Save the pipeline (safetensors, written to ``model.tmp`` then renamed) and register a domain.
+def save_result(config, accelerator, base_folder: Path, unet, text_encoder, ema, resolution, base_spec, knowledge=None, stopped=False) -> tuple[Path | None, str | None]:
+    """Save the pipeline into ``--output`` itself and register a domain.
 
-    Frozen components are taken from the base folder again, so a mixed-precision run does not
-    round them through fp16/bf16.
+    The pipeline is written to ``model.tmp`` first, then its folders are moved into the output,
+    ``model_index.json`` last (a folder without it is not a model yet); ``model.tmp`` never
+    survives, whatever fails. Frozen components are taken from the base folder again, so a
+    mixed-precision run does not round them through fp16/bf16.
     """
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -781,31 +739,49 @@ def save_result(config, accelerator, base_folder: Path, unet, text_encoder, ema,
         ema.copy_to(result.unet.parameters())
     if config.train_text_encoder:
         result.text_encoder = plain_text_encoder(accelerator.unwrap_model(text_encoder)).to("cpu")
-    final = Path(config.output) / "model"
-    tmp = Path(config.output) / "model.tmp"
+    output = Path(config.output)
+    tmp = output / MODEL_TMP
     shutil.rmtree(tmp, ignore_errors=True)
-    result.save_pretrained(tmp, safe_serialization=True)
-    if knowledge is not None:
-        from .knowledge import KNOWLEDGE_DIR
+    try:
+        result.save_pretrained(tmp, safe_serialization=True)
+        save_tokenizer_for_transformers_4(result.tokenizer, tmp / "tokenizer")
+        if knowledge is not None:
+            from .knowledge import KNOWLEDGE_DIR
 
-        knowledge.save(tmp / KNOWLEDGE_DIR)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    domain_id = write_domain_yaml(config, final, resolution, base_spec, with_knowledge=knowledge is not None)
-    return final, domain_id
+            knowledge.save(tmp / KNOWLEDGE_DIR)
+        publish_pipeline(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    domain_id = register_domain(config, output, resolution, base_spec, with_knowledge=knowledge is not None, stopped=stopped)
+    return output, domain_id
 
 
-def default_domain_id(output: Path) -> str:
-    slug = re.sub(r"[^a-z0-9_-]+", "-", Path(output).resolve().name.lower()).strip("-_") or "model"
-    return f"ft-{slug}"[:64]
+def save_tokenizer_for_transformers_4(tokenizer, folder: Path) -> None:
+    """``vocab.txt`` + ``special_tokens_map.json`` beside transformers 5's ``tokenizer.json``:
+    transformers 4.x's BertTokenizer (EasyNLP, diffusers < 0.36 users) loads only from those."""
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    (folder / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(tokenizer.special_tokens_map, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def publish_pipeline(tmp: Path, output: Path) -> None:
+    """Move a saved pipeline's entries into ``output``; ``model_index.json`` goes first out, last in."""
+    (output / "model_index.json").unlink(missing_ok=True)
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
+        target = output / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
 
 
 def claim_domain_id(config: TrainConfig) -> str:
     """The new domain's id, checked before any training: it never replaces another domain.
 
     An id the user chose that is taken (by a shipped, configured or earlier fine-tuned domain)
-    is refused; a derived id gets a numeric suffix. Re-running or resuming the same output
-    folder may keep the id its own earlier run registered.
+    is refused; a derived id (from the model's name) gets a numeric suffix. Re-running or
+    resuming the same output folder keeps the id its own earlier run registered.
     """
     from .domains import load_domains, user_domains_dir
 
@@ -819,25 +795,29 @@ def claim_domain_id(config: TrainConfig) -> str:
                 f"领域 id「{config.domain_id}」已被占用，请换一个 / domain id '{config.domain_id}' is already taken; choose another"
             )
         return config.domain_id
-    base = default_domain_id(config.output)
+    base = derived_domain_id(config.name, config.output)
     candidates = [base] + [f"{base[:60]}-{n}" for n in range(2, 1000)]
     return next(c for c in candidates if c not in taken)
 
 
 def _registered_by(spec: DomainSpec, config: TrainConfig) -> bool:
-    return spec.model.is_local and (Path(config.output) / "model").resolve() == spec.model.path
+    return spec.model.is_local and Path(config.output).resolve() == spec.model.path
 
 
-def write_domain_yaml(config: TrainConfig, model_dir: Path, resolution: int, base_spec: DomainSpec | None, with_knowledge: bool = False) -> str:
-    """``$RAPID_DIFFUSION_HOME/domains/<id>.yaml`` for the new model; it shows up in the domain picker."""
+def register_domain(config: TrainConfig, model_dir: Path, resolution: int, base_spec: DomainSpec | None,
+                    with_knowledge: bool = False, stopped: bool = False) -> str:
+    """The new model's domain YAML; the picker shows "<name>（基于 <base>）"."""
     domain_id = config.domain_id or claim_domain_id(config)
-    examples = list(dict.fromkeys(list(config.validation_prompts) + list(base_spec.examples if base_spec else ())))
+    examples = list(dict.fromkeys([*config.validation_prompts, *read_status_prompts(config), *(base_spec.examples if base_spec else ())]))
     examples += ["一只猫", "一幅山水画", "一碗面条"][: max(0, 3 - len(examples))]
-    base_name = base_spec.title_zh if base_spec else config.base
+    name = (config.name or Path(config.output).name).strip()
+    base_zh, base_en = (short_title(base_spec.title_zh), short_title(base_spec.title_en)) if base_spec else (config.base, config.base)
+    zh = f"{name}（基于 {base_zh}）" + ("·提前停止" if stopped else "")
+    en = f"{name} (based on {base_en})" + (" · stopped early" if stopped else "")
     data = {
-        "id": domain_id,
-        "title": {"zh": f"微调：{base_name}", "en": f"Fine-tuned: {base_spec.title_en if base_spec else config.base}"},
-        "description": f"Full fine-tune of {config.base} for {config.max_steps} steps on {config.data}",
+        "title": {"zh": zh, "en": en},
+        "description": f"Full fine-tune of {config.base} on {len(read_losses(config.output))} steps of your pairs"
+                       + (" (stopped early / 提前停止)" if stopped else ""),
         "model": {"path": str(Path(model_dir).resolve())},
         "examples": examples,
         "height": max(64, resolution // 8 * 8),
@@ -853,47 +833,54 @@ def write_domain_yaml(config: TrainConfig, model_dir: Path, resolution: int, bas
             sampler=base_spec.sampler,
             negative_prompt=base_spec.negative_prompt,
         )
-    folder = home_dir() / "domains"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{domain_id}.yaml"
-    tmp = folder / f".{domain_id}.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, target)
+    write_domain_yaml(domain_id, data)
     return domain_id
 
 
-def config_from_args(args) -> TrainConfig:
-    return TrainConfig(
-        base=args.base,
-        data=Path(args.data),
-        output=Path(args.output),
-        max_steps=args.max_steps,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        resolution=args.resolution,
-        train_text_encoder=args.train_text_encoder,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        use_ema=args.ema,
-        use_8bit_adam=args.use_8bit_adam,
-        lr_scheduler=args.lr_scheduler,
-        lr_warmup_steps=args.lr_warmup_steps,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
-        validation_prompts=list(args.validation_prompt or []),
-        validation_every=args.validation_every,
-        validation_inference_steps=args.validation_inference_steps,
-        resume=args.resume,
-        domain_id=args.domain_id,
-        skip_preflight=args.skip_preflight,
-        knowledge=args.knowledge,
-        knowledge_lr=args.knowledge_lr,
-    )
+def short_title(title: str) -> str:
+    """"演示（几何图形）" -> "演示", "Demo (shapes)" -> "Demo": no brackets inside the new title's brackets."""
+    return re.sub(r"\s*[（(][^（）()]*[）)]$", "", title) or title
+
+
+def read_status_prompts(config: TrainConfig) -> list[str]:
+    """The validation prompts the run used (the held-out captions, when none were given)."""
+    from .run_files import read_status
+
+    return [p for p in read_status(config.output).get("validation_prompts", []) if p.strip()]
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="rapid-diffusion train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Flags (and ``--config run.json``) -> TrainConfig, like diffusers' training scripts."""
+    return config_from_args(build_parser().parse_args(argv))
+
+
+def run(config: TrainConfig) -> int:
+    """Train and print where the model went; exit status 0 done, 3 stopped, 1 failed."""
+    result = train(config)
+    if result.model_dir is not None:
+        print(f"model: {result.model_dir}")
+        print(f"domain: {result.domain_id}")
+    return {"done": 0, "stopped": 3}.get(result.state, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .registry import ModelUnavailableError
+
+    try:
+        return run(parse_args(argv))
+    except (TrainingError, ModelUnavailableError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    from .cli import main as cli_main
-
-    sys.exit(cli_main(["train", *sys.argv[1:]]))
+    sys.exit(main())

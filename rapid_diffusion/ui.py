@@ -105,7 +105,7 @@ def build_ui(service: AppService | None = None) -> gr.Blocks:
             with gr.Tab("微调 / Fine-tune"):
                 finetune = build_finetune(ctx)
         build_named_api(ctx)
-        refresh_picker = [lambda d: domain_picker_update(ctx, d), domain, domain]
+        refresh_picker = [lambda d: domain_picker_update(ctx, d if d in ctx.registry.domains else None), domain, domain]
         demo.load(*refresh_picker, api_visibility="private")
         if "new_domain" in finetune:
             finetune["new_domain"].change(*refresh_picker, api_visibility="private")

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from rapid_diffusion import finetune_ui
-from rapid_diffusion.jobs import Job, JobBusyError, JobManager, JobSettings
-from rapid_diffusion.train import complete_checkpoints
+from rapid_diffusion.jobs import DeleteRefused, Job, JobBusyError, JobManager, delete_finetuned
+from rapid_diffusion.run_files import complete_checkpoints
+from rapid_diffusion.train_options import PRESETS, TrainConfig, defaults
 
 
 def square_png(path: Path, colour: tuple[int, int, int]) -> Path:
@@ -62,46 +63,67 @@ def test_caption_editor_rows_and_check_report(uploads):
     assert "2 usable pairs, 1 items skipped" in markdown and "broken.png: 无法解码的图片 / not a decodable image" in markdown
 
 
-@pytest.mark.slow
-def test_job_trains_in_a_subprocess_then_the_tab_shows_before_after_and_the_new_domain(manager, uploads, registry):
-    rows = [["red.png", "红色的方块"], ["blue.png", "蓝色的方块"]]
-    settings = JobSettings(
-        base="tiny", max_steps=4, learning_rate=1e-3, resolution=32, validation_prompts=("红色的方块",),
-        validation_every=2, validation_inference_steps=2, checkpoint_every=0, domain_id="tiny-job",
+def form(**overrides) -> finetune_ui.Form:
+    """The tab's form on the tiny base, as a browser sends it with Advanced untouched (small preset numbers)."""
+    values = dict(
+        name="我的粉色", base="tiny", steps=4, learning_rate="1e-3", batch_size=1, accumulation=1, resolution=32,
+        train_text_encoder=True, mixed_precision="no", gradient_checkpointing=False, use_ema=False, seed=0, prompt="红色的方块",
     )
-    outcome = finetune_ui.start_job(manager, uploads, rows, settings)
-    assert outcome.job_id is not None, outcome.message
-    with pytest.raises(JobBusyError):
-        manager.start(settings, manager.root / outcome.job_id / "data")
-    after_refresh = JobManager(manager.root)
-    assert after_refresh.active() is not None, manager.job(outcome.job_id).log_tail()
-    assert after_refresh.active().id == outcome.job_id
+    values.update(overrides)
+    return finetune_ui.Form(**values)
 
-    status = manager.job(outcome.job_id).wait(timeout=240)
-    assert status["state"] == "done", manager.job(outcome.job_id).log_tail()
+
+@pytest.mark.slow
+def test_job_trains_from_its_run_json_then_the_tab_shows_before_after_and_the_named_model(manager, uploads, registry):
+    rows = [["red.png", "红色的方块"], ["blue.png", "蓝色的方块"]]
+    outcome = finetune_ui.start_job(manager, uploads, rows, form())
+    assert outcome.job_id is not None, outcome.message
+    job = manager.job(outcome.job_id)
+    config = TrainConfig.load(job.folder / "run.json")
+    assert (config.name, config.max_steps, config.output, config.data) == ("我的粉色", 4, job.folder, job.folder / "data")
+    assert json.loads((job.folder / "job.json").read_text())["command"][-2:] == ["--config", str(job.folder / "run.json")]
+    with pytest.raises(JobBusyError):
+        manager.start(config, job.folder / "data")
+    assert JobManager(manager.root).active().id == outcome.job_id
+
+    status = job.wait(timeout=240)
+    assert status["state"] == "done", job.log_tail()
     view = finetune_ui.view_job(JobManager(manager.root), None)
-    assert view.job_id == outcome.job_id and view.new_domain == "tiny-job"
-    assert [row[0] for row in view.loss_plot["data"]] == [1, 2, 3, 4] and view.loss_plot["columns"] == ["step", "loss"]
-    assert [label for _, label in view.comparison] == ["微调前 / before", "微调后 / after"]
+    assert view.job_id == outcome.job_id and view.new_domain.startswith("ft-") and "我的粉色" in view.status_markdown
+    assert outcome.job_id not in view.status_markdown
+    assert view.loss_plot["columns"] == ["step", "loss", "series"]
+    assert [row[0] for row in view.loss_plot["data"] if row[2] == finetune_ui.TRAIN_SERIES] == [1, 2, 3, 4]
+    assert [label for _, label in view.comparison] == ["微调前 / before · 红色的方块 · 种子 / seed 0", "微调后 / after · 红色的方块 · 种子 / seed 0"]
     before, after = (np.asarray(Image.open(path)) for path, _ in view.comparison)
     assert before.shape == after.shape == (32, 32, 3) and not np.array_equal(before, after)
-    assert "step 4" in view.samples[-1][1] and "4/4" in view.progress_html
-    assert "tiny-job" in registry.reload_domains()
-    metadata = (manager.root / outcome.job_id / "data" / "metadata.jsonl").read_text(encoding="utf-8")
-    assert [json.loads(line)["source"] for line in metadata.splitlines()] == ["red.png", "blue.png"]
+    assert "4/4" in view.progress_html
+    spec = registry.reload_domains()[view.new_domain]
+    assert spec.title_zh == "我的粉色（基于 测试）" and spec.model.path == job.folder.resolve()
+    assert ("我的粉色（基于 测试）", view.new_domain) in finetune_ui.finetuned_choices(registry)
+
+    assert finetune_ui.delete_model(manager, view.new_domain).startswith("已删除模型「我的粉色")
+    assert view.new_domain not in registry.reload_domains() and not job.folder.exists()
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_state_survives_a_new_manager(manager, uploads):
-    settings = JobSettings(base="tiny", max_steps=2000, learning_rate=1e-4, resolution=32, checkpoint_every=0)
-    outcome = finetune_ui.start_job(manager, uploads, [["red.png", "红色的方块"]], settings)
+def test_sigterm_saves_a_usable_model_and_resume_finishes_the_job(manager, uploads, registry):
+    outcome = finetune_ui.start_job(manager, uploads, [["red.png", "红色的方块"]], form(steps=12, learning_rate="1e-4"))
     job = manager.job(outcome.job_id)
     wait_for(lambda: job.status().get("step", 0) >= 2, timeout=180)
     JobManager(manager.root).latest().terminate()
     status = job.wait(timeout=120)
     assert status["state"] == "stopped", job.log_tail()
     assert complete_checkpoints(job.folder)[-1].name == f"checkpoint-{status['step']}"
+    assert "提前停止" in registry.reload_domains()[status["domain_id"]].title_zh
     assert not job.is_alive() and manager.active() is None
+
+    resumed = finetune_ui.resume_job(JobManager(manager.root), None)
+    assert resumed.job_id == job.id, resumed.message
+    final = manager.job(job.id).wait(timeout=240)
+    assert final["state"] == "done" and final["domain_id"] == status["domain_id"], job.log_tail()
+    steps = [row["step"] for row in job.losses()]
+    assert steps == list(range(1, 13)), "the history continues without repeats"
+    assert "提前停止" not in registry.reload_domains()[status["domain_id"]].title_zh
 
 
 def test_stop_button_leaves_a_stop_file_for_the_trainer(manager):
@@ -109,7 +131,7 @@ def test_stop_button_leaves_a_stop_file_for_the_trainer(manager):
     (folder / "job.json").write_text("{}")
     manager._processes[folder.name] = subprocess.Popen(["sleep", "30"])
     try:
-        assert finetune_ui.stop_job(manager, None).startswith("正在保存检查点")
+        assert finetune_ui.stop_job(manager, None).startswith("正在保存当前模型")
         assert (folder / "STOP").is_file()
     finally:
         manager._processes[folder.name].kill()
@@ -128,35 +150,119 @@ def test_a_job_whose_process_died_reads_as_failed(tmp_path):
     assert JobManager(tmp_path / "jobs").active() is None
 
 
-def test_password_base_whitelist_and_switch_off(monkeypatch, manager, uploads):
-    monkeypatch.setenv("RAPID_DIFFUSION_FINETUNE_PASSWORD", "s3cret")
-    settings = JobSettings(base="tiny", max_steps=1)
-    assert finetune_ui.start_job(manager, uploads, [], settings, password="wrong").message == "密码错误 / wrong password"
+@pytest.mark.parametrize(
+    "overrides, chinese",
+    [
+        ({"name": "  "}, "请给新模型起个名字"),
+        ({"name": "a/b"}, "名字不能含"),
+        ({"name": "长" * 41}, "名字最多"),
+        ({"learning_rate": "fast"}, "学习率应是一个数"),
+        ({"steps": 0}, "训练步数"),
+    ],
+)
+def test_input_errors_are_caught_before_a_job_starts_in_chinese_first(manager, uploads, overrides, chinese):
+    outcome = finetune_ui.start_job(manager, uploads, [], form(**overrides))
+    assert outcome.job_id is None and outcome.message.startswith(chinese) and " / " in outcome.message
     assert manager.jobs() == []
-    outcome = finetune_ui.start_job(
-        manager, uploads, [], JobSettings(base="/etc"), password="s3cret", allowed_bases={"tiny"}
-    )
+
+
+def test_no_pairs_is_refused_before_a_job_starts(manager, tmp_path):
+    outcome = finetune_ui.start_job(manager, [], [], form())
+    assert outcome.job_id is None and outcome.message.startswith("没有可用的图文对")
+    assert manager.jobs() == []
+
+
+def test_password_is_needed_for_every_action_and_the_base_is_whitelisted(monkeypatch, manager, uploads):
+    monkeypatch.setenv("RAPID_DIFFUSION_FINETUNE_PASSWORD", "s3cret")
+    wrong = finetune_ui.WRONG_PASSWORD
+    assert finetune_ui.start_job(manager, uploads, [], form(), password="wrong").message == wrong
+    assert finetune_ui.stop_job(manager, None, "wrong") == wrong
+    assert finetune_ui.resume_job(manager, None, "wrong").message == wrong
+    assert finetune_ui.delete_model(manager, "tiny", "wrong") == wrong
+    assert finetune_ui.access_problem(None) == wrong and finetune_ui.access_problem("s3cret") is None
+    assert manager.jobs() == []
+    outcome = finetune_ui.start_job(manager, uploads, [], form(base="/etc"), password="s3cret", allowed_bases={"tiny"})
     assert outcome.job_id is None and "unknown base model" in outcome.message
     assert manager.jobs() == []
-    monkeypatch.setenv("RAPID_DIFFUSION_FINETUNE", "off")
-    assert not finetune_ui.finetune_enabled()
+
+
+def test_a_public_host_without_a_password_has_no_fine_tuning(monkeypatch, registry, manager, uploads):
+    import gradio as gr
+
+    monkeypatch.setenv("RAPID_DIFFUSION_PUBLIC", "1")
+    assert finetune_ui.start_job(manager, uploads, [], form()).message == finetune_ui.FINETUNE_OFF
+    with gr.Blocks() as demo:
+        assert finetune_ui.build_finetune_tab(registry, manager) == {}
+    assert [type(block).__name__ for block in demo.blocks.values()] == ["Markdown"]
+    monkeypatch.setenv("RAPID_DIFFUSION_FINETUNE_PASSWORD", "s3cret")
+    assert finetune_ui.access_problem("s3cret") is None
+
+
+def test_shipped_and_configured_domains_cannot_be_deleted(test_domains, manager):
+    with pytest.raises(DeleteRefused, match="只能删除微调得到的模型"):
+        delete_finetuned("tiny", manager)
+    with pytest.raises(DeleteRefused):
+        delete_finetuned("no-such-domain", manager)
+    assert (test_domains / "tiny.yaml").is_file()
+
+
+def test_cli_job_and_tab_defaults_are_the_train_config_defaults(registry, manager, tmp_path):
+    """Training defaults are defined once, in TrainConfig."""
+    import gradio as gr
+
+    from rapid_diffusion.train import parse_args
+
+    schema = defaults()
+    parsed = parse_args(["--base", "b", "--data", "d", "--output", "o"])
+    assert {k: getattr(parsed, k) for k in schema} == schema
+    config = TrainConfig(base="tiny", data=tmp_path, output=tmp_path)
+    assert TrainConfig.from_json(config.to_json()) == config
+    assert PRESETS["large"]["standard"].values() == {k: schema[k] for k in PRESETS["large"]["standard"].values()}
+
+    with gr.Blocks() as demo:
+        finetune_ui.build_finetune_tab(registry, manager)
+    by_label = {b.label: b.value for b in demo.blocks.values() if getattr(b, "label", None) and hasattr(b, "value")}
+    small_quick = PRESETS["small"]["quick"]
+    assert by_label["训练步数 / training steps"] == small_quick.max_steps
+    assert float(by_label["学习率（越大学得越快，也越容易学坏）/ learning rate"]) == small_quick.learning_rate
+    assert by_label["每步图片数 / pictures per step"] == small_quick.batch_size
+    assert by_label["累积几次再更新 / passes per update"] == small_quick.gradient_accumulation_steps
+    assert by_label["分辨率（0 = 模型原生）/ resolution (0 = native)"] == (schema["resolution"] or 0)
+    assert by_label["也训练文字理解部分 / also train the text understanding"] == schema["train_text_encoder"]
+    assert by_label["精度 / precision"] == schema["mixed_precision"]
+    assert by_label["省显存（更慢）/ save memory (slower)"] == schema["gradient_checkpointing"]
+    assert by_label["权重平均（结果更平稳）/ weight averaging (smoother result)"] == schema["use_ema"]
+    assert by_label["随机种子 / seed"] == schema["seed"]
+
+
+def test_presets_follow_the_base_and_say_how_long(registry):
+    assert finetune_ui.preset_fields(registry, "tiny", "quick") == (300, "0.0002", 8, 1)
+    assert "预计用时约" in finetune_ui.duration_markdown(registry, "tiny", "quick")
+    big = finetune_ui.preset_fields(registry, None, "thorough")
+    assert big[2] == 1 and big[3] > 1 and float(big[1]) <= 1e-5
+    assert "开始后几步内显示剩余时间" in finetune_ui.duration_markdown(registry, None, "standard")
 
 
 def test_tab_builds_and_polls_without_a_job(registry, manager):
     import gradio as gr
 
-    with gr.Blocks():
+    with gr.Blocks() as demo:
         components = finetune_ui.build_finetune_tab(registry, manager)
     assert set(components) >= {"new_domain", "loss_plot", "timer"}
     view = finetune_ui.view_job(manager, None)
     assert view.job_id is None and view.loss_plot["data"] == []
     assert components["loss_plot"].postprocess(view.loss_plot) == view.loss_plot
+    assert all(fn.api_visibility == "private" for fn in demo.fns.values()), "no fine-tune event is in the public API"
 
 
-def test_switched_off_tab_is_only_a_notice(monkeypatch, registry, manager):
-    import gradio as gr
+def test_smoothed_loss_is_debiased_and_flat_on_a_constant():
+    assert finetune_ui.smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    values = finetune_ui.smoothed([1.0, 0.0] * 50)
+    assert max(values[-10:]) - min(values[-10:]) < 0.2
 
-    monkeypatch.setenv("RAPID_DIFFUSION_FINETUNE", "off")
-    with gr.Blocks() as demo:
-        assert finetune_ui.build_finetune_tab(registry, manager) == {}
-    assert [type(block).__name__ for block in demo.blocks.values()] == ["Markdown"]
+
+def test_the_host_step_limit_caps_presets_and_refuses_longer_jobs(monkeypatch, registry, manager, uploads):
+    monkeypatch.setenv("RAPID_DIFFUSION_FINETUNE_MAX_STEPS", "50")
+    assert finetune_ui.preset_fields(registry, "tiny", "thorough")[0] == 50
+    outcome = finetune_ui.start_job(manager, uploads, [], form(steps=60))
+    assert outcome.job_id is None and outcome.message.startswith("本服务器每次最多训练 50 步")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import errno
 import math
 import os
 import shutil
@@ -17,7 +18,10 @@ from PIL import Image
 
 import rapid_diffusion.train as train_module
 from rapid_diffusion.cli import main as cli_main
+from rapid_diffusion.domains import load_domains
 from rapid_diffusion.paths import PROJECT_ROOT
+from rapid_diffusion.run_files import read_validation_losses
+from rapid_diffusion.training_core import load_base_pipeline
 from rapid_diffusion.train import TrainConfig, TrainingError, complete_checkpoints, read_losses, train
 
 SQUARES = {"红色的方块": (230, 30, 30), "蓝色的方块": (30, 30, 230)}
@@ -96,12 +100,13 @@ def test_cli_training_lowers_the_loss_and_registers_a_loadable_model(test_domain
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "done" and status["domain_id"] == "tiny-ft"
 
-    pipe = StableDiffusionPipeline.from_pretrained(run / "model", safety_checker=None, requires_safety_checker=False)
-    assert {p.suffix for p in (run / "model" / "unet").iterdir()} == {".json", ".safetensors"}
+    pipe = StableDiffusionPipeline.from_pretrained(run, safety_checker=None, requires_safety_checker=False)
+    assert {p.suffix for p in (run / "unet").iterdir()} == {".json", ".safetensors"}
+    assert not (run / "model.tmp").exists()
     image = pipe("红色的方块", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
     spec = ModelRegistry(device=torch.device("cpu")).reload_domains()["tiny-ft"]
-    assert spec.model.path == (run / "model").resolve() and spec.height == 64 and "红色的方块" in spec.examples
+    assert spec.model.path == run.resolve() and spec.height == 64 and "红色的方块" in spec.examples
 
 
 def test_resume_uses_the_newest_complete_checkpoint_and_ignores_a_half_written_one(tiny_model_dir, pairs, tmp_path, monkeypatch):
@@ -131,12 +136,17 @@ def test_stop_request_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, pa
     stopped = train(quick_config(tiny_model_dir, pairs, run, max_steps=10), log=lambda *_: None)
     assert stopped.state == "stopped" and stopped.step == 3
     assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-3"]
-    assert json.loads((run / "status.json").read_text())["state"] == "stopped"
-    assert not (run / "model").exists()
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and "提前停止" in status["message"]
+    assert (run / "model_index.json").is_file(), "a stopped run leaves a usable model"
+    stopped_spec = load_domains()[stopped.domain_id]
+    assert "提前停止" in stopped_spec.title_zh and stopped_spec.model.path == run.resolve()
 
     monkeypatch.setattr(train_module.StopRequest, "requested", lambda self: False)
     finished = train(quick_config(tiny_model_dir, pairs, run, max_steps=5, resume=True), log=lambda *_: None)
-    assert finished.state == "done" and (run / "model" / "model_index.json").is_file()
+    assert finished.state == "done" and finished.domain_id == stopped.domain_id
+    assert [row["step"] for row in read_losses(run)] == [1, 2, 3, 4, 5]
+    assert "提前停止" not in load_domains()[finished.domain_id].title_zh
 
 
 def test_bf16_checkpointing_ema_with_a_frozen_text_encoder(tiny_model_dir, pairs, tmp_path, monkeypatch):
@@ -150,10 +160,10 @@ def test_bf16_checkpointing_ema_with_a_frozen_text_encoder(tiny_model_dir, pairs
     )
     assert train(config, log=lambda *_: None).state == "done"
     before = load_file(tiny_model_dir / "text_encoder" / "model.safetensors")
-    after = load_file(run / "model" / "text_encoder" / "model.safetensors")
+    after = load_file(run / "text_encoder" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before) and after[next(iter(after))].dtype == torch.float32
     unet_before = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
-    unet_after = load_file(run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    unet_after = load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
 
 
@@ -172,7 +182,7 @@ def test_nan_loss_stops_the_run_with_a_clear_status(tiny_model_dir, pairs, tmp_p
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert result.state == "failed" and result.step == 3
     assert status["state"] == "failed" and "NaN" in status["message"] and "learning rate" in status["message"]
-    assert not (tmp_path / "run" / "model").exists()
+    assert not (tmp_path / "run" / "model_index.json").exists()
 
 
 def test_preflight_refuses_settings_that_do_not_fit_and_says_what_to_change(tiny_model_dir, pairs, tmp_path, monkeypatch):
@@ -191,10 +201,12 @@ def test_out_of_range_settings_are_refused_before_loading_anything(tmp_path):
     with pytest.raises(TrainingError) as failure:
         config.validate()
     assert str(failure.value).count(";") == 2 and "resolution" in str(failure.value)
+    with pytest.raises(TrainingError, match="验证提示词不能为空白"):
+        TrainConfig(base="x", data=tmp_path, output=tmp_path, validation_prompts=[" "]).validate()
 
 
 def test_memory_estimate_shrinks_with_the_advised_settings(tiny_model_dir):
-    pipe = train_module.load_base_pipeline(tiny_model_dir)
+    pipe = load_base_pipeline(tiny_model_dir)
     cpu = torch.device("cpu")
     heavy = TrainConfig(base="x", data=Path("."), output=Path("."), use_ema=True, batch_size=4)
     light = TrainConfig(
@@ -334,3 +346,138 @@ def test_demo_model_run_killed_while_saving_resumes_from_the_last_complete_check
     longer = train(quick_config(DEMO_MODEL, pairs, tmp_path / "longer", max_steps=60, learning_rate=3e-4, batch_size=2, resolution=None), log=lambda *_: None)
     assert longer.state == "done"
     assert np.mean(longer.losses[-15:]) < np.mean(longer.losses[:15]), (longer.losses[:15], longer.losses[-15:])
+
+
+# ----------------------------------------------------------------------------- standard output, names, hazards
+
+
+def test_output_folder_is_a_pipeline_that_transformers_4_tokenizers_can_read(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    """``--output DIR`` is the pipeline folder. transformers 4.x's BertTokenizer reads only
+    ``vocab.txt`` (+ ``special_tokens_map.json``); installing transformers 4.57 in a second venv
+    does not fit CI time, so the files are checked, and tokenizers built from those two files alone
+    (a folder without transformers 5's ``tokenizer.json``, and the ``tokenizers`` library's
+    WordPiece from ``vocab.txt``, which 4.x's fast BertTokenizer is) must tokenize like the saved one."""
+    from diffusers import StableDiffusionPipeline
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizer
+
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    result = train(quick_config(tiny_model_dir, pairs, run, max_steps=2, name="我的粉色"), log=lambda *_: None)
+    assert result.model_dir == run and (run / "model_index.json").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(run, safety_checker=None, requires_safety_checker=False)
+    tokenizer_dir = run / "tokenizer"
+    assert {"vocab.txt", "special_tokens_map.json", "tokenizer_config.json"} <= {p.name for p in tokenizer_dir.iterdir()}
+    special = json.loads((tokenizer_dir / "special_tokens_map.json").read_text())
+    assert special["unk_token"] == "[UNK]" and special["pad_token"] == "[PAD]"
+    legacy = tmp_path / "legacy-tokenizer"
+    legacy.mkdir()
+    for name in ("vocab.txt", "special_tokens_map.json"):
+        shutil.copy(tokenizer_dir / name, legacy / name)
+    text = "一个红色的方块，左边有猫 abc"
+    expected = pipe.tokenizer(text).input_ids
+    assert expected[1] != pipe.tokenizer.unk_token_id
+    assert BertTokenizer.from_pretrained(legacy)(text).input_ids == expected
+    assert BertWordPieceTokenizer(str(tokenizer_dir / "vocab.txt"), lowercase=True).encode(text).ids == expected
+    assert not (run / "model.tmp").exists()
+
+
+def test_the_model_name_gives_a_fresh_domain_id_and_the_picker_title(test_domains, tiny_model_dir, pairs, tmp_path):
+    first = train(quick_config("tiny", pairs, tmp_path / "a", max_steps=1, name="我的粉色"), log=lambda *_: None)
+    second = train(quick_config("tiny", pairs, tmp_path / "b", max_steps=1, name="我的粉色"), log=lambda *_: None)
+    assert first.domain_id != second.domain_id
+    assert first.domain_id.startswith("ft-") and len(first.domain_id) <= 64
+    spec = load_domains()[first.domain_id]
+    assert spec.title_zh == "我的粉色（基于 测试）" and spec.title_en == "我的粉色 (based on Test)"
+
+
+def test_held_out_pairs_give_the_default_prompts_and_a_reproducible_validation_loss(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    rows = [{"file_name": f"{i}.png", "text": f"第{i}个方块"} for i in range(2, 8)]
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for row, shade in zip(rows, range(40, 240, 30)):
+        Image.fromarray(np.full((64, 64, 3), shade, dtype=np.uint8)).save(data / row["file_name"])
+    write_pairs(data, rows)
+    runs = [tmp_path / "run1", tmp_path / "run2"]
+    for run in runs:
+        result = train(quick_config(tiny_model_dir, data, run, max_steps=4, validation_every=2, validation_inference_steps=2), log=lambda *_: None)
+        assert result.state == "done"
+    status = json.loads((runs[0] / "status.json").read_text())
+    assert status["held_out"] == 2 and status["pairs"] == 6 and len(status["validation_prompts"]) == 2
+    assert sorted(p.name for p in (runs[0] / "samples").iterdir()) == ["step-000000", "step-000002", "step-000004"]
+    assert len(list((runs[0] / "samples" / "step-000004").glob("*.png"))) == 2
+    first, second = (read_validation_losses(run) for run in runs)
+    assert [row["step"] for row in first] == [0, 2, 4]
+    assert first[0]["loss"] == second[0]["loss"], "fixed noise and timesteps: the base model's validation loss repeats exactly"
+
+
+def test_a_resume_without_a_checkpoint_starts_the_loss_history_over(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    train(quick_config(tiny_model_dir, pairs, run, max_steps=3), log=lambda *_: None)
+    messages = []
+    train(quick_config(tiny_model_dir, pairs, run, max_steps=3, resume=True), log=messages.append)
+    assert any("no checkpoint to resume from" in m for m in messages)
+    assert [row["step"] for row in read_losses(run)] == [1, 2, 3]
+
+
+def disk_full(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_checkpointing_fails_cleanly_and_resume_works_after(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    real_save_state = Accelerator.save_state
+
+    def fills_the_disk(self, output_dir=None, **kwargs):
+        if str(output_dir).endswith("tmp-checkpoint-4"):
+            Path(output_dir, "model.safetensors").write_bytes(b"half written")
+            disk_full()
+        return real_save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", fills_the_disk)
+    with pytest.raises(TrainingError, match="^磁盘已满.* / disk full"):
+        train(quick_config(tiny_model_dir, pairs, run, max_steps=6, checkpoint_every=2), log=lambda *_: None)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and status["message"].startswith("磁盘已满")
+    assert not (run / "checkpoints" / "tmp-checkpoint-4").exists()
+    assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-2"]
+
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    resumed = train(quick_config(tiny_model_dir, pairs, run, max_steps=6, checkpoint_every=2, resume=True), log=lambda *_: None)
+    assert resumed.state == "done" and [row["step"] for row in read_losses(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_failed_final_save_leaves_no_model_tmp(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    real_save = StableDiffusionPipeline.save_pretrained
+
+    def half_then_full(self, folder, **kwargs):
+        real_save(self, folder, **kwargs)
+        disk_full()
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", half_then_full)
+    with pytest.raises(TrainingError, match="disk full"):
+        train(quick_config(tiny_model_dir, pairs, run, max_steps=2), log=lambda *_: None)
+    assert not (run / "model.tmp").exists() and not (run / "model_index.json").exists()
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+
+
+def test_train_parses_its_own_flags_and_a_job_config(tmp_path):
+    """train.py owns parse_args/main; ``--config run.json`` is the job's hand-over, flags override it."""
+    config = TrainConfig(base="tiny", data=tmp_path / "d", output=tmp_path / "o", name="我的", max_steps=7, validation_prompts=["一只猫"])
+    config.save(tmp_path / "run.json")
+    parsed = train_module.parse_args(["--config", str(tmp_path / "run.json"), "--lr", "3e-4", "--resume"])
+    assert parsed == TrainConfig(**{**config.__dict__, "learning_rate": 3e-4, "resume": True})
+    assert train_module.parse_args(["--base", "b", "--data", "d", "--output", "o"]) == TrainConfig(base="b", data=Path("d"), output=Path("o"))
+    with pytest.raises(TrainingError, match="--base"):
+        train_module.parse_args(["--data", "d", "--output", "o"])
+    source = Path(train_module.__file__).read_text()
+    assert "from .cli" not in source and "import cli" not in source

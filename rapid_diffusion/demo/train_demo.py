@@ -26,7 +26,6 @@ in fp32 with the PAI tokenizer (``factory.chinese_vocab()``).
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..factory import assemble_pipeline, build_tokenizer, chinese_vocab, pndm_scheduler
 from ..paths import ASSETS_DIR
+from ..training_core import averaged_copy, cosine_schedule, denoising_loss, make_ema, tokenize
 from . import judge, world
 
 MODEL_MAX_LENGTH = 32
@@ -142,19 +142,10 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return schedule
-
-
 def train_vae(images: np.ndarray, config: TrainConfig, log: Callable[[str], None]) -> AutoencoderKL:
     vae = build_vae(config.vae_channels).to(config.device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(100, config.vae_steps))
+    scheduler = cosine_schedule(optimizer, 100, config.vae_steps)
     generator = torch.Generator().manual_seed(config.seed + 1)
     start = time.time()
     for step in range(config.vae_steps):
@@ -195,11 +186,6 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, device: str, batch: i
     return torch.cat(chunks)
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Exactly as ``StableDiffusionPipeline.encode_prompt`` does: padded to max length, no mask."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-
-
 def demo_scheduler() -> PNDMScheduler:
     """PAI-Diffusion's PNDM settings with DDPM's linear betas and v-prediction (see the module docstring)."""
     return PNDMScheduler.from_config(
@@ -214,29 +200,17 @@ def noise_scheduler(folder: Path | None = None) -> DDPMScheduler:
     return DDPMScheduler.from_config(demo_scheduler().config)
 
 
-def denoising_loss(unet, noise_schedule: DDPMScheduler, clean: torch.Tensor, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mean squared error on the schedule's prediction target (epsilon or v) at random timesteps."""
-    noise = torch.randn(clean.shape, generator=generator).to(clean.device)
-    timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(clean),), generator=generator).to(clean.device)
-    noisy = noise_schedule.add_noise(clean, noise, timesteps)
-    if noise_schedule.config.prediction_type == "v_prediction":
-        target = noise_schedule.get_velocity(clean, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=hidden).sample, target)
-
-
 def train_diffusion(latents, scenes, tokenizer, vae, config: TrainConfig, log: Callable[[str], None], unet=None, text_encoder=None):
     """Train (or, given ``unet`` and ``text_encoder``, continue training) on the diffusion loss."""
     if unet is None:
         torch.manual_seed(config.seed)  # the same initial weights whether this run trained the VAE or kept one
     unet = (unet or build_unet(config.unet_channels, config.text_hidden)).to(config.device).train()
     text_encoder = (text_encoder or build_text_encoder(config.text_hidden)).to(config.device).train()
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_unet, ema_text = make_ema(unet, config.ema_decay), make_ema(text_encoder, config.ema_decay)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     horizon = config.schedule_steps or config.unet_steps
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, horizon))
+    lr_schedule = cosine_schedule(optimizer, config.warmup_steps, horizon)
     noise_schedule = noise_scheduler()
     rng = np.random.default_rng(config.seed + 2)
     generator = torch.Generator().manual_seed(config.seed + 3)
@@ -245,28 +219,20 @@ def train_diffusion(latents, scenes, tokenizer, vae, config: TrainConfig, log: C
         index = rng.integers(len(scenes), size=config.batch_size)
         captions = ["" if rng.random() < config.caption_dropout else world.caption(scenes[i], rng) for i in index]
         ids = tokenize(tokenizer, captions).to(config.device)
-        loss = denoising_loss(unet, noise_schedule, latents[index].to(config.device), text_encoder(ids)[0], generator)
+        loss = denoising_loss(unet, noise_schedule, latents[index].to(config.device), text_encoder(ids)[0], generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr_schedule.step()
-        update_ema(ema_unet, unet, config.ema_decay, step)
-        update_ema(ema_text, text_encoder, config.ema_decay, step)
+        ema_unet.step(unet.parameters())
+        ema_text.step(text_encoder.parameters())
         if step % config.log_every == 0 or step == config.unet_steps - 1:
             log(f"diffusion step {step + 1}/{config.unet_steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.unet_steps:
-            save_pipeline(config.out, vae, ema_unet, ema_text)
+            save_pipeline(config.out, vae, averaged_copy(unet, ema_unet), averaged_copy(text_encoder, ema_text))
             log(f"checkpoint at step {step + 1} saved to {config.out}")
-    return ema_unet.eval(), ema_text.eval()
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
-    """EMA with the usual warm-up (decay grows with the step count)."""
-    d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - d)
+    return averaged_copy(unet, ema_unet).eval(), averaged_copy(text_encoder, ema_text).eval()
 
 
 def save_pipeline(out: Path, vae, unet, text_encoder) -> None:

@@ -15,7 +15,6 @@ them apart is having been seen in captions.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,8 @@ import torch
 import yaml
 
 from ..demo import train_demo, world
-from ..paths import ASSETS_DIR, PROJECT_ROOT, home_dir
-from ..registry import load_pipeline
+from ..paths import ASSETS_DIR, PROJECT_ROOT
+from ..training_core import denoising_loss, load_base_pipeline, make_ema, write_domain_yaml
 from .demo import DEMO_GRAPH, EntityCaptioner, load_split
 from .graph import KnowledgeGraph
 from .injection import KNOWLEDGE_DIR, Knowledge, KnowledgeTextEncoder
@@ -77,7 +76,7 @@ def finetune_demo(config: DemoFinetuneConfig, log: Callable[[str], None] = print
     """Fine-tune, save the pipeline (+ ``knowledge/``) in ``config.out`` and register a domain."""
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
-    pipe = load_pipeline(Path(config.base), torch.device("cpu"), torch.float32)
+    pipe = load_base_pipeline(Path(config.base))
     knowledge = build_knowledge(config, pipe.text_encoder.config.hidden_size, log)
     latents, scenes = world_latents(pipe.vae, config.num_scenes, config.seed)
     captioner = EntityCaptioner(knowledge.graph, load_split(config.graph)["train"], config.entity_probability)
@@ -90,7 +89,7 @@ def finetune_demo(config: DemoFinetuneConfig, log: Callable[[str], None] = print
         weight_decay=0.0,
     )
     trained = (pipe.unet, pipe.text_encoder, knowledge.injector)
-    averages = [copy.deepcopy(module).requires_grad_(False) for module in trained]
+    averages = [make_ema(module, config.ema_decay) for module in trained]
     noise_schedule = train_demo.noise_scheduler(Path(config.base))
     rng = np.random.default_rng(config.seed + 1)
     generator = torch.Generator().manual_seed(config.seed + 2)
@@ -100,17 +99,17 @@ def finetune_demo(config: DemoFinetuneConfig, log: Callable[[str], None] = print
         captions = ["" if rng.random() < config.caption_dropout else captioner(scenes[i], rng) for i in index]
         batch = knowledge.tokenize(pipe.tokenizer, captions)
         hidden = encoder(batch.input_ids, batch.entity_ids if config.with_knowledge else None)
-        loss = train_demo.denoising_loss(pipe.unet, noise_schedule, latents[index], hidden, generator)
+        loss = denoising_loss(pipe.unet, noise_schedule, latents[index], hidden, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model_params + list(knowledge.injector.parameters()), 1.0)
         optimizer.step()
         for average, module in zip(averages, trained):
-            train_demo.update_ema(average, module, config.ema_decay, step)
+            average.step(module.parameters())
         if step % config.log_every == 0 or step == config.steps - 1:
             log(f"step {step + 1}/{config.steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
     for average, module in zip(averages, trained):
-        module.load_state_dict(average.state_dict())
+        average.copy_to(module.parameters())
     return save(config, pipe, knowledge)
 
 
@@ -131,15 +130,10 @@ def write_domain(config: DemoFinetuneConfig, model_dir: Path, graph_dir: Path) -
     if sr_path:
         base["sr_weights"] = {"path": str((PROJECT_ROOT / "domains" / sr_path).resolve())}
     base.update(
-        id=config.domain_id,
         title={"zh": f"演示 + 知识图谱（{config.domain_id}）", "en": f"Demo + knowledge graph ({kind})"},
         description=f"The demo model fine-tuned {config.steps} steps on entity captions ({kind}).",
         model={"path": str(model_dir.resolve())},
         knowledge_graph=str(graph_dir.resolve()),
         examples=["中间有一个大的番茄", "中间有一个大的樱桃", "左边有一个杨桃"],
     )
-    folder = home_dir() / "domains"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{config.domain_id}.yaml"
-    target.write_text(yaml.safe_dump(base, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return target
+    return write_domain_yaml(config.domain_id, {k: v for k, v in base.items() if k != "id"})

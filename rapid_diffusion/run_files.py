@@ -1,0 +1,118 @@
+"""The run-file protocol between a trainer and whoever watches it (the CLI, jobs, the Fine-tune tab).
+
+A run folder (``train --output DIR``) is the diffusers pipeline folder of the result, with the
+trainer's run files beside the model's components::
+
+    model_index.json, unet/, text_encoder/, tokenizer/, vae/, scheduler/   the pipeline (when saved)
+    run.json               the run's TrainConfig (jobs write it; ``--config`` reads it)
+    status.json            state, step, loss, remaining seconds, message (rewritten atomically)
+    loss.jsonl             one {"step", "loss", "lr"} per optimizer step
+    val_loss.jsonl         one {"step", "loss"} per validation on the held-out pairs
+    samples/step-000000/   validation images at a fixed seed (step 0 = the base model)
+    checkpoints/checkpoint-<step>/   complete accelerate states (written to tmp-*, then renamed)
+    STOP                   present: the trainer saves and ends
+
+This module has no torch import, so that the web UI and the job manager can read runs cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+STOP_FILE = "STOP"
+CONFIG_FILE = "run.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_CHECKPOINT_PREFIX = "tmp-" + CHECKPOINT_PREFIX
+MODEL_TMP = "model.tmp"
+ACTIVE_STATES = ("starting", "preparing", "checking", "running", "saving")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Readers never see half a file: write a hidden temp file, then rename over the target."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a half-written last line (a crash mid-write) is ignored."""
+    if not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def read_losses(folder: Path) -> list[dict]:
+    return read_jsonl(Path(folder) / "loss.jsonl")
+
+
+def read_validation_losses(folder: Path) -> list[dict]:
+    return read_jsonl(Path(folder) / "val_loss.jsonl")
+
+
+def read_status(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "status.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Finished checkpoints, oldest first; half-written ``tmp-*`` folders never count."""
+    root = Path(folder) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name[len(CHECKPOINT_PREFIX):])
+
+
+class RunFiles:
+    """The run folder's status, loss histories and samples; written by the main process only."""
+
+    def __init__(self, folder: Path, enabled: bool = True):
+        self.folder = Path(folder)
+        self.enabled = enabled
+        self.status: dict = {}
+        if enabled:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def update(self, **fields) -> None:
+        self.status.update(fields, updated_at=time.time())
+        if self.enabled:
+            write_json_atomic(self.folder / "status.json", self.status)
+
+    def log_loss(self, step: int, loss: float, lr: float) -> None:
+        self._append("loss.jsonl", {"step": step, "loss": loss, "lr": lr})
+
+    def log_validation_loss(self, step: int, loss: float) -> None:
+        self._append("val_loss.jsonl", {"step": step, "loss": loss})
+
+    def truncate_losses(self, after_step: int) -> None:
+        """Drop entries past the step a run continues from (0 when it starts over): no repeats."""
+        for name in ("loss.jsonl", "val_loss.jsonl"):
+            path = self.folder / name
+            if self.enabled and path.is_file():
+                kept = [row for row in read_jsonl(path) if row["step"] <= after_step]
+                path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+
+    def _append(self, name: str, row: dict) -> None:
+        if self.enabled:
+            with (self.folder / name).open("a", encoding="utf-8") as history:
+                history.write(json.dumps(row) + "\n")

@@ -1,0 +1,94 @@
+"""What every diffusion training loop here shares: tokenisation, the denoising loss, the domain YAML.
+
+Used by the fine-tuner (``train.py``), the demo model's recipe (``demo/train_demo.py``) and the
+knowledge demo (``knowledge/finetune_demo.py``), so that a fix to the loss or to the way a new
+model registers itself reaches all three.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .paths import home_dir
+
+
+def load_base_pipeline(folder: Path):
+    """A local diffusers folder with fp32 master weights whatever the checkpoint's dtype
+    (fp16 checkpoints are common); safetensors or ``weights_only`` loading, no remote code."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder,
+        dtype=torch.float32,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        local_files_only=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """The same padding and truncation the pipeline uses at inference."""
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def denoising_loss(unet, noise_scheduler, latents, hidden, noise=None, timesteps=None, generator=None) -> torch.Tensor:
+    """MSE between the UNet's prediction and its target (noise, or v for v-prediction schedulers)
+    at random timesteps, or at the given ``noise`` and ``timesteps`` (a comparable validation loss)."""
+    latents = latents.float()
+    if noise is None:  # drawn on the CPU (seeded runs repeat on any device), then moved
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    if timesteps is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    prediction = unet(noisy, timesteps, hidden.to(noisy.dtype), return_dict=False)[0]
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def make_ema(module: torch.nn.Module, decay: float):
+    """diffusers' EMAModel with the usual warm-up: the decay grows as (1 + step) / (10 + step) up to ``decay``."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(module.parameters(), decay=decay)
+
+
+def averaged_copy(module: torch.nn.Module, ema) -> torch.nn.Module:
+    """A frozen copy of ``module`` holding the EMA weights (the module itself keeps training)."""
+    average = copy.deepcopy(module).requires_grad_(False)
+    ema.copy_to(average.parameters())
+    return average
+
+
+def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up, then a half cosine to zero at ``total_steps`` (diffusers' get_scheduler)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def write_domain_yaml(domain_id: str, data: dict) -> Path:
+    """``$RAPID_DIFFUSION_HOME/domains/<id>.yaml`` (written whole, then renamed): the picker lists it."""
+    folder = home_dir() / "domains"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{domain_id}.yaml"
+    tmp = folder / f".{domain_id}.yaml.tmp"
+    try:
+        tmp.write_text(yaml.safe_dump({"id": domain_id, **data}, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
