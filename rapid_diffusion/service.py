@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from .domains import DomainSpec, ModelSource
+from .jobs import DeleteRefused, delete_finetuned
 from .messages import say
 from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult, PromptReport, RequestError, inspect_prompt
 from .pipeline import ProgressCallback, generate
@@ -279,6 +280,18 @@ class AppService:
         spec = self.spec(domain_id)
         done = self.registry.unload(self.registry.key_for(spec))
         return say("unloaded" if done else "not_loaded", domain=spec.id)
+
+    def delete(self, domain_id: str | None, password: str | None = None) -> str:
+        """Remove a fine-tuned model (its registration and the folder its job wrote); others are refused."""
+        self.authorize(password)
+        spec = self.spec(domain_id)
+        try:
+            message = delete_finetuned(spec.id)
+        except DeleteRefused as exc:
+            raise UserFacingError(409, str(exc), "domain") from exc
+        self.registry.unload(self.registry.key_for(spec))
+        self.reload_domains()
+        return message
 
     def models(self) -> list[ModelRow]:
         loaded: dict[str, LoadedModel] = {m.key: m for m in self.registry.loaded()}

@@ -13,7 +13,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import torch
@@ -101,14 +101,16 @@ def build_ui(service: AppService | None = None) -> gr.Blocks:
             with gr.Tab("文生图 / Text to image"):
                 domain = build_generate_tab(ctx)
             with gr.Tab("模型 / Models"):
-                build_models_tab(ctx, demo)
+                models = build_models_tab(ctx, demo)
             with gr.Tab("微调 / Fine-tune"):
                 finetune = build_finetune(ctx)
         build_named_api(ctx)
-        refresh_picker = [lambda d: domain_picker_update(ctx, d if d in ctx.registry.domains else None), domain, domain]
+        refresh_picker = [lambda d: domain_picker_update(ctx, d if d in ctx.service.domains else None), domain, domain]
         demo.load(*refresh_picker, api_visibility="private")
-        if "new_domain" in finetune:
-            finetune["new_domain"].change(*refresh_picker, api_visibility="private")
+        for changed in filter(None, [finetune.get("new_domain"), models.get("deleted")]):
+            changed.change(*refresh_picker, api_visibility="private")
+            if "domain" in models:
+                changed.change(lambda: models_picker_update(ctx), None, models["domain"], api_visibility="private")
     return demo
 
 
@@ -409,17 +411,18 @@ def token_count_markdown(ctx: UiContext, domain_id: str | None, prompt: str | No
     return f"⚠️ {count} — {report.message()}" if report.truncated else count
 
 
-def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> None:
-    """The loaded models and their cost; loading and unloading only where the host allows it.
+def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> dict[str, gr.components.Component]:
+    """The loaded models and their cost; loading, unloading and deleting only where the host allows it.
 
     On a public host without a password the buttons are not built at all, so no event exists
-    for a stranger to call; with a password every action checks it on the server.
+    for a stranger to call; with a password every action checks it on the server. Returns the
+    domain picker and ``deleted`` (a hidden box that changes when a model is deleted).
     """
     table = gr.Dataframe(headers=MODEL_COLUMNS, value=models_table(ctx.service), interactive=False, label="模型 / Models", elem_id="models-table")
     memory = gr.Markdown(device_memory_markdown())
     gr.Markdown(domain_errors_markdown(ctx.service), elem_id="domain-errors")
     access = ctx.service.admin_access()
-    outputs = [table, memory]
+    outputs, components = [table, memory], {}
     if access == "off":
         gr.Markdown(say("admin_off"), elem_id="models-status")
     else:
@@ -428,20 +431,25 @@ def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> None:
             password = gr.Textbox(label="密码 / Password", type="password", scale=2, visible=access == "password")
             load_btn = gr.Button("加载 / Load", variant="primary", scale=1)
             unload_btn = gr.Button("卸载 / Unload", scale=1)
+            delete_btn = gr.Button("删除微调模型 / Delete fine-tuned", variant="stop", scale=1, elem_id="models-delete")
         status = gr.Markdown(elem_id="models-status")
+        deleted = gr.Textbox(visible=False)
+        components = {"domain": domain, "deleted": deleted}
         outputs = [table, memory, status]
         load_btn.click(
-            lambda d, pw: models_action(ctx, d, pw, load=True),
+            lambda d, pw: models_action(ctx, ctx.service.load, d, pw),
             [domain, password],
             outputs,
             concurrency_id=GPU_GROUP,
             concurrency_limit=ctx.service.gate.slots,
             api_visibility="private",
         )
-        unload_btn.click(lambda d, pw: models_action(ctx, d, pw, load=False), [domain, password], outputs, api_visibility="private")
+        unload_btn.click(lambda d, pw: models_action(ctx, ctx.service.unload, d, pw), [domain, password], outputs, api_visibility="private")
+        delete_btn.click(lambda d, pw: delete_action(ctx, d, pw), [domain, password], [*outputs, deleted], api_visibility="private")
     refresh_btn = gr.Button("刷新 / Refresh", size="sm")
     refresh_btn.click(lambda: models_view(ctx, "")[: len(outputs)], None, outputs, api_visibility="private")
     demo.load(lambda: models_table(ctx.service), None, table, api_visibility="private")
+    return components
 
 
 def models_table(service: AppService) -> list[list[Any]]:
@@ -473,12 +481,25 @@ def models_view(ctx: UiContext, message: str):
     return models_table(ctx.service), device_memory_markdown(), message
 
 
-def models_action(ctx: UiContext, domain_id: str | None, password: str | None, load: bool):
-    """Load or unload; a refusal is a toast and a status line, and the table stays on screen."""
+def models_picker_update(ctx: UiContext):
+    return gr.update(choices=[(s.title, s.id) for s in ctx.service.domains.values()], value=None)
+
+
+def delete_action(ctx: UiContext, domain_id: str | None, password: str | None):
+    """Delete a fine-tuned model; ``deleted`` changes only when one was removed, refreshing every picker."""
+    before = set(ctx.service.domains)
+    table, memory, message = models_action(ctx, ctx.service.delete, domain_id, password)
+    gone = before - set(ctx.service.domains)
+    return table, memory, message, f"deleted:{','.join(sorted(gone))}" if gone else gr.skip()
+
+
+def models_action(ctx: UiContext, action: Callable[[str, str | None], str], domain_id: str | None, password: str | None):
+    """Load, unload or delete (``action``, a service method); a refusal is a toast and a status
+    line, and the table stays on screen."""
     try:
         if not domain_id:
             raise UserFacingError(422, say("no_domain"), "domain")
-        message = ctx.service.load(domain_id, password) if load else ctx.service.unload(domain_id, password)
+        message = action(domain_id, password)
     except UserFacingError as exc:
         log.info("model action refused for domain %s: %s", domain_id, exc.message)
         gr.Warning(exc.message, title=say("error_title"))
