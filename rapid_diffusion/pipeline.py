@@ -21,6 +21,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from .domains import SAMPLER_NAMES, DomainSpec
+from .errors import ModelUnavailableError
 from .samplers import make_scheduler
 from .settings import settings
 
@@ -230,7 +231,9 @@ def generate(
     model = registry.get(spec)
     with model.lock:
         if model.pipe is None:
-            raise RuntimeError(f"the model of domain '{spec.id}' was unloaded; try again")
+            raise ModelUnavailableError(
+                f"域「{spec.title_zh}」的模型刚被卸载，请重试。 / The model of domain '{spec.id}' was unloaded; try again."
+            )
         return run_pipeline(
             model.pipe,
             request,

@@ -83,7 +83,7 @@ def test_compile_without_toolchain_falls_back_to_flash(pipe, monkeypatch):
 
 
 def test_compile_failing_at_warm_up_falls_back_and_still_matches(pipe, tiny_model_dir, monkeypatch):
-    def broken_warm_up(pipe, height, width):
+    def broken_warm_up(pipe, sizes, max_images):
         raise RuntimeError("inductor exploded")
 
     monkeypatch.setattr(optimize, "warm_up", broken_warm_up)
