@@ -111,10 +111,14 @@ def load_compile_artifacts(pipe, sizes, log_line) -> Path | None:
     if path is None or not path.is_file():
         return path
     try:
-        torch.compiler.load_cache_artifacts(path.read_bytes())
-        log_line(f"torch.compile: loaded cached artifacts {path.name}")
+        loaded = torch.compiler.load_cache_artifacts(path.read_bytes())
+        problem = None if loaded is not None else "torch could not read it"
     except Exception as exc:  # a corrupt pickle raises many classes (UnpicklingError, EOFError, KeyError, ...)
-        log_line(f"ignoring the corrupt torch.compile cache {path.name} ({type(exc).__name__}: {str(exc)[:200]}); compiling")
+        problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if problem:
+        log_line(f"ignoring the corrupt torch.compile cache {path.name} ({problem}); compiling")
+    else:
+        log_line(f"torch.compile: loaded cached artifacts {path.name}")
     return path
 
 
