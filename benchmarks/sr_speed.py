@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rapid_diffusion.bench import bench_upscaler  # noqa: E402
-from rapid_diffusion.upscale import time_upscaler  # noqa: E402
+from rapid_diffusion.sr_bench import time_upscaler  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

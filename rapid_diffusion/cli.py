@@ -201,32 +201,28 @@ def cmd_domains(args) -> int:
     return 0
 
 
-def resolve_spec(args):
-    """The domain spec and loaded model named by ``--domain`` or ``--model``."""
-    from dataclasses import replace
+def open_service(args):
+    """The service and the domain spec named by ``--domain`` or ``--model`` (its model loaded)."""
+    from .service import AppService, UserFacingError
 
-    from .domains import DomainSpecError, ModelSource
-    from .registry import ModelUnavailableError, adhoc_spec, default_registry, native_size
-
-    registry = default_registry()
-    registry.progress = lambda message: print(message, file=sys.stderr)
+    service = AppService()
+    service.registry.progress = lambda message: print(message, file=sys.stderr)
     try:
         if args.domain:
-            spec = registry.spec(args.domain)
-            registry.get(spec)
-            return spec, registry
-        spec = adhoc_spec(ModelSource.parse(args.model))
-        model = registry.get(spec)
-        side = native_size(model.pipe)
-        return replace(spec, height=side, width=side), registry
-    except (KeyError, ValueError, DomainSpecError, ModelUnavailableError) as exc:
-        raise CLIError(exc.args[0] if exc.args else str(exc)) from exc
+            spec = service.spec(args.domain)
+            service.load(args.domain)
+        else:
+            spec = service.model_spec(args.model)
+    except UserFacingError as exc:
+        raise CLIError(exc.message) from exc
+    return service, spec
 
 
 def cmd_generate(args) -> int:
-    from .pipeline import GenerationRequest, RequestError, generate
+    from .pipeline import GenerationRequest
+    from .service import UserFacingError
 
-    spec, registry = resolve_spec(args)
+    service, spec = open_service(args)
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -240,9 +236,9 @@ def cmd_generate(args) -> int:
         super_resolution=args.super_resolution,
     )
     try:
-        result = generate(request, spec, registry=registry)
-    except RequestError as exc:
-        raise CLIError(str(exc)) from exc
+        result = service.generate(request, spec)
+    except UserFacingError as exc:
+        raise CLIError(exc.message) from exc
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     for path in result.save(args.out):
@@ -254,11 +250,12 @@ def cmd_generate(args) -> int:
 
 def cmd_predict(args) -> int:
     """Load the model once, then one output row per image; bad rows are reported and skipped."""
-    from .pipeline import GenerationRequest, RequestError, generate
+    from .pipeline import GenerationRequest
+    from .service import UserFacingError
 
     if not args.input.is_file():
         raise CLIError(f"input file {args.input} does not exist")
-    spec, registry = resolve_spec(args)
+    service, spec = open_service(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     written = bad = 0
     with args.input.open(encoding="utf-8", errors="replace") as rows, args.output.open("w", encoding="utf-8") as out:
@@ -281,9 +278,9 @@ def cmd_predict(args) -> int:
                 sampler=args.sampler,
             )
             try:
-                result = generate(request, spec, registry=registry)
-            except RequestError as exc:
-                print(f"row {number} (idx {idx}): {exc}; skipped", file=sys.stderr)
+                result = service.generate(request, spec)
+            except UserFacingError as exc:
+                print(f"row {number} (idx {idx}): {exc.message}; skipped", file=sys.stderr)
                 bad += 1
                 continue
             for i in range(len(result.images)):
@@ -319,7 +316,7 @@ def cmd_upscale(args) -> int:
 
 
 def cmd_train_sr(args) -> int:
-    from .train_sr import SRTrainConfig, train_sr
+    from .demo.train_sr import SRTrainConfig, train_sr
 
     train_sr(SRTrainConfig(out=args.out, steps=args.steps, seed=args.seed, num_feat=args.features, num_conv=args.convs))
     return 0
@@ -379,8 +376,8 @@ def cmd_kg_demo_eval(args) -> int:
     from .knowledge.demo import DEMO_GRAPH, load_split, measure_entity_attributes
     from .pipeline import GenerationRequest, run_pipeline
 
-    spec, registry = resolve_spec(args)
-    model = registry.get(spec)
+    service, spec = open_service(args)
+    model = service.registry.get(spec)
     graph_dir = args.graph or DEMO_GRAPH
     graph, entities = KnowledgeGraph.load(graph_dir), load_split(graph_dir)[args.split]
 
@@ -507,8 +504,8 @@ def cmd_train_demo(args) -> int:
 def cmd_eval(args) -> int:
     from .demo.evaluate import evaluate
 
-    spec, registry = resolve_spec(args)
-    report = evaluate(spec, registry, out=args.out, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, images_per_prompt=args.images_per_prompt)
+    service, spec = open_service(args)
+    report = evaluate(spec, service.registry, out=args.out, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, images_per_prompt=args.images_per_prompt)
     print(f"{report['num_images']} images ({report['num_prompts']} held-out prompts x {report['images_per_prompt']})")
     print(", ".join(f"{k} {v:.1%}" for k, v in report["accuracy"].items()))
     print(f"report: {args.out / 'report.json'}")

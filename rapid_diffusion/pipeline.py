@@ -29,10 +29,13 @@ MAX_SEED = 2**32 - 1
 
 
 class RequestError(ValueError):
-    """A request field is invalid. ``field`` names it; the message says the allowed range."""
+    """A request field is invalid. ``field`` names it; ``reason`` (English) and ``reason_zh``
+    (Chinese) say the allowed range."""
 
-    def __init__(self, field_name: str, message: str):
+    def __init__(self, field_name: str, message: str, zh: str):
         self.field = field_name
+        self.reason = message
+        self.reason_zh = zh
         super().__init__(f"{field_name}: {message}")
 
 
@@ -98,34 +101,36 @@ class GenerationRequest:
         for name in ("height", "width"):
             _check_int(name, getattr(self, name), limits.min_side, limits.max_side)
             if getattr(self, name) % 8:
-                raise RequestError(name, f"must be a multiple of 8, got {getattr(self, name)}")
+                raise RequestError(name, f"must be a multiple of 8, got {getattr(self, name)}", f"须为 8 的倍数（收到 {getattr(self, name)}）")
         if self.sampler not in SAMPLER_NAMES:
-            raise RequestError("sampler", f"must be one of {', '.join(SAMPLER_NAMES)}, got {self.sampler!r}")
+            raise RequestError(
+                "sampler", f"must be one of {', '.join(SAMPLER_NAMES)}, got {self.sampler!r}", f"须为 {', '.join(SAMPLER_NAMES)} 之一"
+            )
         if not isinstance(self.super_resolution, bool):
-            raise RequestError("super_resolution", f"must be true or false, got {self.super_resolution!r}")
+            raise RequestError("super_resolution", f"must be true or false, got {self.super_resolution!r}", "须为 true 或 false")
 
 
 def _check_text(name: str, value: Any, max_chars: int, required: bool) -> None:
     if not isinstance(value, str):
-        raise RequestError(name, f"must be a string, got {type(value).__name__}")
+        raise RequestError(name, f"must be a string, got {type(value).__name__}", "须为文本")
     if required and not value.strip():
-        raise RequestError(name, "must not be empty")
+        raise RequestError(name, "must not be empty", "不能为空")
     if len(value) > max_chars:
-        raise RequestError(name, f"must be at most {max_chars} characters, got {len(value)}")
+        raise RequestError(name, f"must be at most {max_chars} characters, got {len(value)}", f"最多 {max_chars} 个字符（收到 {len(value)} 个）")
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(name, f"must be an integer between {low} and {high}, got {value!r}")
+        raise RequestError(name, f"must be an integer between {low} and {high}, got {value!r}", f"须为 {low} 到 {high} 之间的整数")
     if not low <= value <= high:
-        raise RequestError(name, f"must be between {low} and {high}, got {value}")
+        raise RequestError(name, f"must be between {low} and {high}, got {value}", f"须在 {low} 到 {high} 之间（收到 {value}）")
 
 
 def _check_number(name: str, value: Any, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise RequestError(name, f"must be a number between {low} and {high}, got {value!r}")
+        raise RequestError(name, f"must be a number between {low} and {high}, got {value!r}", f"须为 {low} 到 {high} 之间的数")
     if not low <= value <= high:
-        raise RequestError(name, f"must be between {low} and {high}, got {value}")
+        raise RequestError(name, f"must be between {low} and {high}, got {value}", f"须在 {low} 到 {high} 之间（收到 {value}）")
 
 
 @dataclass(frozen=True)

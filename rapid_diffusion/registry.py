@@ -193,6 +193,7 @@ class ModelRegistry:
         self.progress = progress or (lambda message: log.info(message))
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._key_locks: dict[str, threading.Lock] = {}
+        self._tokenizers: dict[str, object] = {}
         self._lock = threading.Lock()
 
     @property
@@ -342,6 +343,31 @@ class ModelRegistry:
         if spec.model.is_local:
             return "offline-ready" if (spec.model.path / "model_index.json").is_file() else "missing"
         return "cached" if find_cached_snapshot(spec.model) is not None else "needs-download"
+
+    def tokenizer(self, spec: DomainSpec):
+        """The domain's tokenizer without loading (or downloading) its model; ``None`` if not on disk.
+
+        A loaded model's own tokenizer is taken under the registry's lock (never waiting for a
+        generation that holds the model's lock); otherwise the tokenizer folder is read once and
+        kept (it is small), keyed like the models.
+        """
+        key = self.key_for(spec)
+        with self._lock:
+            model = self._models.get(key)
+            pipe = model.pipe if model is not None else None
+            cached = self._tokenizers.get(key)
+        if pipe is not None:
+            return pipe.tokenizer
+        if cached is not None:
+            return cached
+        folder = spec.model.path if spec.model.is_local else find_cached_snapshot(spec.model)
+        if folder is None or not (folder / "tokenizer").is_dir():
+            return None
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        with self._lock:
+            return self._tokenizers.setdefault(key, tokenizer)
 
     def loaded(self) -> list[LoadedModel]:
         with self._lock:

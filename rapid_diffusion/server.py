@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from .api import GpuGate, create_api_app
-from .registry import ModelRegistry, default_registry
+from .api import create_api_app
+from .registry import ModelRegistry
+from .service import AppService, GpuGate
 from .settings import settings
 
 DEFAULT_PORT = 7860
@@ -26,11 +27,10 @@ def create_app(registry: ModelRegistry | None = None, gate: GpuGate | None = Non
     from .ui import build_ui
 
     import_model_classes()
-    registry = registry or default_registry()
-    gate = gate or GpuGate.from_env()
-    app = create_api_app(registry, gate)
-    blocks = build_ui(registry, gate)
-    blocks.queue(max_size=gate.max_waiting, default_concurrency_limit=gate.slots)
+    service = AppService(registry, gate)
+    app = create_api_app(service)
+    blocks = build_ui(service)
+    blocks.queue(max_size=service.gate.max_waiting, default_concurrency_limit=service.gate.slots)
     return gr.mount_gradio_app(
         app,
         blocks,

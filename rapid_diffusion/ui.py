@@ -1,8 +1,8 @@
 """Gradio Blocks web UI: Generate, Models and Fine-tune tabs, plus the named ``/generate`` API.
 
-A thin face over :func:`rapid_diffusion.api.run_generation` (the core's ``generate`` behind
-the shared GPU gate): the UI converts widgets to a ``GenerationRequest``, shows the result,
-and turns errors into one curated sentence (``gr.Error``). It validates nothing itself.
+A thin face over :class:`rapid_diffusion.service.AppService`: each event converts widgets to
+one service call, shows the result, and turns the service's errors into one curated sentence
+(``gr.Error``). It validates nothing itself.
 Images are served as the PNG files ``GenerationResult.png_bytes`` writes, settings embedded.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,11 @@ import gradio as gr
 import torch
 from gradio import processing_utils
 
-from .api import INTERNAL_ERROR, GpuGate, UserFacingError, run_generation, zero_gpu
 from .domains import OPTIMIZATION_LEVELS, DomainSpec
-from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult, inspect_prompt
-from .registry import ModelRegistry, ModelUnavailableError, default_registry, find_cached_snapshot
+from .messages import say
+from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult
 from .samplers import SAMPLER_LABELS
+from .service import AppService, UserFacingError, zero_gpu
 
 log = logging.getLogger(__name__)
 
@@ -63,61 +63,21 @@ class StopFlags:
                 del self._flags[session]
 
 
-class TokenizerCache:
-    """Domain tokenizers for the live token counter, without loading (or downloading) the model."""
-
-    def __init__(self, registry: ModelRegistry):
-        self.registry = registry
-        self._tokenizers: dict[str, Any] = {}
-
-    def get(self, spec: DomainSpec):
-        key = self.registry.key_for(spec)
-        for model in self.registry.loaded():
-            if model.key == key and model.pipe is not None:
-                return model.pipe.tokenizer
-        if key not in self._tokenizers:
-            folder = spec.model.path if spec.model.is_local else find_cached_snapshot(spec.model)
-            if folder is None or not (folder / "tokenizer").is_dir():
-                return None
-            from transformers import AutoTokenizer
-
-            self._tokenizers[key] = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        return self._tokenizers[key]
-
-
 @dataclass
 class UiContext:
-    registry: ModelRegistry
-    gate: GpuGate
+    service: AppService
     stop_flags: StopFlags = field(default_factory=StopFlags)
-    tokenizers: TokenizerCache | None = None
-    optimization_levels: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.tokenizers = self.tokenizers or TokenizerCache(self.registry)
 
     def spec(self, domain_id: str | None) -> DomainSpec:
-        domain_id = domain_id or default_domain(self.registry)
         try:
-            return self.registry.spec(domain_id)
-        except KeyError as exc:
-            raise gr.Error(f"未知领域 / Unknown domain '{domain_id}'") from exc
+            return self.service.spec(domain_id)
+        except UserFacingError as exc:
+            raise gr.Error(exc.message) from exc
 
 
-def default_domain(registry: ModelRegistry) -> str | None:
-    """``demo`` if it works offline, else the first domain that does, else ``demo`` or the first one."""
-    specs = registry.domains
-    ready = [d for d in specs.values() if registry.state(d) in ("loaded", "offline-ready", "cached")]
-    if "demo" in specs and specs["demo"] in ready:
-        return "demo"
-    if ready:
-        return ready[0].id
-    return "demo" if "demo" in specs else next(iter(specs), None)
-
-
-def build_ui(registry: ModelRegistry | None = None, gate: GpuGate | None = None) -> gr.Blocks:
+def build_ui(service: AppService | None = None) -> gr.Blocks:
     """The whole app: nothing is loaded here; models load on first use."""
-    ctx = UiContext(registry or default_registry(), gate or GpuGate.from_env())
+    ctx = UiContext(service or AppService())
     with gr.Blocks(title="Rapid Diffusion 中文文图生成", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# Rapid Diffusion · 领域中文文图生成\n"
@@ -139,12 +99,12 @@ def build_ui(registry: ModelRegistry | None = None, gate: GpuGate | None = None)
 
 
 def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
-    initial = default_domain(ctx.registry)
-    spec = ctx.registry.spec(initial) if initial else None
+    initial = ctx.service.default_domain()
+    spec = ctx.service.spec(initial) if initial else None
     with gr.Row():
         with gr.Column(scale=5):
-            domain = gr.Dropdown(domain_choices(ctx.registry), value=initial, label="领域 / Domain")
-            domain_info = gr.Markdown(domain_markdown(ctx.registry, spec) if spec else "没有领域 / No domains configured")
+            domain = gr.Dropdown(domain_choices(ctx.service), value=initial, label="领域 / Domain")
+            domain_info = gr.Markdown(domain_markdown(ctx.service, spec) if spec else "没有领域 / No domains configured")
             prompt = gr.Textbox(label="提示词 / Prompt", lines=3, placeholder="例如：一碗热气腾腾的兰州牛肉拉面", elem_id="prompt")
             token_info = gr.Markdown(elem_id="token-info")
             examples = gr.Dropdown(list(spec.examples) if spec else [], value=None, label="示例提示词 / Example prompts")
@@ -209,7 +169,7 @@ def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
         inputs,
         [gallery, timings, details, files, last_seeds, reuse_seed],
         concurrency_id=GPU_GROUP,
-        concurrency_limit=ctx.gate.slots,
+        concurrency_limit=ctx.service.gate.slots,
         api_visibility="undocumented",
         api_name="generate_ui",
     )
@@ -229,7 +189,7 @@ def make_stop(ctx: UiContext):
 
 
 def make_ui_generate(ctx: UiContext):
-    gpu_generate = zero_gpu(lambda request, spec, progress, should_stop: generate_on_gpu(ctx, request, spec, progress, should_stop))
+    gpu_generate = zero_gpu(generate_on_gpu)
 
     def generate_from_ui(
         domain_id: str,
@@ -260,15 +220,15 @@ def make_ui_generate(ctx: UiContext):
             sampler=sampler,
             super_resolution=bool(super_resolution),
         )
-        spec = apply_optimization_choice(ctx, spec, optimization)
-        if ctx.registry.state(spec) != "loaded":
+        level = optimization if torch.cuda.is_available() else None
+        if ctx.service.state(spec) != "loaded":
             progress(0, desc="加载模型（首次使用）/ Loading the model (first use)")
         session = request.session_hash or ""
         flag = ctx.stop_flags.start(session)
         try:
-            result = gpu_generate(gen_request, spec, progress_reporter(progress), flag.is_set)
+            result = gpu_generate(ctx.service, gen_request, spec.id, level, progress_reporter(progress), flag.is_set)
         except GenerationCancelled:
-            gr.Info("已停止生成 / Generation stopped")
+            gr.Info(say("stopped"))
             return (gr.skip(),) * 6
         finally:
             ctx.stop_flags.finish(session, flag)
@@ -282,28 +242,19 @@ def make_ui_generate(ctx: UiContext):
     return generate_from_ui
 
 
-def generate_on_gpu(ctx: UiContext, request: GenerationRequest, spec: DomainSpec, progress, should_stop) -> GenerationResult:
+def generate_on_gpu(
+    service: AppService, request: GenerationRequest, domain_id: str, optimization: str | None, progress, should_stop
+) -> GenerationResult:
     """The GPU part of a UI request (wrapped with ``spaces.GPU`` on ZeroGPU); errors -> ``gr.Error``."""
     try:
-        return run_generation(ctx.registry, ctx.gate, request, spec, progress=progress, should_stop=should_stop)
+        return service.generate(request, domain_id, optimization=optimization, progress=progress, should_stop=should_stop)
     except UserFacingError as exc:
         raise gr.Error(exc.message) from exc
     except GenerationCancelled:
         raise
     except Exception as exc:
-        log.exception("generation failed for domain %s", spec.id)
-        raise gr.Error(INTERNAL_ERROR) from exc
-
-
-def apply_optimization_choice(ctx: UiContext, spec: DomainSpec, level: str | None) -> DomainSpec:
-    """On CUDA, choosing another optimisation level than the model was loaded with reloads it."""
-    if not torch.cuda.is_available() or not level:
-        return spec
-    key = ctx.registry.key_for(spec)
-    if level != ctx.optimization_levels.get(key, spec.optimization):
-        ctx.registry.unload(key)
-    ctx.optimization_levels[key] = level
-    return replace(spec, optimization=level)
+        log.exception("generation failed for domain %s", domain_id)
+        raise gr.Error(say("internal_error")) from exc
 
 
 def progress_reporter(progress: gr.Progress):
@@ -337,7 +288,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     try:
         width, height = (int(p.strip()) for p in parts)
     except ValueError:
-        raise gr.Error(f"尺寸格式应为 宽x高，例如 512x512 / Size must look like 512x512, got '{size}'") from None
+        raise gr.Error(say("bad_size", size=size)) from None
     return width, height
 
 
@@ -356,16 +307,16 @@ def size_choices(spec: DomainSpec | None) -> list[str]:
     return list(dict.fromkeys([size_of(spec), *COMMON_SIZES]))
 
 
-def domain_choices(registry: ModelRegistry) -> list[tuple[str, str]]:
-    return [(f"{spec.title} · {STATE_LABELS.get(registry.state(spec), '')}", spec.id) for spec in registry.domains.values()]
+def domain_choices(service: AppService) -> list[tuple[str, str]]:
+    return [(f"{spec.title} · {STATE_LABELS.get(service.state(spec), '')}", spec.id) for spec in service.domains.values()]
 
 
 def domain_picker_update(ctx: UiContext, current: str | None):
-    return gr.update(choices=domain_choices(ctx.registry), value=current or default_domain(ctx.registry))
+    return gr.update(choices=domain_choices(ctx.service), value=current or ctx.service.default_domain())
 
 
-def domain_markdown(registry: ModelRegistry, spec: DomainSpec) -> str:
-    state = STATE_LABELS.get(registry.state(spec), registry.state(spec))
+def domain_markdown(service: AppService, spec: DomainSpec) -> str:
+    state = STATE_LABELS.get(service.state(spec), service.state(spec))
     return f"**{spec.title}** — {spec.description}\n\n模型 / Model: `{spec.model.describe()}` · 状态 / State: **{state}**"
 
 
@@ -375,7 +326,7 @@ def domain_defaults(ctx: UiContext, domain_id: str | None):
         return (gr.skip(),) * 9
     spec = ctx.spec(domain_id)
     return (
-        domain_markdown(ctx.registry, spec),
+        domain_markdown(ctx.service, spec),
         gr.update(choices=list(spec.examples), value=None),
         spec.negative_prompt,
         spec.num_inference_steps,
@@ -391,24 +342,21 @@ def token_count_markdown(ctx: UiContext, domain_id: str | None, prompt: str | No
     """Live token count; warns before the prompt is cut at the encoder's window."""
     if not domain_id or not prompt:
         return ""
-    spec = ctx.spec(domain_id)
     try:
-        tokenizer = ctx.tokenizers.get(spec)
-    except (OSError, ValueError) as exc:
-        log.warning("no tokenizer for %s: %s", spec.id, exc)
-        tokenizer = None
-    if tokenizer is None:
+        report = ctx.service.inspect_prompt(domain_id, prompt)
+    except UserFacingError:
+        return ""
+    if report is None:
         return f"{len(prompt)} 字 / characters (模型下载后显示 token 数 / token count after the model is downloaded)"
-    report = inspect_prompt(tokenizer, prompt)
     count = f"Token: {report.num_tokens} / {report.max_tokens}"
     return f"⚠️ {count} — {report.message()}" if report.truncated else count
 
 
 def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> None:
-    table = gr.Dataframe(headers=MODEL_COLUMNS, value=models_table(ctx.registry), interactive=False, label="模型 / Models", elem_id="models-table")
+    table = gr.Dataframe(headers=MODEL_COLUMNS, value=models_table(ctx.service), interactive=False, label="模型 / Models", elem_id="models-table")
     memory = gr.Markdown(device_memory_markdown())
     with gr.Row():
-        domain = gr.Dropdown([(s.title, s.id) for s in ctx.registry.domains.values()], label="领域 / Domain", scale=3)
+        domain = gr.Dropdown([(s.title, s.id) for s in ctx.service.domains.values()], label="领域 / Domain", scale=3)
         load_btn = gr.Button("加载 / Load", variant="primary", scale=1)
         unload_btn = gr.Button("卸载 / Unload", scale=1)
         refresh_btn = gr.Button("刷新 / Refresh", scale=1)
@@ -419,26 +367,20 @@ def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> None:
         domain,
         outputs,
         concurrency_id=GPU_GROUP,
-        concurrency_limit=ctx.gate.slots,
+        concurrency_limit=ctx.service.gate.slots,
         api_visibility="private",
     )
     unload_btn.click(lambda d: models_action(ctx, d, load=False), domain, outputs, api_visibility="private")
     refresh_btn.click(lambda: models_view(ctx, ""), None, outputs, api_visibility="private")
-    demo.load(lambda: models_table(ctx.registry), None, table, api_visibility="private")
+    demo.load(lambda: models_table(ctx.service), None, table, api_visibility="private")
 
 
-def models_table(registry: ModelRegistry) -> list[list[Any]]:
-    loaded = {m.key: m for m in registry.loaded()}
-    rows = []
-    for spec in registry.domains.values():
-        model = loaded.get(registry.key_for(spec))
-        state = STATE_LABELS.get(registry.state(spec), "")
-        if model is None:
-            rows.append([spec.id, state, "", "", "", "", spec.optimization])
-        else:
-            dtype = str(model.dtype).replace("torch.", "")
-            rows.append([spec.id, state, str(model.device), dtype, round(model.nbytes / 2**20, 1), round(model.load_seconds, 2), model.optimization])
-    return rows
+def models_table(service: AppService) -> list[list[Any]]:
+    return [
+        [row.domain, STATE_LABELS.get(row.state, row.state), row.device, row.dtype,
+         "" if row.memory_mb is None else row.memory_mb, "" if row.load_seconds is None else row.load_seconds, row.optimization]
+        for row in service.models()
+    ]
 
 
 def device_memory_markdown() -> str:
@@ -450,22 +392,17 @@ def device_memory_markdown() -> str:
 
 
 def models_view(ctx: UiContext, message: str):
-    return models_table(ctx.registry), device_memory_markdown(), message
+    return models_table(ctx.service), device_memory_markdown(), message
 
 
 def models_action(ctx: UiContext, domain_id: str | None, load: bool):
     if not domain_id:
-        raise gr.Error("请先选择领域 / Pick a domain first")
-    spec = ctx.spec(domain_id)
-    if not load:
-        done = ctx.registry.unload(ctx.registry.key_for(spec))
-        return models_view(ctx, f"已卸载 / Unloaded {spec.id}" if done else f"{spec.id} 未加载 / was not loaded")
+        raise gr.Error(say("no_domain"))
     try:
-        with ctx.gate.slot():
-            model = ctx.registry.get(spec)
-    except ModelUnavailableError as exc:
-        raise gr.Error(str(exc)) from exc
-    return models_view(ctx, f"已加载 / Loaded {spec.id} in {model.load_seconds:.1f}s")
+        message = ctx.service.load(domain_id) if load else ctx.service.unload(domain_id)
+    except UserFacingError as exc:
+        raise gr.Error(exc.message) from exc
+    return models_view(ctx, message)
 
 
 def build_finetune(ctx: UiContext) -> dict[str, Any]:
@@ -476,7 +413,7 @@ def build_finetune(ctx: UiContext) -> dict[str, Any]:
     except ImportError:
         gr.Markdown("微调界面未安装 / The fine-tuning tab is not available in this build.")
         return {}
-    return build_finetune_tab(ctx.registry, JobManager()) or {}
+    return build_finetune_tab(ctx.service, JobManager()) or {}
 
 
 def build_named_api(ctx: UiContext) -> None:
@@ -501,12 +438,12 @@ def build_named_api(ctx: UiContext) -> None:
         outputs,
         api_name="generate",
         concurrency_id=GPU_GROUP,
-        concurrency_limit=ctx.gate.slots,
+        concurrency_limit=ctx.service.gate.slots,
     )
 
 
 def make_api_generate(ctx: UiContext):
-    gpu_generate = zero_gpu(lambda request, spec: generate_on_gpu(ctx, request, spec, None, None))
+    gpu_generate = zero_gpu(generate_on_gpu)
 
     def generate(
         prompt: str,
@@ -531,7 +468,7 @@ def make_api_generate(ctx: UiContext):
             sampler=sampler or None,
             super_resolution=super_resolution,
         )
-        result = gpu_generate(request, spec)
+        result = gpu_generate(ctx.service, request, spec.id, None, None, None)
         paths = save_pngs(result)
         info = {"seeds": result.seeds, "timings": result.timings, "notes": result.notes, "settings": result.settings}
         return [(str(p), f"seed {s}") for p, s in zip(paths, result.seeds)], json.loads(json.dumps(info, default=str))

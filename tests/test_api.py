@@ -11,10 +11,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from rapid_diffusion import pipeline
-from rapid_diffusion.api import MAX_BODY_BYTES, GpuGate, QueueFullError, create_api_app
+from rapid_diffusion import service
+from rapid_diffusion.api import MAX_BODY_BYTES, create_api_app
+from rapid_diffusion.service import AppService, GpuGate, QueueFullError
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.pipeline import read_png_settings
+from rapid_diffusion.pipeline import RequestError, read_png_settings
 from rapid_diffusion.registry import ModelRegistry
 
 from conftest import write_domain
@@ -30,7 +31,7 @@ def registry(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def client(registry):
-    with TestClient(create_api_app(registry, GpuGate(1, 4))) as test_client:
+    with TestClient(create_api_app(AppService(registry, GpuGate(1, 4)))) as test_client:
         yield test_client
 
 
@@ -143,7 +144,7 @@ def test_healthz_reports_domain_states(client, registry):
 
 
 def test_out_of_memory_gives_advice_and_the_next_request_works(client, monkeypatch):
-    real_generate = pipeline.generate
+    real_generate = service.generate
     calls = []
 
     def generate_oom_once(*args, **kwargs):
@@ -152,7 +153,7 @@ def test_out_of_memory_gives_advice_and_the_next_request_works(client, monkeypat
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "generate", generate_oom_once)
+    monkeypatch.setattr(service, "generate", generate_oom_once)
     response = predict(client, {"text": "猫", "num_images": 4, "seed": 1})
     assert response.status_code == 503
     assert "fewer images" in response.json()["error"] and "Traceback" not in response.text
@@ -160,7 +161,7 @@ def test_out_of_memory_gives_advice_and_the_next_request_works(client, monkeypat
 
 
 def test_unexpected_errors_are_500_without_a_traceback(client, monkeypatch):
-    monkeypatch.setattr(pipeline, "generate", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(service, "generate", lambda *a, **k: 1 / 0)
     response = predict(client, {"text": "猫"})
     assert response.status_code == 500
     assert "ZeroDivision" not in response.text and "Internal" in response.json()["error"]
@@ -174,9 +175,9 @@ def test_requests_are_serialized_through_the_gate(client, monkeypatch):
         overlaps.append(len(running))
         time.sleep(0.2)
         running.pop()
-        raise pipeline.RequestError("prompt", "stub")
+        raise RequestError("prompt", "stub", "桩")
 
-    monkeypatch.setattr(pipeline, "generate", slow_generate)
+    monkeypatch.setattr(service, "generate", slow_generate)
     threads = [threading.Thread(target=predict, args=(client, {"text": "猫"})) for _ in range(3)]
     for t in threads:
         t.start()

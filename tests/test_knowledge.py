@@ -18,7 +18,6 @@ from rapid_diffusion.knowledge import (
     Triple,
     describe_entities,
     evaluate_link_prediction,
-    make_prompt_encoder,
     span_token_positions,
     train_transe,
 )
@@ -175,7 +174,7 @@ def test_embeddings_save_load_round_trip(tmp_path):
 
 
 def test_zero_projection_encodes_exactly_like_the_plain_pipeline(graph, pipe):
-    encoder = make_prompt_encoder(pipe, knowledge_for(graph, pipe))
+    encoder = KnowledgePromptEncoder(pipe, knowledge_for(graph, pipe))
     prompt, negative = "一个西红柿和香蕉", "模糊的番茄"
     assert encoder.knowledge.tokenize(pipe.tokenizer, [prompt]).entity_ids.ne(NO_ENTITY).sum() == 5
     with torch.inference_mode():
@@ -234,8 +233,8 @@ def test_knowledge_save_load_round_trip(graph, pipe, tmp_path):
     assert torch.equal(loaded.injector.projection.weight, knowledge.injector.projection.weight)
     assert torch.equal(loaded.injector.entity_vectors, knowledge.injector.entity_vectors)
     with torch.inference_mode():
-        before = make_prompt_encoder(pipe, knowledge)("香蕉和番茄", torch.device("cpu"), 1, True)
-        after = make_prompt_encoder(pipe, loaded)("香蕉和番茄", torch.device("cpu"), 1, True)
+        before = KnowledgePromptEncoder(pipe, knowledge)("香蕉和番茄", torch.device("cpu"), 1, True)
+        after = KnowledgePromptEncoder(pipe, loaded)("香蕉和番茄", torch.device("cpu"), 1, True)
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 

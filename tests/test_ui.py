@@ -11,15 +11,14 @@ import httpx
 import pytest
 import torch
 
-from rapid_diffusion import pipeline
-from rapid_diffusion.api import GpuGate
+from rapid_diffusion import service
 from rapid_diffusion.domains import DomainSpec, ModelSource, load_domains
 from rapid_diffusion.pipeline import read_png_settings
 from rapid_diffusion.registry import ModelRegistry
+from rapid_diffusion.service import AppService, GpuGate
 from rapid_diffusion.ui import (
     UiContext,
     build_ui,
-    default_domain,
     domain_defaults,
     make_ui_generate,
     models_action,
@@ -51,7 +50,7 @@ def registry(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def ctx(registry):
-    return UiContext(registry, GpuGate(1, 4))
+    return UiContext(AppService(registry, GpuGate(1, 4)))
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +83,16 @@ def spec(domain_id: str, **model) -> DomainSpec:
 
 
 def test_named_generate_api_uses_the_diffusers_vocabulary(registry):
-    info = build_ui(registry, GpuGate(1, 4)).get_api_info()["named_endpoints"]
+    info = build_ui(AppService(registry, GpuGate(1, 4))).get_api_info()["named_endpoints"]
     parameters = info["/generate"]["parameters"]
     assert [p["parameter_name"] for p in parameters] == API_PARAMETERS
     assert not parameters[0]["parameter_has_default"]
     assert all(p["parameter_has_default"] and p["parameter_default"] is None for p in parameters[1:])
     assert "/generate_ui" not in info, "the UI's own event stays out of the documented API"
+
+
+def default_domain(registry: ModelRegistry) -> str | None:
+    return AppService(registry, GpuGate()).default_domain()
 
 
 def test_default_domain_prefers_demo_then_offline_ready_then_first(tiny_model_dir):
@@ -143,7 +146,7 @@ def test_stop_button_flag_interrupts_the_denoising_loop(ctx, ui_generate):
 
 
 def test_out_of_memory_gives_advice_and_the_next_request_works(ui_generate, monkeypatch):
-    real_generate = pipeline.generate
+    real_generate = service.generate
     calls = []
 
     def generate_oom_once(*args, **kwargs):
@@ -152,7 +155,7 @@ def test_out_of_memory_gives_advice_and_the_next_request_works(ui_generate, monk
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "generate", generate_oom_once)
+    monkeypatch.setattr(service, "generate", generate_oom_once)
     with pytest.raises(gr.Error) as error:
         ui_generate(**ui_args(num_images=8.0), progress=lambda *a, **k: None)
     assert "显存不足" in error.value.message and "fewer images" in error.value.message
@@ -161,9 +164,9 @@ def test_out_of_memory_gives_advice_and_the_next_request_works(ui_generate, monk
 
 
 def test_token_counter_warns_before_truncation(registry):
-    ctx = UiContext(ModelRegistry(domains=registry.domains), GpuGate())
+    ctx = UiContext(AppService(ModelRegistry(domains=registry.domains), GpuGate()))
     assert token_count_markdown(ctx, "tiny", "一只猫") == "Token: 5 / 32"
-    assert ctx.registry.loaded() == [], "counting tokens loads the tokenizer only"
+    assert ctx.service.registry.loaded() == [], "counting tokens loads the tokenizer only"
     long_prompt = "山水画" * 12
     warning = token_count_markdown(ctx, "tiny", long_prompt)
     assert warning.startswith("⚠️ Token: 38 / 32") and "「" in warning

@@ -27,9 +27,9 @@ from rapid_diffusion.upscale import (
     fetch_sr_weights,
     load_sr_model,
     tiled_forward,
-    time_upscaler,
     upscaler_for,
 )
+from rapid_diffusion.sr_bench import time_upscaler
 from conftest import write_domain
 
 CPU = torch.device("cpu")
@@ -337,7 +337,7 @@ def test_upscale_cli_round_trip(tmp_path, capsys):
 
 @pytest.mark.skipif(not DEMO_SR_WEIGHTS.is_file(), reason="assets/demo-sr.safetensors not built (rapid-diffusion train-sr)")
 def test_demo_sr_beats_lanczos_on_held_out_world_images():
-    from rapid_diffusion.train_sr import evaluate, render_world
+    from rapid_diffusion.demo.train_sr import evaluate, render_world
 
     model = load_sr_model(DEMO_SR_WEIGHTS)
     assert isinstance(model, SRVGGNetCompact) and DEMO_SR_WEIGHTS.stat().st_size < 4 * 2**20
@@ -347,7 +347,7 @@ def test_demo_sr_beats_lanczos_on_held_out_world_images():
 
 @pytest.mark.skipif(not DEMO_SR_WEIGHTS.is_file(), reason="assets/demo-sr.safetensors not built (rapid-diffusion train-sr)")
 def test_benchmark_sr_times_the_demo_model_and_lanczos():
-    from rapid_diffusion.upscale import benchmark_sr
+    from rapid_diffusion.sr_bench import benchmark_sr
 
     esrgan, lanczos = benchmark_sr(size=16, runs=1, device="cpu")
     assert (esrgan["method"], lanczos["method"]) == ("esrgan", "lanczos")
@@ -357,7 +357,7 @@ def test_benchmark_sr_times_the_demo_model_and_lanczos():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16 ESRGAN 256->1024)")
 def test_fp16_cuda_rrdb_matches_fp32_at_the_paper_setting():
-    from rapid_diffusion.upscale import benchmark_image
+    from rapid_diffusion.sr_bench import benchmark_image
 
     cuda = torch.device("cuda")
     state = random_rrdb_state(BASICSR_NAMES, num_feat=64, num_block=23, grow=32)
@@ -373,7 +373,7 @@ def test_fp16_cuda_rrdb_matches_fp32_at_the_paper_setting():
 def test_train_sr_recipe_writes_a_loadable_model_and_reports_psnr(tmp_path):
     from safetensors import safe_open
 
-    from rapid_diffusion.train_sr import SRTrainConfig, train_sr
+    from rapid_diffusion.demo.train_sr import SRTrainConfig, train_sr
 
     out = tmp_path / "sr.safetensors"
     lines = []

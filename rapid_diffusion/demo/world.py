@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -269,15 +268,6 @@ def sample_batch(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE, split
     scenes = [sample_scene(rng, split=split, max_objects=max_objects) for _ in range(n)]
     images = np.stack([np.asarray(render(scene, size)) for scene in scenes])
     return images, [caption(scene, rng) for scene in scenes], scenes
-
-
-def iter_pairs(seed: int = 0, size: int = IMAGE_SIZE, split: str = "train") -> Iterator[tuple[Image.Image, str, Scene]]:
-    """An endless seeded stream of (image, caption, scene)."""
-    rng = np.random.default_rng(seed)
-    while True:
-        scene = sample_scene(rng, split=split)
-        yield render(scene, size), caption(scene, rng), scene
-
 
 def held_out_scenes(size: str = "大") -> list[Scene]:
     """Every held-out (colour, shape, position) as a centred single-object scene, in a fixed order."""

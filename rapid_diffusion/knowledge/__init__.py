@@ -12,7 +12,6 @@ from .injection import (
     describe_entities,
     has_knowledge,
     load_prompt_encoder,
-    make_prompt_encoder,
 )
 from .linking import EntityLinker, EntitySpan, span_token_positions
 from .transe import EntityEmbeddings, LinkPrediction, TransE, TransEConfig, evaluate_link_prediction, train_transe
@@ -38,7 +37,6 @@ __all__ = [
     "evaluate_link_prediction",
     "has_knowledge",
     "load_prompt_encoder",
-    "make_prompt_encoder",
     "span_token_positions",
     "train_transe",
 ]

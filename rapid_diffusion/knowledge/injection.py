@@ -202,10 +202,6 @@ class KnowledgePromptEncoder:
         return describe_entities(self.knowledge, prompt)
 
 
-def make_prompt_encoder(pipe, knowledge: Knowledge) -> KnowledgePromptEncoder:
-    return KnowledgePromptEncoder(pipe, knowledge)
-
-
 def has_knowledge(model_folder: Path) -> bool:
     folder = Path(model_folder) / KNOWLEDGE_DIR
     return (folder / PROJECTION_FILE).is_file() and (folder / EMBEDDINGS_FILE).is_file()
@@ -220,4 +216,4 @@ def load_prompt_encoder(
         return None
     knowledge = Knowledge.load(Path(model_folder) / KNOWLEDGE_DIR, graph_path)
     log(f"knowledge injection on: {len(knowledge.entity_rows)} entities, {len(knowledge.graph.triples)} triples")
-    return make_prompt_encoder(pipe, knowledge)
+    return KnowledgePromptEncoder(pipe, knowledge)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .upscale import SRVGGNetCompact, Upscaler
+from ..upscale import SRVGGNetCompact, Upscaler
 
 SCALE = 4
 HR_SIZE = 256
@@ -45,7 +45,7 @@ class SRTrainConfig:
 
 def render_world(count: int, seed: int, split: str) -> list[Image.Image]:
     """``count`` 256x256 world scenes (``split``: "train" or "held_out")."""
-    from .demo import world
+    from . import world
 
     images, _, _ = world.sample_batch(np.random.default_rng(seed), count, size=HR_SIZE, split=split)
     return [Image.fromarray(a) for a in images]

@@ -1,0 +1,255 @@
+"""The service layer: the one place the faces (``ui.py``, ``api.py``, ``cli.py``) call.
+
+:class:`AppService` owns the model registry and the GPU gate and offers what a person can do:
+pick a domain, count a prompt's tokens, generate, load or unload a model, ask for the
+server's health. Every failure leaves here as a :class:`UserFacingError` (an HTTP status,
+the field at fault, one bilingual sentence from :mod:`.messages`); faces only translate
+widgets, JSON or flags into these calls, and errors into their own form (a toast, a JSON
+body, a line on stderr). No web framework is imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+from .domains import DomainSpec, ModelSource
+from .messages import say
+from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult, PromptReport, RequestError, inspect_prompt
+from .pipeline import ProgressCallback, generate
+from .registry import LoadedModel, ModelRegistry, ModelUnavailableError, adhoc_spec, default_registry, native_size
+from .settings import settings
+
+log = logging.getLogger(__name__)
+
+READY_STATES = ("loaded", "offline-ready", "cached")
+
+__all__ = ["AppService", "GenerationCancelled", "GpuGate", "QueueFullError", "UserFacingError", "zero_gpu"]
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting for the GPU than the server accepts."""
+
+
+@dataclass
+class UserFacingError(Exception):
+    """What a user is told: an HTTP status, the request field at fault (if any), a sentence."""
+
+    status: int
+    message: str
+    field: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "field": self.field}
+
+
+class GpuGate:
+    """At most ``slots`` generations run at once; at most ``max_waiting`` wait for a slot.
+
+    ``RAPID_DIFFUSION_CONCURRENCY`` (default 1 per GPU) and ``RAPID_DIFFUSION_QUEUE_SIZE``
+    (default 16) configure the server's gate; the UI's Gradio queue uses the same numbers.
+    """
+
+    def __init__(self, slots: int = 1, max_waiting: int | None = None):
+        self.slots = slots
+        self.max_waiting = max_waiting
+        self._semaphore = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    @classmethod
+    def from_settings(cls) -> "GpuGate":
+        current = settings()
+        return cls(current.concurrency or max(1, torch.cuda.device_count()), current.queue_size)
+
+    @contextmanager
+    def slot(self):
+        with self._lock:
+            if self.max_waiting is not None and self._waiting >= self.max_waiting:
+                raise QueueFullError(f"{self._waiting} requests are already waiting")
+            self._waiting += 1
+        try:
+            self._semaphore.acquire()
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._semaphore.release()
+
+
+def zero_gpu(fn: Callable, duration: int = 120) -> Callable:
+    """``spaces.GPU(fn)`` on Hugging Face ZeroGPU hardware; ``fn`` itself everywhere else."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=duration)(fn)
+
+
+def release_gpu_memory() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One line of the Models tab: a domain and, when loaded, what its model costs."""
+
+    domain: str
+    state: str
+    device: str = ""
+    dtype: str = ""
+    memory_mb: float | None = None
+    load_seconds: float | None = None
+    optimization: str = ""
+
+
+class AppService:
+    """What the faces can ask of the product; one instance per server (or CLI run)."""
+
+    def __init__(self, registry: ModelRegistry | None = None, gate: GpuGate | None = None):
+        self.registry = registry or default_registry()
+        self.gate = gate or GpuGate.from_settings()
+
+    # ------------------------------------------------------------------ domains
+
+    @property
+    def domains(self) -> dict[str, DomainSpec]:
+        return self.registry.domains
+
+    def default_domain(self) -> str | None:
+        """``demo`` if it works offline, else the first domain that does, else ``demo`` or the first one."""
+        specs = self.domains
+        ready = [d for d in specs.values() if self.state(d) in READY_STATES]
+        if "demo" in specs and specs["demo"] in ready:
+            return "demo"
+        if ready:
+            return ready[0].id
+        return "demo" if "demo" in specs else next(iter(specs), None)
+
+    def spec(self, domain_id: str | None) -> DomainSpec:
+        """The domain named ``domain_id`` (the default one when empty); unknown -> 404."""
+        domain_id = domain_id or self.default_domain()
+        if domain_id is None:
+            raise UserFacingError(404, say("no_domain"), "domain")
+        try:
+            return self.registry.spec(domain_id)
+        except KeyError:
+            known = ", ".join(self.domains)
+            raise UserFacingError(404, say("unknown_domain", domain=domain_id, known=known), "domain") from None
+
+    def state(self, spec: DomainSpec) -> str:
+        return self.registry.state(spec)
+
+    def model_spec(self, source: str) -> DomainSpec:
+        """A domain for a model named directly (a diffusers folder or ``owner/name[@rev]``), at its native size."""
+        try:
+            spec = adhoc_spec(ModelSource.parse(source))
+            side = native_size(self.registry.get(spec).pipe)
+        except ValueError as exc:
+            raise UserFacingError(422, str(exc), "model") from exc
+        except ModelUnavailableError as exc:
+            raise UserFacingError(503, str(exc), "model") from exc
+        return replace(spec, height=side, width=side)
+
+    def reload_domains(self) -> dict[str, DomainSpec]:
+        return self.registry.reload_domains()
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        domain: str | DomainSpec | None,
+        *,
+        optimization: str | None = None,
+        progress: ProgressCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Validate (the core's rules), wait for a GPU slot, generate; errors become user-facing.
+
+        ``domain`` is a domain id (empty: the default domain) or a spec from :meth:`model_spec`.
+        ``optimization`` picks another level than the domain's: the registry keys loaded
+        pipelines by level, so requests on the domain's own level are never disturbed.
+        """
+        spec = domain if isinstance(domain, DomainSpec) else self.spec(domain)
+        if optimization:
+            spec = replace(spec, optimization=optimization)
+        try:
+            resolved = request.resolve(spec)
+            with self.gate.slot():
+                return generate(resolved, spec, registry=self.registry, progress=progress, should_stop=should_stop)
+        except RequestError as exc:
+            message = say("invalid_field", field=exc.field, reason_zh=exc.reason_zh, reason_en=exc.reason)
+            raise UserFacingError(422, message, exc.field) from exc
+        except QueueFullError as exc:
+            raise UserFacingError(503, say("queue_full")) from exc
+        except ModelUnavailableError as exc:
+            raise UserFacingError(503, str(exc), "domain") from exc
+        except torch.cuda.OutOfMemoryError as exc:
+            release_gpu_memory()
+            raise UserFacingError(503, say("out_of_memory")) from exc
+
+    def inspect_prompt(self, domain_id: str | None, prompt: str) -> PromptReport | None:
+        """How ``prompt`` fits the domain's text encoder; ``None`` while its tokenizer is not on disk."""
+        spec = self.spec(domain_id)
+        try:
+            tokenizer = self.registry.tokenizer(spec)
+        except (OSError, ValueError) as exc:
+            log.warning("no tokenizer for %s: %s", spec.id, exc)
+            return None
+        return None if tokenizer is None else inspect_prompt(tokenizer, prompt)
+
+    # ------------------------------------------------------------------ models
+
+    def load(self, domain_id: str | None) -> str:
+        """Load a domain's model now (behind the GPU gate); returns the sentence to show."""
+        spec = self.spec(domain_id)
+        try:
+            with self.gate.slot():
+                model = self.registry.get(spec)
+        except QueueFullError as exc:
+            raise UserFacingError(503, say("queue_full")) from exc
+        except ModelUnavailableError as exc:
+            raise UserFacingError(503, str(exc), "domain") from exc
+        return say("loaded", domain=spec.id, seconds=model.load_seconds)
+
+    def unload(self, domain_id: str | None) -> str:
+        spec = self.spec(domain_id)
+        done = self.registry.unload(self.registry.key_for(spec))
+        return say("unloaded" if done else "not_loaded", domain=spec.id)
+
+    def models(self) -> list[ModelRow]:
+        loaded: dict[str, LoadedModel] = {m.key: m for m in self.registry.loaded()}
+        rows = []
+        for spec in self.domains.values():
+            model = loaded.get(self.registry.key_for(spec))
+            if model is None:
+                rows.append(ModelRow(spec.id, self.state(spec), optimization=spec.optimization))
+                continue
+            rows.append(
+                ModelRow(
+                    spec.id, "loaded", str(model.device), str(model.dtype).replace("torch.", ""),
+                    round(model.nbytes / 2**20, 1), round(model.load_seconds, 2), model.optimization,
+                )
+            )
+        return rows
+
+    # ------------------------------------------------------------------ health
+
+    def health(self) -> dict[str, Any]:
+        """Liveness (answering at all) and readiness (which domains can serve without a download)."""
+        states = {spec.id: self.state(spec) for spec in self.domains.values()}
+        ready = [d for d, state in states.items() if state in READY_STATES]
+        loaded = [d for d, state in states.items() if state == "loaded"]
+        return {"status": "ok", "ready": bool(ready), "domains": states, "loaded": loaded}
