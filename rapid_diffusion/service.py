@@ -248,8 +248,10 @@ class AppService:
     # ------------------------------------------------------------------ health
 
     def health(self) -> dict[str, Any]:
-        """Liveness (answering at all) and readiness (which domains can serve without a download)."""
+        """Liveness (answering at all), readiness (which domains can serve without a download) and
+        what each domain runs on (``acceleration``: eager / compiling / compiled / failed, and why)."""
         states = {spec.id: self.state(spec) for spec in self.domains.values()}
         ready = [d for d, state in states.items() if state in READY_STATES]
         loaded = [d for d, state in states.items() if state == "loaded"]
-        return {"status": "ok", "ready": bool(ready), "domains": states, "loaded": loaded}
+        acceleration = {spec.id: self.registry.acceleration(spec).as_dict() for spec in self.domains.values()}
+        return {"status": "ok", "ready": bool(ready), "domains": states, "loaded": loaded, "acceleration": acceleration}

@@ -151,3 +151,15 @@ def test_cache_writes_are_atomic(tmp_path):
     target = tmp_path / "entry.bin"
     compile_cache.write_atomically(target, b"abc")
     assert target.read_bytes() == b"abc" and [p.name for p in tmp_path.iterdir()] == ["entry.bin"]
+
+
+def test_health_shows_what_each_domain_runs_on(compiling_registry, monkeypatch):
+    from rapid_diffusion.service import AppService, GpuGate
+
+    monkeypatch.setattr(optimize, "apply_optimization", slow_optimiser(threading.Event(), seconds=0))
+    service = AppService(compiling_registry, GpuGate())
+    assert service.health()["acceleration"]["fast"] == {"state": "eager", "level": "auto", "applied": "none", "reason": "not loaded"}
+    service.load("fast")
+    compiling_registry.wait_for_warm_up()
+    assert service.health()["acceleration"]["fast"]["state"] == "compiled"
+    assert service.health()["acceleration"]["tiny"]["level"] == "none"
