@@ -50,10 +50,12 @@ def apply_optimization(
     *,
     max_images: int | None = None,
     precision: str | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> str:
     """Optimise ``pipe`` in place for ``level``; returns the level applied after fallbacks.
 
-    ``max_images`` (default ``RAPID_DIFFUSION_MAX_IMAGES``) bounds the batch buckets warmed.
+    ``max_images`` (default ``RAPID_DIFFUSION_MAX_IMAGES``) bounds the batch buckets warmed;
+    ``sizes`` (height, width) replaces the serving sizes (the domain's and ``WARM_SIZES``).
     """
     if level not in LEVELS:
         raise ValueError(f"optimization must be one of {', '.join(LEVELS)}, got {level!r}")
@@ -61,7 +63,7 @@ def apply_optimization(
         level = auto_level(pipe.device, log)
     if level == "none":
         return "none"
-    sizes = serving_sizes(pipe, height, width)
+    sizes = list(sizes) if sizes else serving_sizes(pipe, height, width)
     max_images = max_images or settings().max_images
     if level == "openvino":
         return apply_openvino(pipe, sizes, max_images, log, precision)
