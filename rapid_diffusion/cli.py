@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--shapes", action="store_true", help="first-call vs steady latency for 1..4 images at 64x64 and 128x128")
     mode.add_argument("--restart", action="store_true", help="setup time in fresh processes: empty cache vs the cache left by the first")
+    mode.add_argument("--concurrency", type=int, default=None, metavar="N",
+                      help="N clients through the service layer on --domain, batching off and on: images/s, p50/p95")
+    mode.add_argument("--api", action="store_true", help="steady latency through a running server's JSON API: --domain vs a plain copy")
+    p.add_argument("--domain", default="demo", help="--concurrency / --api: the domain served")
     p.set_defaults(handler=cmd_bench)
 
     return parser
@@ -540,6 +544,16 @@ def cmd_bench(args) -> int:
         elif args.restart:
             result = bench.run_restart(config, log=log, threads=args.threads)
             print(bench.restart_table(result))
+        elif args.concurrency:
+            from .bench_serving import concurrency_table, run_concurrency
+
+            result = run_concurrency(args.domain, levels[-1], args.concurrency, args.runs, log=log)
+            print(concurrency_table(result))
+        elif args.api:
+            from .bench_serving import run_api_latency
+
+            result = run_api_latency(args.domain, args.runs, log=log)
+            print(json.dumps(result["latency_s"], indent=1), f"\nplain / accelerated {result['plain_over_accelerated']:.2f}x")
         else:
             result = bench.run_bench(config, log=log)
             print_bench_tables(result)
@@ -560,7 +574,7 @@ def bench_levels(args) -> tuple[str, ...]:
     if args.levels is None:
         if args.shapes:
             return ("none", "auto")
-        if args.restart:
+        if args.restart or args.concurrency or args.api:
             return ("auto",)
         with_openvino = openvino_missing(args.device) is None
         return ("none", "flash", "compile", *(("openvino", "auto") if with_openvino else ("auto",)))
