@@ -102,13 +102,17 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict:
             images = time_round(pipes[level], records[level], config, height, width, spec, model.upscaler, device)
             if reference is None:
                 reference = images
-            records[level].max_abs_diff_vs_plain = max(
-                records[level].max_abs_diff_vs_plain, float(np.abs(images - reference).max())
-            )
+            records[level].max_abs_diff_vs_plain = max(records[level].max_abs_diff_vs_plain, max_abs_diff(images, reference))
     result = summarize(config, model, device, dtype, height, width, records)
     if config.padding_bench:
         result["attention_padding"] = head_dim_padding_bench(device, dtype)
     return result
+
+
+def max_abs_diff(images: np.ndarray, reference: np.ndarray) -> float:
+    """The largest pixel difference; infinite when an image has NaN (``max`` would skip a NaN)."""
+    difference = float(np.abs(images - reference).max())
+    return difference if np.isfinite(difference) else float("inf")
 
 
 def load_bench_model(name: str, log: Callable[[str], None], device=torch.device("cpu"), dtype=torch.float32) -> BenchModel:

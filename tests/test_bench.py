@@ -154,3 +154,13 @@ def test_restart_reads_the_cache_the_cold_process_left(restore_threads):
     assert [r["applied"] for r in entry["cold"] + entry["warm"]] == ["openvino", "openvino"]
     assert entry["warm_over_cold"] == pytest.approx(entry["warm_setup_s"] / entry["cold_setup_s"])
     assert "| openvino | openvino |" in restart_table(result)
+
+
+def test_a_nan_image_is_an_infinite_difference():
+    import numpy as np
+
+    from rapid_diffusion.bench import max_abs_diff
+
+    reference = np.zeros((1, 2, 2, 3))
+    assert max_abs_diff(np.full_like(reference, np.nan), reference) == float("inf")
+    assert max_abs_diff(reference + 0.25, reference) == 0.25

@@ -90,6 +90,18 @@ def test_second_conversion_reads_the_cache(converted, tiny_model_dir, monkeypatc
     assert any("read from the cache (unet, text_encoder, vae_decoder)" in m for m in messages), messages
 
 
+def test_bf16_hint_applies_to_the_unet_only(converted, tiny_model_dir, monkeypatch):
+    *_, home = converted
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(home))
+    monkeypatch.setenv("RAPID_DIFFUSION_OPENVINO_PRECISION", "bf16")
+    pipe = load_pipeline(tiny_model_dir, torch.device("cpu"), torch.float32)
+    assert apply_optimization(pipe, "openvino", log=lambda m: None, max_images=1) == "openvino"
+    hints = {name: str(m._dynamic.get_property("INFERENCE_PRECISION_HINT")) for name, m in pipe.openvino_modules.items()}
+    assert "bfloat16" in hints["unet"] or "f32" not in hints["unet"]
+    assert "float32" in hints["vae_decoder"] and "float32" in hints["text_encoder"]
+    assert np.isfinite(images(pipe)).all()
+
+
 def test_corrupt_cache_is_ignored_with_a_log_line(converted, tiny_model_dir, monkeypatch, plain):
     *_, home = converted
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(home))
