@@ -10,6 +10,7 @@ copy costs one more set of weights in memory.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import queue
@@ -48,10 +49,16 @@ def outcome(level: str, applied: str, messages: list[str]) -> Acceleration:
 
 
 class Warmer:
-    """One daemon thread per device that runs optimisation jobs one after another."""
+    """One daemon thread per device that runs optimisation jobs one after another.
+
+    At interpreter exit, queued jobs are dropped and a running one is waited for: native
+    compilers (OpenVINO's thread pool, inductor) abort the process if it finalises under them.
+    """
 
     def __init__(self, name: str):
         self._jobs: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._idle = threading.Lock()
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._work, name=f"warm-up {name}", daemon=True)
         self._thread.start()
 
@@ -62,11 +69,19 @@ class Warmer:
         while True:
             job = self._jobs.get()
             try:
-                job()
+                with self._idle:
+                    if not self._closing.is_set():
+                        job()
             except Exception:  # a job reports its own failures; this keeps the worker alive
                 log.exception("background warm-up failed")
             finally:
                 self._jobs.task_done()
+
+    def close(self) -> None:
+        """Drop queued jobs and wait for the running one (called at exit)."""
+        self._closing.set()
+        with self._idle:
+            pass
 
     def wait(self) -> None:
         """Block until every submitted job is done (tests, benchmarks, one-shot commands)."""
@@ -75,6 +90,14 @@ class Warmer:
 
 _warmers: dict[str, Warmer] = {}
 _warmers_lock = threading.Lock()
+
+
+@atexit.register
+def _close_warmers() -> None:
+    with _warmers_lock:
+        warmers = list(_warmers.values())
+    for warmer in warmers:
+        warmer.close()
 
 
 def warmer_for(device) -> Warmer:
