@@ -99,7 +99,6 @@ def test_bf16_hint_applies_to_the_unet_only(converted, tiny_model_dir, monkeypat
     hints = {name: str(m._dynamic.get_property("INFERENCE_PRECISION_HINT")) for name, m in pipe.openvino_modules.items()}
     assert "bfloat16" in hints["unet"] or "f32" not in hints["unet"]
     assert "float32" in hints["vae_decoder"] and "float32" in hints["text_encoder"]
-    assert np.isfinite(images(pipe)).all()
 
 
 def test_corrupt_cache_is_ignored_with_a_log_line(converted, tiny_model_dir, monkeypatch, plain):
