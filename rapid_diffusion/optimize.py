@@ -218,7 +218,10 @@ def bucketed(forward: Callable) -> Callable:
         batch = sample.shape[0]
         largest = BATCH_BUCKETS[-1]
         if batch > largest:
-            parts = [run(*slice_batch((sample, *args), kwargs, batch, i, i + largest)) for i in range(0, batch, largest)]
+            parts = []
+            for start in range(0, batch, largest):
+                chunk_args, chunk_kwargs = slice_batch((sample, *args), kwargs, batch, start, start + largest)
+                parts.append(run(*chunk_args, **chunk_kwargs))
             return join_outputs(parts)
         size = bucket_for(batch)
         if size == batch:
