@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import os
 import platform
 import resource
@@ -27,6 +28,9 @@ import torch
 from .optimize import LEVELS, apply_optimization
 
 DEMO_DOMAIN = "demo"
+OPENVINO_BF16 = "openvino-bf16"
+BENCH_LEVELS = (*LEVELS, OPENVINO_BF16)
+HOOKABLE_LEVELS = ("none", "flash")  # compiled or converted modules hide their submodules from hooks
 
 
 @dataclass
@@ -37,7 +41,7 @@ class BenchConfig:
     height: int | None = None
     width: int | None = None
     runs: int = 3
-    levels: tuple[str, ...] = LEVELS
+    levels: tuple[str, ...] = ("none", "flash", "compile")
     prompt: str = "左边有一个大的红色圆形"
     guidance_scale: float = 7.5
     seed: int = 0
@@ -87,7 +91,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict:
         pipes[level], records[level] = prepare_level(model, level, device, dtype, height, width, log)
         peak, before = measure_peak_memory(pipes[level], config, height, width, device)
         records[level].peak_memory_mb, records[level].memory_before_mb = peak, before
-        records[level].profile = unet_profile(pipes[level], config, height, width, device) if level != "compile" else None
+        records[level].profile = unet_profile(pipes[level], config, height, width, device) if level in HOOKABLE_LEVELS else None
 
     for level in levels:  # an untimed round: first-call costs (allocator, oneDNN, guards) stay out
         time_round(pipes[level], LevelRecord(level), config, height, width, spec, model.upscaler, device)
@@ -98,13 +102,17 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict:
             images = time_round(pipes[level], records[level], config, height, width, spec, model.upscaler, device)
             if reference is None:
                 reference = images
-            records[level].max_abs_diff_vs_plain = max(
-                records[level].max_abs_diff_vs_plain, float(np.abs(images - reference).max())
-            )
+            records[level].max_abs_diff_vs_plain = max(records[level].max_abs_diff_vs_plain, max_abs_diff(images, reference))
     result = summarize(config, model, device, dtype, height, width, records)
     if config.padding_bench:
         result["attention_padding"] = head_dim_padding_bench(device, dtype)
     return result
+
+
+def max_abs_diff(images: np.ndarray, reference: np.ndarray) -> float:
+    """The largest pixel difference; infinite when an image has NaN (``max`` would skip a NaN)."""
+    difference = float(np.abs(images - reference).max())
+    return difference if np.isfinite(difference) else float("inf")
 
 
 def load_bench_model(name: str, log: Callable[[str], None], device=torch.device("cpu"), dtype=torch.float32) -> BenchModel:
@@ -175,26 +183,38 @@ def bench_spec(model: BenchModel, height: int, width: int, config: BenchConfig):
     return replace(spec, height=height, width=width, num_inference_steps=config.steps, guidance_scale=config.guidance_scale)
 
 
-def prepare_level(model: BenchModel, level: str, device, dtype, height, width, log) -> tuple[object, LevelRecord]:
-    """A fresh copy of the weights on ``device``, optimised for ``level`` (warm-up included)."""
+def prepare_level(
+    model: BenchModel, level: str, device, dtype, height, width, log, max_images: int = 1, sizes=None
+) -> tuple[object, LevelRecord]:
+    """A fresh copy of the weights on ``device``, optimised for ``level`` (warm-up included).
+
+    ``openvino-bf16`` is the ``openvino`` level with the bf16 precision hint, to show its pixels.
+    """
     pipe = copy.deepcopy(model.pipe).to(device, dtype)
     record = LevelRecord(requested=level)
     start = time.perf_counter()
-    record.applied = apply_optimization(pipe, level, log=log, height=height, width=width)
+    precision = "bf16" if level == OPENVINO_BF16 else None
+    record.applied = apply_optimization(
+        pipe, "openvino" if precision else level, log=log, height=height, width=width,
+        max_images=max_images, precision=precision, sizes=sizes,
+    )
+    if precision:
+        record.applied += "-bf16"
     record.setup_s = synchronized(start, device)
     log(f"level '{level}': applied '{record.applied}' in {record.setup_s:.1f}s")
     return pipe, record
 
 
-def plain_call(pipe, config: BenchConfig, height: int, width: int) -> np.ndarray:
-    """Exactly what a diffusers user writes: ``pipe(prompt, ...)``."""
+def plain_call(pipe, config: BenchConfig, height: int, width: int, count: int = 1) -> np.ndarray:
+    """Exactly what a diffusers user writes: ``pipe(prompt, ...)``; image i seeded with seed + i."""
     return pipe(
         config.prompt,
         num_inference_steps=config.steps,
         guidance_scale=config.guidance_scale,
         height=height,
         width=width,
-        generator=torch.Generator("cpu").manual_seed(config.seed),
+        num_images_per_prompt=count,
+        generator=[torch.Generator("cpu").manual_seed(config.seed + i) for i in range(count)],
         output_type="np",
     ).images
 
@@ -448,5 +468,129 @@ def profile_table(result: dict) -> str:
         share = profile["share"]
         rows.append(
             f"| {level} | {profile['unet_s']:.3f} | {share['attention']:.0%} | {share['resnet']:.0%} | {share['other']:.0%} |"
+        )
+    return "\n".join(rows)
+
+
+DEFAULT_SHAPE_SIZES = ((64, 64), (128, 128))
+
+
+def run_shapes(config: BenchConfig, log: Callable[[str], None] = print, max_images: int = 4, sizes=DEFAULT_SHAPE_SIZES) -> dict:
+    """First-call and steady latency of every (images per request, size) after each level's warm-up.
+
+    A first call much slower than the steady one means the request compiled something while
+    its user waited; ``worst_first_over_steady`` is the largest such ratio per level.
+    """
+    device = torch.device(config.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = load_bench_model(config.model, log, device, dtype)
+    sizes = [tuple(size) for size in sizes]
+    levels = {}
+    for level in config.levels:
+        pipe, record = prepare_level(model, level, device, dtype, *sizes[0], log, max_images=max_images, sizes=sizes)
+        rows = [shape_row(pipe, config, height, width, count, device) for height, width in sizes for count in range(1, max_images + 1)]
+        levels[level] = {
+            "applied": record.applied,
+            "setup_s": record.setup_s,
+            "shapes": rows,
+            "worst_first_over_steady": max(row["first_over_steady"] for row in rows),
+        }
+        log(f"level '{level}': worst first/steady {levels[level]['worst_first_over_steady']:.2f}")
+        del pipe
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "config": asdict(config),
+        "model": model.name,
+        "levels": levels,
+    }
+
+
+def shape_row(pipe, config: BenchConfig, height: int, width: int, count: int, device) -> dict:
+    start = time.perf_counter()
+    plain_call(pipe, config, height, width, count)
+    first = synchronized(start, device)
+    steady = []
+    for _ in range(config.runs):
+        start = time.perf_counter()
+        plain_call(pipe, config, height, width, count)
+        steady.append(synchronized(start, device))
+    median = statistics.median(steady)
+    return {"height": height, "width": width, "images": count, "first_s": first, "steady_s": spread(steady),
+            "first_over_steady": first / median}
+
+
+def shapes_table(result: dict) -> str:
+    rows = ["| level | size | images | first call s | steady s | first / steady |", "|---|---|---|---|---|---|"]
+    for level, entry in result["levels"].items():
+        for row in entry["shapes"]:
+            rows.append(
+                f"| {level} ({entry['applied']}) | {row['width']}x{row['height']} | {row['images']} "
+                f"| {row['first_s']:.3f} | {fmt_spread(row['steady_s'])} | {row['first_over_steady']:.2f} |"
+            )
+    return "\n".join(rows)
+
+
+RESTART_CHILD = """
+import json, sys, time
+start = time.perf_counter()
+from rapid_diffusion.bench import restart_setup
+print("RESULT " + json.dumps(restart_setup(*json.loads(sys.argv[1]), process_start=start)))
+"""
+
+
+def restart_setup(model_name: str, level: str, threads: int | None, process_start: float) -> dict:
+    """In a fresh process: load the model and optimise it as a server start would (warm-up included)."""
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = load_bench_model(model_name, lambda message: None)
+    loaded = time.perf_counter()
+    side = native_side(model.pipe)
+    applied = apply_optimization(model.pipe, level, log=lambda message: None, height=side, width=side, max_images=4)
+    done = time.perf_counter()
+    return {"applied": applied, "load_s": loaded - start, "optimise_s": done - loaded, "setup_s": done - start,
+            "imports_s": start - process_start}
+
+
+def run_restart(config: BenchConfig, log: Callable[[str], None] = print, threads: int | None = None) -> dict:
+    """Setup time of each level in fresh processes: with an empty cache (cold), then again with
+    the cache the cold process left (warm). Each child gets its own empty inductor cache folder,
+    so only this project's cache under ``RAPID_DIFFUSION_HOME`` can make the warm start faster."""
+    import subprocess
+    import sys
+
+    levels = {}
+    for level in (lv for lv in config.levels if lv != "none"):
+        cold, warm = [], []
+        for round_index in range(config.runs):
+            with tempfile.TemporaryDirectory() as home:
+                for label, runs in (("cold", cold), ("warm", warm)):
+                    env = {**os.environ, "RAPID_DIFFUSION_HOME": home,
+                           "TORCHINDUCTOR_CACHE_DIR": str(Path(home) / f"inductor-{label}")}
+                    argument = json.dumps([config.model, level, threads])
+                    done = subprocess.run([sys.executable, "-c", RESTART_CHILD, argument], env=env,
+                                          capture_output=True, text=True, check=True)
+                    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
+                    runs.append(json.loads(line[len("RESULT "):]))
+                    log(f"{level} {label} {round_index + 1}: setup {runs[-1]['setup_s']:.1f}s ({runs[-1]['applied']})")
+        cold_median = statistics.median(r["setup_s"] for r in cold)
+        warm_median = statistics.median(r["setup_s"] for r in warm)
+        levels[level] = {"cold": cold, "warm": warm, "cold_setup_s": cold_median, "warm_setup_s": warm_median,
+                         "warm_over_cold": warm_median / cold_median}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(torch.device("cpu")),
+        "config": asdict(config),
+        "levels": levels,
+    }
+
+
+def restart_table(result: dict) -> str:
+    rows = ["| level | applied | cold setup s | warm setup s | warm / cold |", "|---|---|---|---|---|"]
+    for level, entry in result["levels"].items():
+        rows.append(
+            f"| {level} | {entry['cold'][0]['applied']} | {entry['cold_setup_s']:.2f} | {entry['warm_setup_s']:.2f} "
+            f"| {entry['warm_over_cold']:.0%} |"
         )
     return "\n".join(rows)

@@ -168,11 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--runs", type=int, default=3, help="timed runs per level (after one untimed run)")
-    p.add_argument("--levels", default="none,flash,compile", help="comma-separated; 'none' (plain diffusers) always runs")
+    p.add_argument("--levels", default=None, help="comma-separated among none, flash, compile, openvino, auto, openvino-bf16; "
+                   "'none' (plain diffusers) always runs (default: none,flash,compile, plus openvino and auto when installed; "
+                   "--shapes: none,auto; --restart: auto)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--sr", default=None, help="add x4 super-resolution to every run: rrdb23 (the paper's 23-block ESRGAN, random weights) or a checkpoint path")
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--shapes", action="store_true", help="first-call vs steady latency for 1..4 images at 64x64 and 128x128")
+    mode.add_argument("--restart", action="store_true", help="setup time in fresh processes: empty cache vs the cache left by the first")
+    mode.add_argument("--concurrency", type=int, default=None, metavar="N",
+                      help="N clients through the service layer on --domain, batching off and on: images/s, p50/p95")
+    mode.add_argument("--api", action="store_true", help="steady latency through a running server's JSON API: --domain vs a plain copy")
+    p.add_argument("--domain", default="demo", help="--concurrency / --api: the domain served")
     p.set_defaults(handler=cmd_bench)
 
     return parser
@@ -487,33 +496,72 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     import json
 
-    from .bench import BenchConfig, markdown_table, padding_table, profile_table, run_bench
-    from .optimize import LEVELS
+    from . import bench
 
-    levels = tuple(level.strip() for level in args.levels.split(",") if level.strip())
-    unknown = [level for level in levels if level not in LEVELS]
-    if unknown:
-        raise CLIError(f"--levels: unknown {', '.join(unknown)}; known: {', '.join(LEVELS)}")
+    levels = bench_levels(args)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    config = BenchConfig(
+    config = bench.BenchConfig(
         model=args.model, device=args.device, steps=args.steps, height=args.height, width=args.width,
         runs=args.runs, levels=levels, guidance_scale=args.guidance, sr=args.sr,
     )
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     try:
-        result = run_bench(config, log=lambda message: print(message, file=sys.stderr))
+        if args.shapes:
+            result = bench.run_shapes(config, log=log)
+            print(bench.shapes_table(result))
+        elif args.restart:
+            result = bench.run_restart(config, log=log, threads=args.threads)
+            print(bench.restart_table(result))
+        elif args.concurrency:
+            from .bench_serving import concurrency_table, run_concurrency
+
+            result = run_concurrency(args.domain, levels[-1], args.concurrency, args.runs, log=log)
+            print(concurrency_table(result))
+        elif args.api:
+            from .bench_serving import run_api_latency
+
+            result = run_api_latency(args.domain, args.runs, log=log)
+            print(json.dumps(result["latency_s"], indent=1), f"\nplain / accelerated {result['plain_over_accelerated']:.2f}x")
+        else:
+            result = bench.run_bench(config, log=log)
+            print_bench_tables(result)
     except (RuntimeError, ValueError, OSError) as exc:
         raise CLIError(str(exc)) from exc
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def bench_levels(args) -> tuple[str, ...]:
+    """``--levels``, or the mode's default (the OpenVINO column only where OpenVINO is installed)."""
+    from .bench import BENCH_LEVELS
+    from .openvino_backend import openvino_missing
+
+    if args.levels is None:
+        if args.shapes:
+            return ("none", "auto")
+        if args.restart or args.concurrency or args.api:
+            return ("auto",)
+        with_openvino = openvino_missing(args.device) is None
+        return ("none", "flash", "compile", *(("openvino", "auto") if with_openvino else ("auto",)))
+    levels = tuple(level.strip() for level in args.levels.split(",") if level.strip())
+    unknown = [level for level in levels if level not in BENCH_LEVELS]
+    if unknown:
+        raise CLIError(f"--levels: unknown {', '.join(unknown)}; known: {', '.join(BENCH_LEVELS)}")
+    return levels
+
+
+def print_bench_tables(result: dict) -> None:
+    from .bench import markdown_table, padding_table, profile_table
+
     print(markdown_table(result))
     print()
     print(profile_table(result))
     print()
     print(padding_table(result))
     print(f"\nspeedup {result['speedup']:.2f}x ({result['best_level']} vs plain diffusers), model {result['model']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-        print(f"wrote {args.json}")
-    return 0

@@ -20,7 +20,7 @@ from .paths import PROJECT_ROOT, home_dir
 from .settings import settings
 
 SAMPLER_NAMES = ("pndm", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "euler", "euler_a", "unipc")
-OPTIMIZATION_LEVELS = ("none", "flash", "compile")
+OPTIMIZATION_LEVELS = ("none", "flash", "compile", "openvino", "auto")
 log = logging.getLogger(__name__)
 _ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from .domains import SAMPLER_NAMES, DomainSpec
+from .errors import ModelUnavailableError
 from .preview import PreviewCallback, previewer
 from .samplers import SAMPLER_TITLES, make_scheduler
 from .settings import settings
@@ -315,7 +316,9 @@ def generate(
     model = registry.get(spec)
     with model.lock:
         if model.pipe is None:
-            raise RuntimeError(f"the model of domain '{spec.id}' was unloaded; try again")
+            raise ModelUnavailableError(
+                f"域「{spec.title_zh}」的模型刚被卸载，请重试。 / The model of domain '{spec.id}' was unloaded; try again."
+            )
         return run_pipeline(
             model.pipe,
             request,
@@ -384,7 +387,22 @@ def run_pipeline(
     start = time.perf_counter()
     images = decode_latents(pipe, latents)
     timings["vae_decode"] = _synchronized_elapsed(start, pipe.device)
+    return finish_request(pipe, request, images, seeds, timings, report, spec=spec, encode_prompt=encode_prompt, upscaler=upscaler)
 
+
+def finish_request(
+    pipe,
+    request: GenerationRequest,
+    images: list[Image.Image],
+    seeds: list[int],
+    timings: dict[str, float],
+    report: PromptReport,
+    *,
+    spec: DomainSpec,
+    encode_prompt: PromptEncoder | None = None,
+    upscaler: Upscaler | None = None,
+) -> GenerationResult:
+    """Notes, super-resolution and settings of one request's decoded images (alone or batched)."""
     notes = [report.message()] if report.truncated else []
     describe_entities = getattr(encode_prompt, "describe", None)
     if describe_entities is not None:
@@ -416,6 +434,96 @@ def model_scheduler_config(pipe) -> dict[str, Any]:
     if "model_scheduler_config" not in pipe.__dict__:
         pipe.__dict__["model_scheduler_config"] = dict(pipe.scheduler.config)
     return pipe.__dict__["model_scheduler_config"]
+
+
+def generate_batch(
+    requests: list[GenerationRequest],
+    spec: DomainSpec,
+    *,
+    registry,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[GenerationResult]:
+    """:func:`generate` for several requests of one shape (see :func:`run_batch`), under one model lock."""
+    model = registry.get(spec)
+    with model.lock:
+        if model.pipe is None:
+            raise ModelUnavailableError(
+                f"域「{spec.title_zh}」的模型刚被卸载，请重试。 / The model of domain '{spec.id}' was unloaded; try again."
+            )
+        return run_batch(
+            model.pipe, requests, spec=spec, progress=progress, should_stop=should_stop,
+            encode_prompt=model.encode_prompt, upscaler=model.upscaler,
+        )
+
+
+def batch_key(request: GenerationRequest) -> tuple:
+    """Requests with equal keys can share a UNet batch: same size, steps, guidance and sampler."""
+    return (request.height, request.width, request.num_inference_steps, request.guidance_scale, request.sampler)
+
+
+def run_batch(
+    pipe,
+    requests: list[GenerationRequest],
+    *,
+    spec: DomainSpec,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    encode_prompt: PromptEncoder | None = None,
+    upscaler: Upscaler | None = None,
+) -> list[GenerationResult]:
+    """Run several requests with one :func:`batch_key` as one UNet batch, one result each.
+
+    Each image keeps its own generator (``seed + i`` of its request), so it equals the image of
+    the request run alone, up to the float rounding of a larger batch. Stage timings are the
+    batch's, shared by its requests.
+    """
+    requests = [request.resolve(spec) for request in requests]
+    if len({batch_key(r) for r in requests}) != 1:
+        raise ValueError("a batch needs one size, step count, guidance and sampler")
+    first = requests[0]
+    pipe.scheduler = make_scheduler(first.sampler, model_scheduler_config(pipe))
+    do_cfg = first.guidance_scale > 1.0
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    encoder = encode_prompt or pipe.encode_prompt
+    with torch.inference_mode():
+        encoded = [
+            encoder(r.prompt, pipe.device, r.num_images, do_cfg, negative_prompt=r.negative_prompt or None) for r in requests
+        ]
+    timings["text_encoder"] = _synchronized_elapsed(start, pipe.device)
+
+    seeds = [[r.seed + i for i in range(r.num_images)] for r in requests]
+    start = time.perf_counter()
+    latents = pipe(
+        prompt_embeds=torch.cat([positive for positive, _ in encoded]),
+        negative_prompt_embeds=torch.cat([negative for _, negative in encoded]) if do_cfg else None,
+        num_inference_steps=first.num_inference_steps,
+        guidance_scale=first.guidance_scale,
+        height=first.height,
+        width=first.width,
+        generator=[torch.Generator("cpu").manual_seed(seed) for group in seeds for seed in group],
+        output_type="latent",
+        callback_on_step_end=_step_callback(progress, should_stop, first.num_inference_steps),
+    ).images
+    if should_stop is not None and should_stop():
+        raise GenerationCancelled("generation stopped by the user / 已停止生成")
+    timings["unet"] = _synchronized_elapsed(start, pipe.device)
+
+    start = time.perf_counter()
+    images = decode_latents(pipe, latents)
+    timings["vae_decode"] = _synchronized_elapsed(start, pipe.device)
+    results, offset = [], 0
+    for request, request_seeds in zip(requests, seeds):
+        own = images[offset:offset + request.num_images]
+        offset += request.num_images
+        report = inspect_prompt(pipe.tokenizer, request.prompt)
+        results.append(
+            finish_request(pipe, request, own, request_seeds, dict(timings), report, spec=spec,
+                           encode_prompt=encode_prompt, upscaler=upscaler)
+        )
+    return results
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:

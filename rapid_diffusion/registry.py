@@ -19,7 +19,9 @@ from typing import Callable
 
 import torch
 
+from .acceleration import Acceleration, build_optimised, outcome, warmer_for
 from .domains import DomainSpec, ModelSource, load_domains
+from .errors import ModelUnavailableError
 from .hub import (  # noqa: F401  (re-exported: callers import these from the registry)
     _progress_tqdm,
     cached_snapshot,
@@ -34,8 +36,7 @@ from .settings import settings
 log = logging.getLogger(__name__)
 
 
-class ModelUnavailableError(RuntimeError):
-    """A model cannot be loaded: not cached and the hub is unreachable, or a broken folder."""
+__all__ = ["Acceleration", "LoadedModel", "ModelRegistry", "ModelUnavailableError", "default_registry"]
 
 
 @dataclass
@@ -47,6 +48,7 @@ class LoadedModel:
     nbytes: int
     load_seconds: float
     optimization: str = "none"
+    acceleration: Acceleration = field(default_factory=lambda: Acceleration("eager", "none"))
     encode_prompt: Callable | None = None
     upscaler: Callable | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -171,7 +173,11 @@ class ModelRegistry:
             model = self._load(spec)
             with self._lock:
                 self._models[key] = model
-                self._evict(keep=key)
+                evicted = self._evict(keep=key)
+            for old in evicted:  # outside the registry lock: an evicted model's lock waits for its running generation
+                self._release(old)
+            if model.acceleration.state == "compiling":
+                warmer_for(self.device).submit(lambda: build_optimised(model, self._optimiser(spec), self.progress))
             return model
 
     def _load(self, spec: DomainSpec) -> LoadedModel:
@@ -179,11 +185,7 @@ class ModelRegistry:
         self.progress(f"loading domain '{spec.id}' from {spec.model.describe()} on {self.device}")
         start = time.perf_counter()
         pipe = self._loader(folder, self.device, self.dtype)
-        optimization = spec.optimization
-        if optimization != "none":
-            from .optimize import apply_optimization
-
-            optimization = apply_optimization(pipe, optimization, log=self.progress, height=spec.height, width=spec.width)
+        acceleration = self._accelerate_now(pipe, spec)
         seconds = time.perf_counter() - start
         self.progress(f"loaded domain '{spec.id}' in {seconds:.1f}s")
         from .upscale import upscaler_for
@@ -195,9 +197,46 @@ class ModelRegistry:
 
             encode_prompt = load_prompt_encoder(pipe, folder, spec.knowledge_graph, log=self.progress)
         return LoadedModel(
-            self.key_for(spec), pipe, self.device, self.dtype, module_bytes(pipe), seconds, optimization,
-            encode_prompt=encode_prompt, upscaler=upscaler,
+            self.key_for(spec), pipe, self.device, self.dtype, module_bytes(pipe), seconds, acceleration.applied,
+            acceleration=acceleration, encode_prompt=encode_prompt, upscaler=upscaler,
         )
+
+    def _accelerate_now(self, pipe, spec: DomainSpec) -> Acceleration:
+        """Quick levels are applied here; slow ones (compile, openvino, auto) are left ``compiling``
+        for the background warm-up, unless ``RAPID_DIFFUSION_BACKGROUND_WARMUP`` is off."""
+        from .optimize import SLOW_LEVELS
+
+        if spec.optimization == "none":
+            return Acceleration("eager", "none")
+        if spec.optimization in SLOW_LEVELS and settings().background_warmup:
+            return Acceleration("compiling", spec.optimization)
+        messages: list[str] = []
+
+        def record(message: str) -> None:
+            messages.append(message)
+            self.progress(message)
+
+        return outcome(spec.optimization, self._optimiser(spec)(pipe, record), messages)
+
+    @staticmethod
+    def _optimiser(spec: DomainSpec) -> Callable[[object, Callable[[str], None]], str]:
+        def optimise(pipe, log_line: Callable[[str], None]) -> str:
+            from .optimize import apply_optimization
+
+            return apply_optimization(pipe, spec.optimization, log=log_line, height=spec.height, width=spec.width)
+
+        return optimise
+
+    def acceleration(self, spec: DomainSpec) -> Acceleration:
+        """What ``spec``'s requests run on now (``eager`` with reason "not loaded" before its first use)."""
+        model = self._models.get(self.key_for(spec))
+        if model is None:
+            return Acceleration("eager", spec.optimization, reason="not loaded")
+        return model.acceleration
+
+    def wait_for_warm_up(self) -> None:
+        """Block until this registry's device has no background warm-up left (tests, benchmarks)."""
+        warmer_for(self.device).wait()
 
     def resolve_folder(self, spec: DomainSpec) -> Path:
         """The local folder of a domain's model, downloading it if allowed; else a clear error."""
@@ -282,8 +321,10 @@ class ModelRegistry:
         self._release(model)
         return True
 
-    def _evict(self, keep: str) -> None:
-        """Drop least recently used models until the count and memory budgets hold."""
+    def _evict(self, keep: str) -> list[LoadedModel]:
+        """Drop least recently used models until the count and memory budgets hold; returns them
+        for the caller to release once it has let go of the registry lock."""
+        evicted = []
         while len(self._models) > 1 and (
             len(self._models) > self.max_models
             or (self.max_bytes is not None and sum(m.nbytes for m in self._models.values()) > self.max_bytes)
@@ -291,7 +332,8 @@ class ModelRegistry:
             oldest_key = next(k for k in self._models if k != keep)
             model = self._models.pop(oldest_key)
             log.info("evicting %s from the model cache", oldest_key)
-            self._release(model)
+            evicted.append(model)
+        return evicted
 
     @staticmethod
     def _release(model: LoadedModel) -> None:

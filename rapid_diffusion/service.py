@@ -20,11 +20,12 @@ from typing import Any, Callable
 
 import torch
 
+from .batching import Batcher, Member
 from .domains import DomainSpec, ModelSource
 from .jobs import DeleteRefused, delete_finetuned
 from .messages import say
 from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult, PromptReport, RequestError, inspect_prompt
-from .pipeline import ProgressCallback, generate
+from .pipeline import ProgressCallback, batch_key, generate, generate_batch
 from .registry import LoadedModel, ModelRegistry, ModelUnavailableError, adhoc_spec, default_registry, native_size
 from .settings import settings
 
@@ -78,19 +79,26 @@ class GpuGate:
     @contextmanager
     def slot(self, should_stop: Callable[[], bool] | None = None):
         """Hold a slot; a waiter whose ``should_stop`` turns true (its client left) gives up its place."""
+        with self.waiting():
+            self._acquire(should_stop)
+        try:
+            yield
+        finally:
+            self._semaphore.release()
+
+    @contextmanager
+    def waiting(self):
+        """Counts as one waiting request (refused when the queue is full) without taking a slot:
+        a request waiting for a slot, or for the batch it joined."""
         with self._lock:
             if self.max_waiting is not None and self._waiting >= self.max_waiting:
                 raise QueueFullError(f"{self._waiting} requests are already waiting")
             self._waiting += 1
         try:
-            self._acquire(should_stop)
+            yield
         finally:
             with self._lock:
                 self._waiting -= 1
-        try:
-            yield
-        finally:
-            self._semaphore.release()
 
     def _acquire(self, should_stop: Callable[[], bool] | None) -> None:
         if should_stop is None:
@@ -143,6 +151,8 @@ class AppService:
     def __init__(self, registry: ModelRegistry | None = None, gate: GpuGate | None = None):
         self.registry = registry or default_registry()
         self.gate = gate or GpuGate.from_settings()
+        window_ms = settings().batch_window_ms
+        self.batcher = Batcher(window_ms / 1000, settings().max_images) if window_ms > 0 else None
 
     # ------------------------------------------------------------------ domains
 
@@ -221,6 +231,8 @@ class AppService:
             spec = replace(spec, optimization=optimization)
         try:
             resolved = request.resolve(spec)
+            if self.batcher is not None:
+                return self._generate_batched(resolved, spec, progress, should_stop)
             with self.gate.slot(should_stop):
                 return generate(resolved, spec, registry=self.registry, progress=progress, should_stop=should_stop)
         except RequestError as exc:
@@ -233,6 +245,18 @@ class AppService:
         except torch.cuda.OutOfMemoryError as exc:
             release_gpu_memory()
             raise UserFacingError(503, say("out_of_memory")) from exc
+
+    def _generate_batched(self, request, spec, progress, should_stop) -> GenerationResult:
+        """Through the batcher: concurrent same-shape requests of this domain share one UNet batch."""
+
+        def execute(requests, batch_progress, batch_should_stop):
+            with self.gate.slot(batch_should_stop):
+                if len(requests) == 1:
+                    return [generate(requests[0], spec, registry=self.registry, progress=batch_progress, should_stop=batch_should_stop)]
+                return generate_batch(requests, spec, registry=self.registry, progress=batch_progress, should_stop=batch_should_stop)
+
+        key = (spec.id, self.registry.key_for(spec), batch_key(request))
+        return self.batcher.run(key, Member(request, progress, should_stop), execute, self.gate.waiting)
 
     def inspect_prompt(self, domain_id: str | None, prompt: str) -> PromptReport | None:
         """How ``prompt`` fits the domain's text encoder; ``None`` while its tokenizer is not on disk."""
@@ -312,13 +336,15 @@ class AppService:
     # ------------------------------------------------------------------ health
 
     def health(self) -> dict[str, Any]:
-        """Liveness (answering at all) and readiness (which domains can serve without a download)."""
+        """Liveness (answering at all), readiness (which domains can serve without a download) and
+        what each domain runs on (``acceleration``: eager / compiling / compiled / failed, and why)."""
         states = {spec.id: self.state(spec) for spec in self.domains.values()}
         ready = [d for d, state in states.items() if state in READY_STATES]
         loaded = [d for d, state in states.items() if state == "loaded"]
+        acceleration = {spec.id: self.registry.acceleration(spec).as_dict() for spec in self.domains.values()}
         return {
             "status": "ok", "ready": bool(ready), "domains": states, "loaded": loaded,
-            "domain_errors": self.skipped_domain_files(),
+            "acceleration": acceleration, "domain_errors": self.skipped_domain_files(),
         }
 
     def skipped_domain_files(self) -> list[dict[str, str]]:

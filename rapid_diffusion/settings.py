@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     compile_cache: bool = Field(True, validation_alias=_env("COMPILE_CACHE"),
                                 description="keep compiled/converted models under HOME/cache")
     openvino_precision: Literal["f32", "bf16"] = Field("f32", validation_alias=_env("OPENVINO_PRECISION"))
+    warm_sizes: str = Field("", validation_alias=_env("WARM_SIZES"),
+                            description="extra WxH sizes (comma-separated) whose shapes are compiled at warm-up")
+    background_warmup: bool = Field(True, validation_alias=_env("BACKGROUND_WARMUP"),
+                                    description="serve on the eager pipeline while a domain compiles")
 
     @field_validator("home", mode="after")
     @classmethod
@@ -94,6 +98,17 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("warm_sizes", mode="after")
+    @classmethod
+    def _sizes(cls, value: str) -> str:
+        parse_sizes(value)
+        return value
+
+    @property
+    def warm_size_list(self) -> list[tuple[int, int]]:
+        """``WARM_SIZES`` as (height, width) pairs."""
+        return parse_sizes(self.warm_sizes)
 
     @property
     def is_public(self) -> bool:
@@ -128,6 +143,18 @@ class Settings(BaseSettings):
     def server_host(self) -> str:
         """127.0.0.1 locally; 0.0.0.0 on Hugging Face Spaces."""
         return self.host or ("0.0.0.0" if self.space_id else "127.0.0.1")
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"128x128,256x192"`` (width x height) -> ``[(128, 128), (192, 256)]`` as (height, width)."""
+    sizes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            width, height = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"sizes must look like 128x128,256x256; got {part!r}") from None
+        sizes.append((height, width))
+    return sizes
 
 
 _current: Settings | None = None

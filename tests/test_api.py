@@ -216,7 +216,8 @@ def test_requests_are_serialized_through_the_gate(client, monkeypatch):
         raise RequestError("prompt", "stub", "桩")
 
     monkeypatch.setattr(service, "generate", slow_generate)
-    threads = [threading.Thread(target=predict, args=(client, {"text": "猫"})) for _ in range(3)]
+    # different step counts: requests that could share a batch would run as one (test_batching.py)
+    threads = [threading.Thread(target=predict, args=(client, {"text": "猫", "num_inference_steps": 1 + i})) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:

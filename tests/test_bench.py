@@ -50,7 +50,10 @@ def test_bench_cli_writes_json_with_speedup(tmp_path, capsys, restore_threads):
         assert entry["max_abs_diff_vs_plain"] < 1e-4
         assert set(entry["profile"]["seconds"]) == {"attention", "resnet", "other"}
     assert result["levels"]["flash"]["applied"] == "flash"
-    assert result["speedup"] > 0
+    medians = {level: entry["end_to_end_s"]["median"] for level, entry in result["levels"].items()}
+    assert result["best_level"] == min(medians, key=medians.get)
+    assert result["speedup"] == pytest.approx(medians["none"] / medians[result["best_level"]])
+    assert result["levels"]["flash"]["speedup"] == pytest.approx(medians["none"] / medians["flash"])
     assert set(result["attention_padding"]) == {"40", "80", "160"}
     printed = capsys.readouterr().out
     assert "| none | none |" in printed and "speedup" in printed
@@ -69,6 +72,17 @@ def test_bench_sr_adds_a_timed_x4_stage(tmp_path, capsys, restore_threads):
 def test_bench_cli_rejects_unknown_level(capsys):
     assert main(["bench", "--model", "tiny-random", "--levels", "none,warp"]) == 2
     assert "unknown warp" in capsys.readouterr().err
+
+
+def test_bench_default_levels_include_openvino_when_installed():
+    import argparse
+
+    from rapid_diffusion.cli import bench_levels
+    from rapid_diffusion.openvino_backend import openvino_missing
+
+    args = argparse.Namespace(levels=None, shapes=False, restart=False, concurrency=None, api=False, device="cpu")
+    expected = ("none", "flash", "compile", "openvino", "auto") if openvino_missing("cpu") is None else ("none", "flash", "compile", "auto")
+    assert bench_levels(args) == expected
 
 
 def test_pipeline_folder_model_and_unet_profile(tiny_model_dir):
@@ -95,5 +109,58 @@ def test_markdown_table_has_one_row_per_level():
     assert "| flash | flash | 0.500 (0.400-0.600)" in table and "1.25x" in table
 
 
-def test_rss_peak_is_measured():
-    assert rss_peak_mb() > 10
+def test_rss_peak_follows_an_allocation():
+    import numpy as np
+
+    before = rss_peak_mb()
+    block = np.ones(200 * 2**20 // 8)  # 200 MB, written so that it is resident
+    assert rss_peak_mb() >= before + 150
+    del block
+
+
+def test_shapes_reports_first_and_steady_per_shape(restore_threads):
+    from rapid_diffusion.bench import run_shapes, shapes_table
+
+    config = BenchConfig(model="tiny-random", steps=1, runs=2, levels=("none",))
+    result = run_shapes(config, log=lambda message: None, max_images=2, sizes=((64, 64),))
+    rows = result["levels"]["none"]["shapes"]
+    assert [(r["images"], r["height"]) for r in rows] == [(1, 64), (2, 64)]
+    for row in rows:
+        assert len(row["steady_s"]["runs"]) == 2
+        assert row["first_over_steady"] == pytest.approx(row["first_s"] / row["steady_s"]["median"])
+    assert result["levels"]["none"]["worst_first_over_steady"] == max(r["first_over_steady"] for r in rows)
+    assert shapes_table(result).count("| none (none) |") == 2
+
+
+def test_concurrency_runs_through_the_service_with_batching_off_and_on(test_domains):
+    from rapid_diffusion.bench_serving import concurrency_table, run_concurrency
+
+    result = run_concurrency("tiny", "none", clients=2, per_client=2, log=lambda message: None)
+    assert list(result["modes"]) == ["batching off", "batching 30 ms"]
+    for entry in result["modes"].values():
+        assert entry["latency_s"]["n"] == 4
+        assert entry["images_per_s"] == pytest.approx(4 / entry["wall_s"])
+        assert entry["latency_s"]["p50"] <= entry["latency_s"]["p95"]
+    assert concurrency_table(result).count("\n") == 3
+
+
+@pytest.mark.slow
+def test_restart_reads_the_cache_the_cold_process_left(restore_threads):
+    """Two fresh processes: the first converts (cold), the second reads its cache (warm)."""
+    from rapid_diffusion.bench import restart_table, run_restart
+
+    result = run_restart(BenchConfig(model="tiny-random", runs=1, levels=("openvino",)), log=lambda message: None, threads=1)
+    entry = result["levels"]["openvino"]
+    assert [r["applied"] for r in entry["cold"] + entry["warm"]] == ["openvino", "openvino"]
+    assert entry["warm_over_cold"] == pytest.approx(entry["warm_setup_s"] / entry["cold_setup_s"])
+    assert "| openvino | openvino |" in restart_table(result)
+
+
+def test_a_nan_image_is_an_infinite_difference():
+    import numpy as np
+
+    from rapid_diffusion.bench import max_abs_diff
+
+    reference = np.zeros((1, 2, 2, 3))
+    assert max_abs_diff(np.full_like(reference, np.nan), reference) == float("inf")
+    assert max_abs_diff(reference + 0.25, reference) == 0.25

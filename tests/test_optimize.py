@@ -83,7 +83,7 @@ def test_compile_without_toolchain_falls_back_to_flash(pipe, monkeypatch):
 
 
 def test_compile_failing_at_warm_up_falls_back_and_still_matches(pipe, tiny_model_dir, monkeypatch):
-    def broken_warm_up(pipe, height, width):
+    def broken_warm_up(pipe, sizes, max_images):
         raise RuntimeError("inductor exploded")
 
     monkeypatch.setattr(optimize, "warm_up", broken_warm_up)
@@ -131,3 +131,22 @@ def test_cuda_graph_outputs_are_copied_out_of_the_pool():
     assert torch.equal(copied[0], sample) and copied[0].data_ptr() != sample.data_ptr()
     copied = optimize.copy_out_of_cuda_graph(None, (), UNet2DConditionOutput(sample=sample))
     assert isinstance(copied, UNet2DConditionOutput) and copied.sample.data_ptr() != sample.data_ptr()
+
+
+def test_bucketed_forward_pads_to_a_bucket_and_chunks_beyond_eight():
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    seen = []
+
+    def forward(sample, timestep, encoder_hidden_states, return_dict=False):
+        seen.append((sample.shape[0], encoder_hidden_states.shape[0]))
+        output = sample * 2 + encoder_hidden_states.mean()
+        return UNet2DConditionOutput(sample=output) if return_dict else (output,)
+
+    run = optimize.bucketed(forward)
+    for batch, calls in ((3, [(4, 4)]), (10, [(8, 8), (2, 2)])):
+        seen.clear()
+        sample, hidden = torch.randn(batch, 4, 2, 2), torch.zeros(batch, 5, 8)
+        out = run(sample, torch.tensor(10), hidden)
+        assert seen == calls and torch.equal(out[0], sample * 2)
+        assert torch.equal(run(sample, torch.tensor(10), hidden, return_dict=True).sample, sample * 2)

@@ -182,3 +182,46 @@ def test_domains_sharing_a_model_with_different_extras_get_their_own_entry(test_
     assert registry.key_for(with_graph) != registry.key_for(plain)
     registry.get(plain)
     assert registry.state(with_graph) == "offline-ready"
+
+
+def test_eviction_releases_outside_the_registry_lock(test_domains, copy_model):
+    """A running generation holds its model's lock; evicting that model must not hold the
+    registry's lock meanwhile, or every other request (and /healthz) would wait for it."""
+    folder = test_domains
+    write_domain(folder, "other", copy_model("other-model"))
+    registry = ModelRegistry(device=torch.device("cpu"), dtype=torch.float32, max_models=1)
+    running = registry.get(registry.spec("tiny"))
+    running.lock.acquire()  # a generation in progress on 'tiny'
+    loader = threading.Thread(target=registry.get, args=(registry.spec("other"),))
+    loader.start()
+    deadline = time.monotonic() + 60
+    while registry.state(registry.spec("other")) != "loaded" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    answered = []
+    probe = threading.Thread(target=lambda: answered.append(registry.loaded()))
+    probe.start()
+    probe.join(timeout=5)
+    try:
+        assert answered and [m.key for m in answered[0]] == [registry.key_for(registry.spec("other"))]
+        assert running.pipe is not None  # not released while its generation runs
+    finally:
+        running.lock.release()
+    loader.join(timeout=30)
+    assert running.pipe is None
+
+
+def test_a_model_unloaded_before_its_lock_is_unavailable_and_says_try_again(registry):
+    from rapid_diffusion import errors
+    from rapid_diffusion.pipeline import GenerationRequest, generate
+
+    spec = registry.spec("tiny")
+    model = registry.get(spec)
+
+    class StaleRegistry:
+        def get(self, spec):
+            return model
+
+    registry.unload(model.key)
+    with pytest.raises(ModelUnavailableError, match="请重试.*try again"):
+        generate(GenerationRequest(prompt="红色圆形", seed=0, num_inference_steps=1), spec, registry=StaleRegistry())
+    assert ModelUnavailableError is errors.ModelUnavailableError
