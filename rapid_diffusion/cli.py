@@ -214,10 +214,11 @@ def cmd_domains(args) -> int:
 
 def open_service(args):
     """The service and the domain spec named by ``--domain`` or ``--model`` (its model loaded)."""
+    from .registry import ModelRegistry
     from .service import AppService, UserFacingError
 
-    service = AppService()
-    service.registry.progress = lambda message: print(message, file=sys.stderr)
+    registry = ModelRegistry(progress=lambda message: print(message, file=sys.stderr), background_warmup=False)
+    service = AppService(registry)
     try:
         if args.domain:
             spec = service.spec(args.domain)

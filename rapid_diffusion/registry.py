@@ -111,8 +111,10 @@ class ModelRegistry:
         dtype: torch.dtype | None = None,
         loader: Callable[[Path, torch.device, torch.dtype], object] = load_pipeline,
         progress: Callable[[str], None] | None = None,
+        background_warmup: bool | None = None,
     ):
         self._domains = domains
+        self.background_warmup = settings().background_warmup if background_warmup is None else background_warmup
         self.max_models = max_models or settings().max_models
         self.max_bytes = max_bytes or settings().max_memory_bytes
         default_device, default_dtype = pick_device()
@@ -203,12 +205,13 @@ class ModelRegistry:
 
     def _accelerate_now(self, pipe, spec: DomainSpec) -> Acceleration:
         """Quick levels are applied here; slow ones (compile, openvino, auto) are left ``compiling``
-        for the background warm-up, unless ``RAPID_DIFFUSION_BACKGROUND_WARMUP`` is off."""
+        for the background warm-up, unless it is off (``RAPID_DIFFUSION_BACKGROUND_WARMUP=0``, or a
+        one-shot command that would otherwise wait for it at exit)."""
         from .optimize import SLOW_LEVELS
 
         if spec.optimization == "none":
             return Acceleration("eager", "none")
-        if spec.optimization in SLOW_LEVELS and settings().background_warmup:
+        if spec.optimization in SLOW_LEVELS and self.background_warmup:
             return Acceleration("compiling", spec.optimization)
         messages: list[str] = []
 

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Nothing a test does (caches of converted models, fine-tuned domains) lands in the real home folder.
+os.environ["RAPID_DIFFUSION_HOME"] = tempfile.mkdtemp(prefix="rapid-diffusion-tests-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
