@@ -76,6 +76,15 @@ def caption_rows(files: list[str] | None) -> list[list[str]]:
     return rows
 
 
+def job_budget_problem(files: list[str] | None) -> str | None:
+    """The uploads a job would copy into its folder, against ``RAPID_DIFFUSION_MAX_JOB_BYTES``."""
+    limit = settings().max_job_bytes
+    total = sum(Path(f).stat().st_size for f in files or [] if Path(f).is_file())
+    if total <= limit:
+        return None
+    return f"上传文件共 {total / 2**20:.0f} MB，超过每个训练任务 {limit / 2**20:.0f} MB 的上限 / the uploads ({total / 2**20:.0f} MB) exceed a job's budget of {limit / 2**20:.0f} MB"
+
+
 def check_rows(files: list[str] | None, rows: list[list[str]] | None) -> DataReport:
     """Check the uploads with the captions typed in the editor (they win over ``.txt`` files)."""
     captions = {str(r[0]): str(r[1] or "") for r in rows or [] if len(r) >= 2 and r[0]}
@@ -197,6 +206,9 @@ def start_job(jobs: JobManager, files, rows, form: Form, password: str | None = 
         return StartOutcome(None, str(exc))
     if jobs.active() is not None:
         return StartOutcome(None, "已有训练任务在运行，请等待或停止它 / a job is already training")
+    too_big = job_budget_problem(files)
+    if too_big:
+        return StartOutcome(None, too_big)
     report = check_rows(files, rows)
     if not report.usable:
         return StartOutcome(None, "没有可用的图文对：请上传图片和描述 / no usable image-text pairs: upload images with captions\n\n" + report_markdown(report))

@@ -143,6 +143,7 @@ class ModelRow:
     memory_mb: float | None = None
     load_seconds: float | None = None
     optimization: str = ""
+    acceleration: str = "eager"
 
 
 class AppService:
@@ -325,10 +326,12 @@ class AppService:
             if model is None:
                 rows.append(ModelRow(spec.id, self.state(spec), optimization=spec.optimization))
                 continue
+            acceleration = self.registry.acceleration(spec)
             rows.append(
                 ModelRow(
                     spec.id, "loaded", str(model.device), str(model.dtype).replace("torch.", ""),
-                    round(model.nbytes / 2**20, 1), round(model.load_seconds, 2), model.optimization,
+                    round(model.nbytes / 2**20, 1), round(model.load_seconds, 2),
+                    f"{acceleration.level} → {acceleration.applied}", acceleration.state,
                 )
             )
         return rows

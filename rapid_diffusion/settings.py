@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     max_upload: str = Field("10mb", validation_alias=_env("MAX_UPLOAD"), description="largest single uploaded file")
     max_upload_total: int = Field(200 * 2**20, ge=1, validation_alias=_env("MAX_UPLOAD_TOTAL"),
                                   description="bytes one upload request may carry in all (every file together)")
+    max_job_bytes: int = Field(1024 * 2**20, ge=1, validation_alias=_env("MAX_JOB_BYTES"),
+                               description="bytes of uploads one fine-tuning job may take into its folder")
     body_timeout: float = Field(10.0, gt=0, validation_alias=_env("BODY_TIMEOUT"),
                                 description="seconds a client may take to send the next piece of a request body")
     host: str | None = Field(None, validation_alias=AliasChoices("GRADIO_SERVER_NAME"))

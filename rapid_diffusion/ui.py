@@ -37,8 +37,16 @@ STATE_LABELS = {
     "incomplete": "下载未完成 incomplete",
     "missing": "缺失 missing",
 }
+ACCELERATION_LABELS = {
+    "eager": "未加速 eager",
+    "compiling": "编译中 compiling",
+    "compiled": "已加速 accelerated",
+    "failed": "未加速 eager (加速失败 failed)",
+}
 COMMON_SIZES = ("512x512", "512x768", "768x512", "768x768", "256x256")
-MODEL_COLUMNS = ["领域 Domain", "状态 State", "设备 Device", "精度 Dtype", "内存 Memory (MB)", "加载 Load (s)", "优化 Optimization"]
+MODEL_COLUMNS = [
+    "领域 Domain", "状态 State", "设备 Device", "精度 Dtype", "内存 Memory (MB)", "加载 Load (s)", "优化 Optimization", "加速 Acceleration",
+]
 
 
 class StopFlags:
@@ -365,7 +373,18 @@ def domain_markdown(service: AppService, spec: DomainSpec) -> str:
     availability = service.availability(spec)
     state = STATE_LABELS.get(availability.state, availability.state)
     card = f"**{spec.title}** — {spec.description}\n\n模型 / Model: `{spec.model.name}` · 状态 / State: **{state}**"
+    card += acceleration_markdown(service, spec)
     return f"{card}\n\n{'ℹ️' if availability.usable else '⛔'} {availability.note}" if availability.note else card
+
+
+def acceleration_markdown(service: AppService, spec: DomainSpec) -> str:
+    """What the domain runs on once loaded: 编译中 while its optimised pipeline is built, then 已加速."""
+    if spec.optimization == "none" or service.state(spec) != "loaded":
+        return f" · 加速 / Acceleration: {spec.optimization}"
+    acceleration = service.registry.acceleration(spec)
+    label = ACCELERATION_LABELS.get(acceleration.state, acceleration.state)
+    reason = f"（{acceleration.reason}）" if acceleration.state == "failed" and acceleration.reason else ""
+    return f" · 加速 / Acceleration: **{label}** ({acceleration.level} → {acceleration.applied}){reason}"
 
 
 def usable(service: AppService, spec: DomainSpec | None) -> bool:
@@ -455,7 +474,8 @@ def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> dict[str, gr.components
 def models_table(service: AppService) -> list[list[Any]]:
     return [
         [row.domain, STATE_LABELS.get(row.state, row.state), row.device, row.dtype,
-         "" if row.memory_mb is None else row.memory_mb, "" if row.load_seconds is None else row.load_seconds, row.optimization]
+         "" if row.memory_mb is None else row.memory_mb, "" if row.load_seconds is None else row.load_seconds, row.optimization,
+         ACCELERATION_LABELS.get(row.acceleration, row.acceleration) if row.state == "loaded" else ""]
         for row in service.models()
     ]
 

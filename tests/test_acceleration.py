@@ -107,7 +107,7 @@ def test_an_exception_in_the_optimiser_stays_eager(compiling_registry, monkeypat
 
 
 def test_without_background_warm_up_the_level_is_applied_at_load(compiling_registry, monkeypatch):
-    monkeypatch.setenv("RAPID_DIFFUSION_BACKGROUND_WARMUP", "0")
+    monkeypatch.setattr(compiling_registry, "background_warmup", False)
     monkeypatch.setattr(optimize, "apply_optimization", slow_optimiser(threading.Event(), seconds=0))
     spec = compiling_registry.spec("fast")
     assert compiling_registry.get(spec).pipe.optimised
@@ -163,3 +163,11 @@ def test_health_shows_what_each_domain_runs_on(compiling_registry, monkeypatch):
     compiling_registry.wait_for_warm_up()
     assert service.health()["acceleration"]["fast"]["state"] == "compiled"
     assert service.health()["acceleration"]["tiny"]["level"] == "none"
+
+
+def test_the_background_warm_up_setting_is_read_when_the_registry_is_made(monkeypatch):
+    from rapid_diffusion.registry import ModelRegistry
+
+    monkeypatch.setenv("RAPID_DIFFUSION_BACKGROUND_WARMUP", "0")
+    assert ModelRegistry(domains={}).background_warmup is False
+    assert ModelRegistry(domains={}, background_warmup=True).background_warmup is True

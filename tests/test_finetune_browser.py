@@ -89,7 +89,7 @@ def test_fine_tune_on_the_defaults_in_the_browser_then_generate_with_the_new_mod
         page.wait_for_timeout(3000)  # the loss plot (vega) draws after its data arrives
         page.screenshot(path=str(ARTIFACTS / "finetune.png"), full_page=True)
 
-        page.get_by_role("tab", name="生成 / Generate").click()
+        page.get_by_role("tab", name="文生图 / Text to image").click()
         picker = page.get_by_label("领域 / Domain").first
         picker.click()
         picker.fill("我的形状")

@@ -266,3 +266,12 @@ def test_the_host_step_limit_caps_presets_and_refuses_longer_jobs(monkeypatch, r
     assert finetune_ui.preset_fields(registry, "tiny", "thorough")[0] == 50
     outcome = finetune_ui.start_job(manager, uploads, [], form(steps=60))
     assert outcome.job_id is None and outcome.message.startswith("本服务器每次最多训练 50 步")
+
+
+def test_uploads_over_the_job_budget_are_refused_before_a_folder_is_written(monkeypatch, manager, uploads):
+    monkeypatch.setenv("RAPID_DIFFUSION_MAX_JOB_BYTES", str(sum(Path(f).stat().st_size for f in uploads) - 1))
+    outcome = finetune_ui.start_job(manager, uploads, [], form())
+    assert outcome.job_id is None and outcome.message.startswith("上传文件共") and "exceed a job's budget" in outcome.message
+    assert manager.jobs() == []
+    monkeypatch.setenv("RAPID_DIFFUSION_MAX_JOB_BYTES", str(sum(Path(f).stat().st_size for f in uploads)))
+    assert finetune_ui.job_budget_problem(uploads) is None

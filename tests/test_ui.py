@@ -194,6 +194,7 @@ def test_models_panel_loads_and_unloads(ctx, registry):
     assert "tiny" in message
     row = next(r for r in table if r[0] == "tiny")
     assert row[1].startswith("已加载") and row[2] == "cpu" and row[4] > 0
+    assert row[6:] == ["none → none", "未加速 eager"], "what the loaded model runs on"
     table, _, message = models_action(ctx, ctx.service.unload, "tiny", None)
     assert next(r for r in table if r[0] == "tiny")[1].startswith("本地可用")
 
