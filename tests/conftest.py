@@ -17,11 +17,11 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_domain
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -56,38 +56,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-pai-model")
     build_pipeline(folder, size="tiny", seed=0)
     return folder
-
-
-def write_domain(folder: Path, domain_id: str, model_path: Path, **overrides) -> Path:
-    """Write a valid domain YAML pointing at a local model folder; ``overrides`` replace fields."""
-    fields = {
-        "id": domain_id,
-        "height": 64,
-        "width": 64,
-        "num_inference_steps": 4,
-        "guidance_scale": 5.0,
-        "sampler": "pndm",
-        "negative_prompt": "模糊",
-    }
-    fields.update(overrides)
-    lines = [f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items()]
-    body = "\n".join(lines) + textwrap.dedent(
-        f"""
-        title:
-          zh: 测试
-          en: Test
-        description: tiny random model for tests
-        model:
-          path: {model_path}
-        examples:
-          - 一个红色的圆形
-          - 蓝色正方形
-          - 左边有一个小的绿色三角形
-        """
-    )
-    path = folder / f"{domain_id}.yaml"
-    path.write_text(body, encoding="utf-8")
-    return path
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ from rapid_diffusion import compile_cache, optimize, pipeline
 from rapid_diffusion.pipeline import GenerationRequest, generate
 from rapid_diffusion.registry import ModelRegistry
 
-from conftest import write_domain
+from helpers import write_domain
 
 
 @pytest.fixture()

@@ -19,7 +19,7 @@ from rapid_diffusion.domains import load_domains
 from rapid_diffusion.pipeline import RequestError, read_png_settings
 from rapid_diffusion.registry import ModelRegistry
 
-from conftest import write_domain
+from helpers import write_domain
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """The web UI in headless Chromium: type a Chinese prompt, press 生成, images appear."""
 
 import os
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,12 +9,8 @@ from rapid_diffusion.domains import load_domains
 from rapid_diffusion.paths import PROJECT_ROOT
 from rapid_diffusion.registry import ModelRegistry
 
-from conftest import write_domain
-from test_ui import running_server
+from helpers import ARTIFACTS, CHROMIUM, DEMO_MODEL, browser_page, running_server, write_domain
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = PROJECT_ROOT / "test-artifacts"
-DEMO_MODEL = PROJECT_ROOT / "assets" / "demo-model"
 
 pytestmark = [
     pytest.mark.browser,
@@ -29,23 +23,6 @@ pytestmark = [
 def registry(tmp_path, tiny_model_dir):
     write_domain(tmp_path, "tiny", tiny_model_dir, num_inference_steps=3, height=128, width=128)
     return ModelRegistry(domains=load_domains([tmp_path]), device=torch.device("cpu"), dtype=torch.float32)
-
-
-@contextmanager
-def browser_page(url: str):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000}, locale="zh-CN")
-            page.goto(url)
-            yield page
-        finally:
-            browser.close()
 
 
 def generate(page, prompt: str) -> None:

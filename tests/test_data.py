@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import stat
-import struct
 import zipfile
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
 from rapid_diffusion.cli import main as cli_main
+from helpers import bomb_png, png_bytes
 from rapid_diffusion.data import DataLimits, check_path, check_uploads, decode_text, write_pairs_folder
-
-
-def png_bytes(seed: int, side: int = 64) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
-def bomb_png(side: int = 100_000) -> bytes:
-    """A tiny file whose IHDR declares side x side pixels."""
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b"")
 
 
 def truncated_png(seed: int = 99) -> bytes:
@@ -339,7 +319,7 @@ def test_every_problem_of_an_item_is_listed_and_counted_once(tmp_path):
 
 
 def test_hostile_zip_entries_are_named_not_raised(tmp_path):
-    from test_hazards import patch_zip_entry
+    from helpers import patch_zip_entry
 
     archive = tmp_path / "odd.zip"
     with zipfile.ZipFile(archive, "w") as zf:

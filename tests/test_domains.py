@@ -8,7 +8,7 @@ import pytest
 from rapid_diffusion.domains import DomainSpecError, ModelSource, load_domain_file, load_domains
 from rapid_diffusion.paths import PROJECT_ROOT
 
-from conftest import write_domain
+from helpers import write_domain
 
 
 def test_shipped_domains_are_valid_and_listed():

@@ -22,8 +22,8 @@ import torch
 
 from rapid_diffusion.registry import ModelRegistry
 
-from test_browser import ARTIFACTS, CHROMIUM, DEMO_MODEL, browser_page
-from test_ui import running_server
+from helpers import ARTIFACTS, CHROMIUM, DEMO_MODEL, browser_page
+from helpers import running_server
 
 FINETUNE_FUNCTIONS = ("on_start", "on_check", "on_poll", "on_resume", "on_delete", "on_preset", "refresh_lists", "caption_rows")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import struct
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_data import bomb_png, png_bytes
+from helpers import bomb_png, patch_zip_entry, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_CAP = 1536 * 2**20  # address space: a bomb that inflates would hit it
@@ -39,24 +38,6 @@ def check_data(path: Path) -> subprocess.CompletedProcess:
 
 def jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def patch_zip_entry(path: Path, name: str, *, flag_bits: int | None = None, method: int | None = None) -> None:
-    """Rewrite the flag bits / compression method of ``name`` in its local and central headers."""
-    data = bytearray(path.read_bytes())
-    encoded = name.encode()
-    # (signature, offset of the flags, offset of the name length, offset of the name)
-    for signature, flags_at, length_at, name_at in ((b"PK\x03\x04", 6, 26, 30), (b"PK\x01\x02", 8, 28, 46)):
-        position = data.find(signature)
-        while position >= 0:
-            length = struct.unpack_from("<H", data, position + length_at)[0]
-            if bytes(data[position + name_at: position + name_at + length]) == encoded:
-                if flag_bits is not None:
-                    struct.pack_into("<H", data, position + flags_at, flag_bits)
-                if method is not None:
-                    struct.pack_into("<H", data, position + flags_at + 2, method)
-            position = data.find(signature, position + 4)
-    path.write_bytes(bytes(data))
 
 
 def zip_with_good_pair(path: Path, extra_rows: list[dict], entries: dict[str, bytes], compression=zipfile.ZIP_STORED) -> Path:

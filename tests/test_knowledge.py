@@ -23,7 +23,7 @@ from rapid_diffusion.knowledge import (
 )
 from rapid_diffusion.knowledge.transe import corrupt
 
-from conftest import write_domain
+from helpers import write_domain
 
 FOOD_TRIPLES = "番茄\t颜色\t红色\n番茄\t形状\t圆形\n香蕉\t颜色\t黄色\n番茄酱\t颜色\t红色\n"
 

@@ -97,7 +97,7 @@ def test_compile_failing_at_warm_up_falls_back_and_still_matches(pipe, tiny_mode
 
 
 def test_registry_applies_the_domain_level(tmp_path, tiny_model_dir, monkeypatch):
-    from conftest import write_domain
+    from helpers import write_domain
     from rapid_diffusion.pipeline import GenerationRequest, generate
     from rapid_diffusion.registry import ModelRegistry
 

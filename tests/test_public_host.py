@@ -14,8 +14,8 @@ from rapid_diffusion.domains import load_domains
 from rapid_diffusion.registry import ModelRegistry
 from rapid_diffusion.service import AppService, GpuGate, UserFacingError
 
-from conftest import write_domain
-from test_ui import running_server
+from helpers import write_domain
+from helpers import running_server
 
 GENERATION_APIS = {"generate", "generate_ui"}
 

@@ -8,7 +8,7 @@ import torch
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.registry import ModelRegistry, ModelUnavailableError, choose_weight_files, load_pipeline
 
-from conftest import write_domain
+from helpers import write_domain
 
 
 def test_importing_the_package_loads_no_model_library():

@@ -1,10 +1,6 @@
 """The Gradio face: the named /generate API, the UI's handlers, and a real server + gradio_client."""
 
-import socket
 from pathlib import Path
-import threading
-import time
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import gradio as gr
@@ -26,7 +22,7 @@ from rapid_diffusion.ui import (
     token_count_markdown,
 )
 
-from conftest import write_domain
+from helpers import running_server, write_domain
 
 API_PARAMETERS = [
     "prompt",
@@ -219,35 +215,6 @@ def test_the_domain_card_says_before_generating_when_a_model_cannot_work(monkeyp
     tiny = AppService(registry, GpuGate())
     card = domain_markdown(tiny, tiny.spec("tiny"))
     assert registry.domains["tiny"].model.path.name in card and str(registry.domains["tiny"].model.path) not in card
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_server(registry: ModelRegistry, gate: GpuGate | None = None):
-    """The real app (JSON API + mounted UI) served by uvicorn on a free localhost port."""
-    import uvicorn
-
-    from rapid_diffusion.server import create_app
-
-    app = create_app(registry, gate or GpuGate(1, 4))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.1)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.mark.slow

@@ -10,9 +10,9 @@ from rapid_diffusion.domains import load_domains
 from rapid_diffusion.paths import PROJECT_ROOT
 from rapid_diffusion.registry import ModelRegistry
 
-from conftest import write_domain
-from test_browser import ARTIFACTS, CHROMIUM, browser_page
-from test_ui import running_server
+from helpers import write_domain
+from helpers import ARTIFACTS, CHROMIUM, browser_page
+from helpers import running_server
 
 pytestmark = [
     pytest.mark.browser,

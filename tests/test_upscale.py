@@ -30,7 +30,7 @@ from rapid_diffusion.upscale import (
     upscaler_for,
 )
 from rapid_diffusion.sr_bench import time_upscaler
-from conftest import write_domain
+from helpers import write_domain
 
 CPU = torch.device("cpu")
 
