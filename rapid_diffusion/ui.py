@@ -108,8 +108,8 @@ def build_ui(service: AppService | None = None) -> gr.Blocks:
         with gr.Tabs(overflow_behavior="wrap"):
             with gr.Tab("文生图 / Text to image"):
                 domain = build_generate_tab(ctx)
-            with gr.Tab("模型 / Models"):
-                models = build_models_tab(ctx, demo)
+            with gr.Tab("模型 / Models") as models_tab:
+                models = build_models_tab(ctx, demo, models_tab)
             with gr.Tab("微调 / Fine-tune"):
                 finetune = build_finetune(ctx)
         build_named_api(ctx)
@@ -430,7 +430,7 @@ def token_count_markdown(ctx: UiContext, domain_id: str | None, prompt: str | No
     return f"⚠️ {count} — {report.message()}" if report.truncated else count
 
 
-def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> dict[str, gr.components.Component]:
+def build_models_tab(ctx: UiContext, demo: gr.Blocks, tab: gr.Tab) -> dict[str, gr.components.Component]:
     """The loaded models and their cost; loading, unloading and deleting only where the host allows it.
 
     On a public host without a password the buttons are not built at all, so no event exists
@@ -450,7 +450,7 @@ def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> dict[str, gr.components
             password = gr.Textbox(label="密码 / Password", type="password", scale=2, visible=access == "password")
             load_btn = gr.Button("加载 / Load", variant="primary", scale=1)
             unload_btn = gr.Button("卸载 / Unload", scale=1)
-            delete_btn = gr.Button("删除微调模型 / Delete fine-tuned", variant="stop", scale=1, elem_id="models-delete")
+            delete_btn = gr.Button("删除 / Delete", variant="stop", scale=1, elem_id="models-delete")
         status = gr.Markdown(elem_id="models-status")
         deleted = gr.Textbox(visible=False)
         components = {"domain": domain, "deleted": deleted}
@@ -467,7 +467,8 @@ def build_models_tab(ctx: UiContext, demo: gr.Blocks) -> dict[str, gr.components
         delete_btn.click(lambda d, pw: delete_action(ctx, d, pw), [domain, password], [*outputs, deleted], api_visibility="private")
     refresh_btn = gr.Button("刷新 / Refresh", size="sm")
     refresh_btn.click(lambda: models_view(ctx, "")[: len(outputs)], None, outputs, api_visibility="private")
-    demo.load(lambda: models_table(ctx.service), None, table, api_visibility="private")
+    for shown in (demo.load, tab.select):  # a model loaded by a generation shows when the tab is opened
+        shown(lambda: models_table(ctx.service), None, table, api_visibility="private")
     return components
 
 

@@ -102,6 +102,9 @@ def test_four_images_show_whole_with_readable_settings_and_no_server_path(url, t
             page.get_by_role("tab", name=tab).click()
             page.wait_for_timeout(500)
             texts.append(page.evaluate(PAGE_TEXT))
+            if tab == "模型 / Models":
+                # only "tiny" can be loaded here ("broken" has no model): opening the tab shows what the generation loaded
+                expect(page.locator("#models-table")).to_contain_text("已加载 loaded")
     text = "\n".join(texts)
     assert "tiny-pai-model" in text, "the model is named"
     for path in (PROJECT_ROOT, Path.home(), tiny_model_dir, tiny_model_dir.parent):
