@@ -179,6 +179,9 @@ def converted_model(name: str, graph: torch.nn.Module, example: tuple, log_line:
         model = ov.convert_model(graph.eval(), example_input=example)
     if folder is not None:
         save_ir(model, folder)
+        # Compile what a restart will read: OpenVINO keys its compiled blobs (CACHE_DIR) by the model,
+        # and the converted model differs from the IR read back, so a restart would compile again.
+        model = read_cached_ir(folder, log_line) or model
     return model, False
 
 
