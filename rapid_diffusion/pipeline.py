@@ -344,50 +344,15 @@ def run_pipeline(
     encode_prompt: PromptEncoder | None = None,
     upscaler: Upscaler | None = None,
 ) -> GenerationResult:
-    """Run one request through ``pipe`` (a loaded ``StableDiffusionPipeline``).
+    """Run one request through ``pipe`` (a loaded ``StableDiffusionPipeline``): a batch of one.
 
     ``request`` is resolved against ``spec`` (defaults, validation) here, once. The caller
     owns concurrency: a pipeline runs one request at a time (the registry's model lock).
     """
-    request = request.resolve(spec)
-    report = inspect_prompt(pipe.tokenizer, request.prompt)
-    timings: dict[str, float] = {}
-    pipe.scheduler = make_scheduler(request.sampler, model_scheduler_config(pipe))
-    do_cfg = request.guidance_scale > 1.0
-
-    start = time.perf_counter()
-    with torch.inference_mode():
-        encoder = encode_prompt or pipe.encode_prompt
-        prompt_embeds, negative_embeds = encoder(
-            request.prompt, pipe.device, 1, do_cfg, negative_prompt=request.negative_prompt or None
-        )
-    timings["text_encoder"] = _synchronized_elapsed(start, pipe.device)
-
-    seeds = [request.seed + i for i in range(request.num_images)]
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    start = time.perf_counter()
-    latents = pipe(
-        prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_embeds,
-        num_images_per_prompt=request.num_images,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        height=request.height,
-        width=request.width,
-        generator=generators,
-        output_type="latent",
-        callback_on_step_end=_step_callback(
-            progress, should_stop, request.num_inference_steps, previewer(pipe, preview, preview_every)
-        ),
-    ).images
-    if should_stop is not None and should_stop():
-        raise GenerationCancelled("generation stopped by the user / 已停止生成")
-    timings["unet"] = _synchronized_elapsed(start, pipe.device)
-
-    start = time.perf_counter()
-    images = decode_latents(pipe, latents)
-    timings["vae_decode"] = _synchronized_elapsed(start, pipe.device)
-    return finish_request(pipe, request, images, seeds, timings, report, spec=spec, encode_prompt=encode_prompt, upscaler=upscaler)
+    return run_batch(
+        pipe, [request], spec=spec, progress=progress, should_stop=should_stop, preview=preview,
+        preview_every=preview_every, encode_prompt=encode_prompt, upscaler=upscaler,
+    )[0]
 
 
 def finish_request(
@@ -469,6 +434,8 @@ def run_batch(
     spec: DomainSpec,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    preview: PreviewCallback | None = None,
+    preview_every: int = 5,
     encode_prompt: PromptEncoder | None = None,
     upscaler: Upscaler | None = None,
 ) -> list[GenerationResult]:
@@ -476,7 +443,8 @@ def run_batch(
 
     Each image keeps its own generator (``seed + i`` of its request), so it equals the image of
     the request run alone, up to the float rounding of a larger batch. Stage timings are the
-    batch's, shared by its requests.
+    batch's, shared by its requests. ``preview(step, images)`` gets a cheap RGB view of the
+    latents every ``preview_every`` steps (nothing is computed without it).
     """
     requests = [request.resolve(spec) for request in requests]
     if len({batch_key(r) for r in requests}) != 1:
@@ -505,7 +473,9 @@ def run_batch(
         width=first.width,
         generator=[torch.Generator("cpu").manual_seed(seed) for group in seeds for seed in group],
         output_type="latent",
-        callback_on_step_end=_step_callback(progress, should_stop, first.num_inference_steps),
+        callback_on_step_end=_step_callback(
+            progress, should_stop, first.num_inference_steps, previewer(pipe, preview, preview_every)
+        ),
     ).images
     if should_stop is not None and should_stop():
         raise GenerationCancelled("generation stopped by the user / 已停止生成")
