@@ -170,8 +170,9 @@ class Preflight:
         gib = 2**30
         have = f"{self.available_bytes / gib:.1f} GiB" if self.available_bytes is not None else "unknown"
         head = (
-            f"内存预检 / memory preflight on {self.device}: needs about {self.needed_bytes / gib:.1f} GiB, "
-            f"available {have}: {'fits / 够用' if self.fits else 'does not fit / 不够'}"
+            f"内存检查：训练约需 {self.needed_bytes / gib:.1f} GiB，可用 {have}，{'够用' if self.fits else '不够'} / "
+            f"memory check on {self.device}: needs about {self.needed_bytes / gib:.1f} GiB, "
+            f"available {have}: {'fits' if self.fits else 'does not fit'}"
         )
         if self.fits:
             return head
