@@ -26,7 +26,9 @@ compiler toolchain, no OpenVINO); :func:`apply_optimization` returns the level a
 
 from __future__ import annotations
 
+import locale
 import shutil
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
@@ -98,6 +100,18 @@ def serving_sizes(pipe, height: int | None, width: int | None) -> list[tuple[int
     return list(dict.fromkeys(sizes))
 
 
+@contextmanager
+def keeping_locale():
+    """Put the process's LC_CTYPE back afterwards: in one test run, building the OpenVINO pipeline
+    with the bf16 hint left it at "C", and every later ``open()`` without an encoding read ASCII
+    (torch's own inductor templates included)."""
+    saved = locale.setlocale(locale.LC_CTYPE)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, saved)
+
+
 def apply_openvino(pipe, sizes, max_images: int, log: Callable[[str], None], precision: str | None) -> str:
     from . import openvino_backend
 
@@ -106,9 +120,10 @@ def apply_openvino(pipe, sizes, max_images: int, log: Callable[[str], None], pre
         log(f"OpenVINO unavailable ({missing}); plain diffusers")
         return "none"
     try:
-        modules = openvino_backend.convert_pipeline(pipe, *sizes[0], log, precision)
-        openvino_backend.install(pipe, modules)
-        shapes = openvino_backend.warm_up_shapes(pipe, sizes, max_images)
+        with keeping_locale():
+            modules = openvino_backend.convert_pipeline(pipe, *sizes[0], log, precision)
+            openvino_backend.install(pipe, modules)
+            shapes = openvino_backend.warm_up_shapes(pipe, sizes, max_images)
     except Exception as exc:  # conversion failures come in many classes (OpConversionFailure, RuntimeError, ...)
         log(f"OpenVINO failed ({type(exc).__name__}: {str(exc)[:200]}); plain diffusers")
         uninstall(pipe)
