@@ -1,21 +1,23 @@
-"""Fine-tuning measurement: teach the demo model a shape word it has never seen, keep the old ones.
+"""Fine-tuning measurement: teach the demo model a concept it has never seen, keep the old ones.
 
-The new concept is 半圆形 (a half disc, flat side down): neither the word's first character nor
-the shape occur in the demo world. A new *colour* cannot be taught this way: the frozen demo VAE
-has learned the world's eight colours as a palette and decodes pink, cyan or brown as one of them
-(``--check-colours`` prints its round trips), whereas it reconstructs a half disc faithfully.
+Two concepts (``--concept``):
 
-24 pairs of the new shape (8 colours x 3 positions, random sizes, captions in the world's own
-phrasings) plus 24 pairs of the old world go through ``rapid_diffusion.train`` (the code path of
-``rapid-diffusion train`` and the Fine-tune tab). Before and after, through ``generate()`` with
-the domain's defaults (2 seeds per prompt):
+- ``shape``: 半圆形 (a half disc, flat side down): neither the word's first character nor the
+  shape occur in the demo world. Hit: the largest object fits a half disc better than every world
+  shape (the judge's own template fitting, one template more).
+- ``colour``: 粉色 (RGB 255, 120, 190): the world never names it (its random off-palette objects
+  are never called anything). Hit: the largest object's median colour is nearer pink than every
+  one of the world's eight colours.
 
-- new-shape rate: how often the largest object of a "…有一个<colour>的半圆形" prompt fits a half
-  disc better than every world shape (the judge's own template fitting, one template more);
-- old vocabulary: the judge's colour / shape / position scores on 12 ordinary world prompts.
+24 pairs of the new concept (in the world's own phrasings) plus 24 pairs of the old world go
+through ``rapid_diffusion.train`` (the code path of ``rapid-diffusion train`` and the Fine-tune
+tab). Before and after, through ``generate()`` with the domain's defaults (2 seeds per prompt):
+the new-concept rate on 12 prompts naming it, and the judge's colour / shape / position scores on
+12 ordinary world prompts (every palette colour at least once).
 
-    python benchmarks/finetune_new_concept.py --out runs/half-disc [--steps 300] [--lr 2e-4]
-    python benchmarks/finetune_new_concept.py --out runs/quick --preset quick --threads 2   # as the Fine-tune tab runs it
+    python benchmarks/finetune_new_concept.py --concept colour --out runs/pink --preset quick --threads 2
+    python benchmarks/finetune_new_concept.py --concept shape --out runs/half-disc --preset quick --threads 2
+    python benchmarks/finetune_new_concept.py --concept shape --out runs/custom --steps 300 --lr 2e-4
 
 ``--preset`` trains exactly what the Fine-tune tab starts on its defaults (the preset's steps, rate
 and batch, pairs held out for validation, samples and a checkpoint every fifth of the run); the
@@ -36,11 +38,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-NEW_WORD = "半圆形"
+NEW_SHAPE = "半圆形"
+NEW_COLOUR, PINK = "粉色", (255, 120, 190)
 POSITIONS = ("左", "中", "右", "上", "下")
 SEEDS = (0, 1)
 SCALES = (0.92, 1.0, 1.08)
-OTHER_COLOURS = {"粉色": (250, 120, 200), "青色": (40, 200, 200), "棕色": (150, 90, 40)}
 
 
 def half_disc(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -48,11 +50,11 @@ def half_disc(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return [(cx + r * math.cos(t), cy + r * (0.5 - math.sin(t))) for t in np.linspace(0, math.pi, 32)]
 
 
-def render_half_disc(world, colour: str, cx: float, cy: float, r: float, background: int) -> Image.Image:
+def render_half_disc(world, fill, cx: float, cy: float, r: float, background: int) -> Image.Image:
     big = world.IMAGE_SIZE * world.SUPERSAMPLE
     image = Image.new("RGB", (big, big), (background,) * 3)
     s = world.SUPERSAMPLE
-    ImageDraw.Draw(image).polygon([(x * s, y * s) for x, y in half_disc(cx, cy, r)], fill=world.COLOURS[colour])
+    ImageDraw.Draw(image).polygon([(x * s, y * s) for x, y in half_disc(cx, cy, r)], fill=fill)
     return image.reduce(s)
 
 
@@ -62,15 +64,17 @@ def half_disc_mask(cx: float, cy: float, r: float, size: int = 64) -> np.ndarray
     return np.asarray(image.reduce(4), dtype=np.float32) / 255.0
 
 
-def largest_object_mask(judge, image) -> np.ndarray | None:
-    """Coverage map (0/1) of the largest object the judge segments, or None."""
+def largest_object(judge, image) -> tuple[np.ndarray, np.ndarray] | None:
+    """The largest object the judge segments: its coverage map (0/1) and its median RGB; or None."""
     pixels = judge._as_array(image)
     distance = np.sqrt(((pixels - judge.estimate_background(pixels)) ** 2).sum(axis=2))
     labels, count = judge.label_components(distance > judge.FOREGROUND_DISTANCE)
     if count == 0:
         return None
     component = labels == 1 + int(np.argmax([(labels == i).sum() for i in range(1, count + 1)]))
-    return component.astype(np.float32) if component.sum() >= judge.MIN_AREA else None
+    if component.sum() < judge.MIN_AREA:
+        return None
+    return component.astype(np.float32), np.median(pixels[component], axis=0)
 
 
 def half_disc_fit(alpha: np.ndarray) -> float:
@@ -87,22 +91,46 @@ def half_disc_fit(alpha: np.ndarray) -> float:
 
 def is_half_disc(judge, image) -> bool:
     """True when the largest object fits a half disc better than every world shape (same map, same fitting)."""
-    alpha = largest_object_mask(judge, image)
-    return alpha is not None and half_disc_fit(alpha) > judge.fit_shape(alpha)[1]
+    found = largest_object(judge, image)
+    return found is not None and half_disc_fit(found[0]) > judge.fit_shape(found[0])[1]
 
 
-def write_pairs(world, folder: Path, num_old: int) -> int:
-    """24 half-disc pairs + ``num_old`` world pairs in a ``metadata.jsonl`` folder."""
+def is_pink(judge, image) -> bool:
+    """True when the largest object's median colour is nearer pink than every world colour."""
+    found = largest_object(judge, image)
+    if found is None:
+        return False
+    distances = ((np.vstack([judge.PALETTE, np.array(PINK, dtype=np.float32)]) - found[1]) ** 2).sum(axis=1)
+    return int(np.argmin(distances)) == len(judge.PALETTE)
+
+
+def new_concept_pairs(world, concept: str, rng) -> list[tuple[Image.Image, str]]:
+    """24 images of the new concept with captions in the world's phrasings."""
+    pairs = []
+    for i in range(24):
+        size, position = world.SIZES[i % 2], POSITIONS[i % len(POSITIONS)]
+        radius = float(rng.uniform(*world.RADII[size]))
+        background = int(rng.integers(*world.BACKGROUND_RANGE))
+        if concept == "shape":
+            colour = world.COLOUR_NAMES[i // 3]
+            obj = world.SceneObject(colour, "圆形", size, position, *rng.uniform(-2, 2, 2), radius=radius)
+            image = render_half_disc(world, obj.fill, *obj.centre, obj.extent, background)
+            pairs.append((image, world.describe_object(obj, rng, shape_word=NEW_SHAPE)))
+        else:
+            shape = world.SHAPES[i % len(world.SHAPES)]
+            obj = world.SceneObject(NEW_COLOUR, shape, size, position, *rng.uniform(-2, 2, 2), radius=radius, rgb=PINK)
+            pairs.append((world.render(world.Scene((obj,), background)), world.describe_object(obj, rng)))
+    return pairs
+
+
+def write_pairs(world, concept: str, folder: Path, num_old: int) -> int:
+    """24 new-concept pairs + ``num_old`` world pairs in a ``metadata.jsonl`` folder."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     rows = []
-    for i, colour in enumerate(c for c in world.COLOUR_NAMES for _ in range(3)):
-        size = world.SIZES[i % 2]
-        position = POSITIONS[i % len(POSITIONS)]
-        obj = world.SceneObject(colour, "圆形", size, position, *rng.uniform(-2, 2, 2), radius=float(rng.uniform(*world.RADII[size])))
-        cx, cy = obj.centre
-        render_half_disc(world, colour, cx, cy, obj.extent, int(rng.integers(*world.BACKGROUND_RANGE))).save(folder / f"new{i}.png")
-        rows.append({"file_name": f"new{i}.png", "text": world.describe_object(obj, rng, shape_word=NEW_WORD)})
+    for i, (image, text) in enumerate(new_concept_pairs(world, concept, rng)):
+        image.save(folder / f"new{i}.png")
+        rows.append({"file_name": f"new{i}.png", "text": text})
     for i in range(num_old):
         scene = world.sample_scene(rng, max_objects=1)
         world.render(scene).save(folder / f"old{i}.png")
@@ -111,31 +139,44 @@ def write_pairs(world, folder: Path, num_old: int) -> int:
     return len(rows)
 
 
-def new_prompts(world) -> list[str]:
-    """12 prompts: every colour, positions and sizes mixed, in the canonical phrasing."""
+def new_prompts(world, concept: str) -> list[str]:
+    """12 canonical prompts naming the new concept: positions, sizes and the other attribute mixed."""
+    prompts = []
+    for i in range(12):
+        where, size = world.POSITION_WORDS[POSITIONS[i % 5]][0], world.SIZES[i % 2]
+        if concept == "shape":
+            prompts.append(f"{where}有一个{size}的{world.COLOUR_NAMES[i % 8]}{NEW_SHAPE}")
+        else:
+            prompts.append(f"{where}有一个{size}的{NEW_COLOUR}{world.SHAPES[i % 6]}")
+    return prompts
+
+
+def old_prompts(world) -> list[str]:
+    """12 canonical world prompts, every palette colour at least once (shapes, positions seeded)."""
+    rng = np.random.default_rng(100)
     return [
-        f"{world.POSITION_WORDS[POSITIONS[i % 5]][0]}有一个{world.SIZES[i % 2]}的{world.COLOUR_NAMES[i % 8]}{NEW_WORD}"
+        world.canonical_caption(world.Scene((world.SceneObject(
+            world.COLOUR_NAMES[i % 8], world.SHAPES[rng.integers(6)], world.SIZES[i % 2], POSITIONS[rng.integers(5)]),)))
         for i in range(12)
     ]
 
 
-def measure(spec, registry, judge, world, generate, GenerationRequest) -> dict:
+def measure(spec, registry, concept: str, judge, world, generate, GenerationRequest) -> dict:
+    hit = is_half_disc if concept == "shape" else is_pink
     new_hits = []
-    for prompt in new_prompts(world):
+    for prompt in new_prompts(world, concept):
         for image in generate(GenerationRequest(prompt=prompt, seed=SEEDS[0], num_images=len(SEEDS)), spec, registry=registry).images:
-            new_hits.append(is_half_disc(judge, image))
-    old_scenes = [world.sample_scene(np.random.default_rng(100 + i), max_objects=1) for i in range(12)]
+            new_hits.append(hit(judge, image))
     scores = []
-    for scene in old_scenes:
-        prompt = world.canonical_caption(scene)
+    for prompt in old_prompts(world):
         for image in generate(GenerationRequest(prompt=prompt, seed=SEEDS[0], num_images=len(SEEDS)), spec, registry=registry).images:
             scores.append(judge.judge(image, prompt))
     old = {k: float(np.mean([s.get(k, 0.0) for s in scores])) for k in ("colour", "shape", "position")}
-    return {"new_shape_rate": float(np.mean(new_hits)), "new_shape_hits": [bool(h) for h in new_hits], "old": old}
+    return {"new_concept_rate": float(np.mean(new_hits)), "new_concept_hits": [bool(h) for h in new_hits], "old": old}
 
 
 def vae_round_trips(judge, world, vae) -> dict:
-    """What the frozen VAE makes of a half disc (fits it?) and of colours outside the world (nearest RGB)."""
+    """What the frozen VAE makes of the new concepts: a half disc (still fits one?) and a pink object (still pink?)."""
     from rapid_diffusion.demo.train_demo import to_tensor
 
     def round_trip(image: Image.Image) -> Image.Image:
@@ -143,20 +184,18 @@ def vae_round_trips(judge, world, vae) -> dict:
             y = vae.decode(vae.encode(to_tensor(np.array(image)[None])).latent_dist.mean).sample[0]
         return Image.fromarray(y.clamp(-1, 1).add(1).mul(127.5).round().permute(1, 2, 0).byte().numpy())
 
-    shapes = [is_half_disc(judge, round_trip(render_half_disc(world, c, 32, 32, r, 130))) for c in world.COLOUR_NAMES for r in (7.0, 12.0)]
-    colours = {}
-    for name, rgb in OTHER_COLOURS.items():
-        big = world.IMAGE_SIZE * world.SUPERSAMPLE
-        image = Image.new("RGB", (big, big), (130,) * 3)
-        ImageDraw.Draw(image).rectangle([big // 4, big // 4, 3 * big // 4, 3 * big // 4], fill=rgb)
-        centre = np.asarray(round_trip(image.reduce(world.SUPERSAMPLE)), dtype=np.float32)[26:38, 26:38].reshape(-1, 3).mean(axis=0)
-        colours[name] = {"rgb": list(rgb), "decoded": [round(float(v)) for v in centre]}
-    return {"half_disc_kept": float(np.mean(shapes)), "other_colours": colours}
+    discs = [is_half_disc(judge, round_trip(render_half_disc(world, world.COLOURS[c], 32, 32, r, 130))) for c in world.COLOUR_NAMES for r in (7.0, 12.0)]
+    pinks = [
+        is_pink(judge, round_trip(world.render(world.Scene((world.SceneObject(NEW_COLOUR, shape, size, "中", rgb=PINK),), 130))))
+        for shape in world.SHAPES for size in world.SIZES
+    ]
+    return {"half_disc_kept": float(np.mean(discs)), "pink_kept": float(np.mean(pinks))}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--concept", choices=("colour", "shape"), default="colour", help="teach 粉色 (pink) or 半圆形 (a half disc)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -179,20 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     registry = ModelRegistry(**cpu)
     spec = registry.spec("demo")
     round_trips = vae_round_trips(judge, world, registry.get(spec).pipe.vae)
-    print(f"frozen VAE: half disc kept in {round_trips['half_disc_kept']:.0%} of round trips; other colours {round_trips['other_colours']}", flush=True)
-    before = measure(spec, registry, judge, world, generate, GenerationRequest)
-    print(f"before: new-shape rate {before['new_shape_rate']:.0%}, old {before['old']}", flush=True)
+    print(f"frozen VAE round trips: half disc kept {round_trips['half_disc_kept']:.0%}, pink kept {round_trips['pink_kept']:.0%}", flush=True)
+    before = measure(spec, registry, args.concept, judge, world, generate, GenerationRequest)
+    print(f"before: new-{args.concept} rate {before['new_concept_rate']:.0%}, old {before['old']}", flush=True)
 
-    pairs = write_pairs(world, args.out / "data", args.num_old)
+    word = NEW_SHAPE if args.concept == "shape" else NEW_COLOUR
+    domain_id = f"demo-new-{args.concept}"
+    pairs = write_pairs(world, args.concept, args.out / "data", args.num_old)
     if args.preset:
         preset = preset_for(args.preset, spec.height)
         args.steps, args.lr, args.batch_size = preset.max_steps, preset.learning_rate, preset.batch_size
-        config = preset_config(preset, base="demo", data=args.out / "data", output=args.out / "run", name="半圆形", domain_id="demo-half-disc")
+        config = preset_config(preset, base="demo", data=args.out / "data", output=args.out / "run", name=word, domain_id=domain_id)
     else:
         config = TrainConfig(
             base="demo", data=args.out / "data", output=args.out / "run", max_steps=args.steps, learning_rate=args.lr,
             batch_size=args.batch_size, gradient_accumulation_steps=1, checkpoint_every=0, validation_every=0,
-            lr_warmup_steps=10, domain_id="demo-half-disc", random_flip=False, holdout=0,
+            lr_warmup_steps=10, domain_id=domain_id, random_flip=False, holdout=0,
         )
     start = time.time()
     result = train(config, log=lambda line: None)
@@ -201,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train: {result.state}, {pairs} pairs, {args.steps} steps, {seconds:.0f} s, loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}", flush=True)
 
     tuned_registry = ModelRegistry(**cpu)
-    after = measure(tuned_registry.spec("demo-half-disc"), tuned_registry, judge, world, generate, GenerationRequest)
-    print(f"after: new-shape rate {after['new_shape_rate']:.0%}, old {after['old']}", flush=True)
+    after = measure(tuned_registry.spec(domain_id), tuned_registry, args.concept, judge, world, generate, GenerationRequest)
+    print(f"after: new-{args.concept} rate {after['new_concept_rate']:.0%}, old {after['old']}", flush=True)
     report = {
-        "new_word": NEW_WORD, "vae_round_trips": round_trips, "pairs": pairs, "steps": args.steps, "lr": args.lr,
+        "concept": args.concept, "new_word": word, "vae_round_trips": round_trips, "pairs": pairs, "steps": args.steps, "lr": args.lr,
         "batch_size": args.batch_size, "preset": args.preset, "train_seconds": round(seconds, 1), "torch_threads": args.threads,
         "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
         "before": before, "after": after,

@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .demo import world
 from .train_options import add_arguments as add_train_arguments
 
 
@@ -151,10 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-from", type=Path, default=None, help="keep this pipeline folder's VAE; train the UNet and text encoder from scratch")
     p.set_defaults(handler=cmd_train_demo)
 
-    p = sub.add_parser("eval", help="prompt adherence on held-out world combinations: JSON report + contact sheet")
+    p = sub.add_parser("eval", help="prompt adherence on the demo world's test split (or another set): JSON report + contact sheet")
     _add_model_arguments(p)
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="folder for report.json and contact_sheet.png")
-    p.add_argument("--num-prompts", type=int, default=None, help="default: every held-out combination")
+    p.add_argument("--set", dest="eval_set", choices=world.EVAL_SETS, default="test",
+                   help="test: the held-out test combinations; validation: for choosing steps and guidance; unseen: phrasings training never used")
+    p.add_argument("--num-prompts", type=int, default=None, help="default: every prompt of the set")
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the domain's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the domain's)")
     p.add_argument("--images-per-prompt", type=int, default=3, help="images drawn (and judged) per prompt, each with its own seed")
@@ -486,9 +489,11 @@ def cmd_eval(args) -> int:
     from .demo.evaluate import evaluate
 
     service, spec = open_service(args)
-    report = evaluate(spec, service.registry, out=args.out, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, images_per_prompt=args.images_per_prompt)
-    print(f"{report['num_images']} images ({report['num_prompts']} held-out prompts x {report['images_per_prompt']})")
+    report = evaluate(spec, service.registry, out=args.out, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
+                      seed=args.seed, images_per_prompt=args.images_per_prompt, eval_set=args.eval_set)
+    print(f"{report['num_images']} images ({report['num_prompts']} {args.eval_set} prompts x {report['images_per_prompt']})")
     print(", ".join(f"{k} {v:.1%}" for k, v in report["accuracy"].items()))
+    print(f"VAE round trip on off-palette colours: mean error {report['vae_colour_error']:.1f} / 255 (median over objects)")
     print(f"report: {args.out / 'report.json'}")
     print(f"contact sheet: {args.out / 'contact_sheet.png'}")
     return 0

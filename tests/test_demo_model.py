@@ -94,7 +94,7 @@ def test_train_demo_runs_end_to_end_with_tiny_settings(tmp_path):
 
     from rapid_diffusion.demo.train_demo import TrainConfig, train_demo
 
-    config = TrainConfig(out=tmp_path / "model", num_scenes=32, vae_steps=2, vae_batch_size=2, unet_steps=2, batch_size=4, log_every=1, checkpoint_every=0)
+    config = TrainConfig(out=tmp_path / "model", num_scenes=32, vae_steps=2, vae_batch_size=2, unet_steps=2, batch_size=4, log_every=1, validate_every=0, validation_steps=1, guidance_choices=(5.0,))
     lines: list[str] = []
     train_demo(config, log=lines.append)
     assert any(line.startswith("vae step 2/2") for line in lines) and any("diffusion step 2/2" in line for line in lines)
@@ -103,6 +103,10 @@ def test_train_demo_runs_end_to_end_with_tiny_settings(tmp_path):
     image = pipe("红色圆形", num_inference_steps=2, height=64, width=64, output_type="pil").images[0]
     assert image.size == (64, 64) and pipe.vae.config.scaling_factor > 0
     assert any(line.startswith("vae round trip, judged: colour") for line in lines)
+    assert any(line.startswith("vae round trip on off-palette colours: mean error") for line in lines)
+    assert any(line.startswith("validation at step 2: colour") for line in lines)
+    assert any(line.startswith("chosen on validation: step 2") for line in lines)
+    assert any(line.startswith("validation at guidance 5.0: colour") for line in lines)
     # The recipe's schedule (see train_demo's docstring): PNDM, DDPM's linear betas, v-prediction.
     scheduler = pipe.scheduler.config
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
@@ -114,7 +118,7 @@ def test_train_demo_can_keep_a_trained_vae(tmp_path):
 
     from rapid_diffusion.demo.train_demo import TrainConfig, train_demo
 
-    tiny = dict(num_scenes=16, vae_steps=1, vae_batch_size=2, unet_steps=1, batch_size=2, checkpoint_every=0)
+    tiny = dict(num_scenes=16, vae_steps=1, vae_batch_size=2, unet_steps=1, batch_size=2, validate_every=0, validation_steps=1, guidance_choices=())
     first = train_demo(TrainConfig(out=tmp_path / "a", **tiny), log=lambda line: None)
     lines: list[str] = []
     second = train_demo(TrainConfig(out=tmp_path / "b", seed=1, vae_from=first, **tiny), log=lines.append)
@@ -122,3 +126,26 @@ def test_train_demo_can_keep_a_trained_vae(tmp_path):
     vae_a = load_file(first / "vae" / "diffusion_pytorch_model.safetensors")
     vae_b = load_file(second / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+
+
+def test_training_steps_are_chosen_on_the_validation_split_only(monkeypatch):
+    """Checkpoints are judged from ``select_from`` on and at the end, on validation prompts only."""
+    from rapid_diffusion.demo import evaluate, train_demo
+    from rapid_diffusion.demo.train_demo import TrainConfig, is_validation_step
+
+    config = TrainConfig(unet_steps=10000, validate_every=1000, select_from=5000)
+    chosen = [step for step in range(1, 10001) if is_validation_step(step, config)]
+    assert chosen == [5000, 6000, 7000, 8000, 9000, 10000]
+    asked = []
+    monkeypatch.setattr(train_demo, "split_prompts", lambda split: asked.append(split) or evaluate.split_prompts(split)[:2])
+
+    class Judged:
+        def __call__(self, prompts, **kwargs):
+            return type("Output", (), {"images": [Image.new("RGB", (64, 64), "grey")] * len(prompts)})()
+
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(train_demo, "assemble_pipeline", lambda *args: Judged())
+    scores = train_demo.validation_adherence(None, None, None, None, guidance=5.0, steps=1)
+    assert asked == ["validation"] and scores == {"colour": 0.0, "shape": 0.0, "position": 0.0}

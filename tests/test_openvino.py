@@ -4,6 +4,7 @@ the batch-bucket shape policy, and the on-disk cache of converted models (hit, c
 from __future__ import annotations
 
 import locale
+import shutil
 import numpy as np
 import pytest
 import torch
@@ -104,14 +105,16 @@ def test_bf16_hint_applies_to_the_unet_only(converted, tiny_model_dir, monkeypat
     assert "float32" in hints["vae_decoder"] and "float32" in hints["text_encoder"]
 
 
-def test_corrupt_cache_is_ignored_with_a_log_line(converted, tiny_model_dir, monkeypatch, plain):
+def test_corrupt_cache_is_ignored_with_a_log_line(converted, tiny_model_dir, monkeypatch, plain, tmp_path):
+    """On a copy of the cache: the module's pipelines still map the original IR files' weights."""
     *_, home = converted
-    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(home))
-    for weights in (home / "cache" / "openvino").glob("unet-*/model.bin"):
+    shutil.copytree(home / "cache", tmp_path / "cache")
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path))
+    for weights in (tmp_path / "cache" / "openvino").glob("unet-*/model.bin"):
         weights.write_bytes(b"\0" * weights.stat().st_size)
     pipe = load_pipeline(tiny_model_dir, torch.device("cpu"), torch.float32)
     messages = []
-    assert apply_optimization(pipe, "openvino", log=messages.append, max_images=1) == "openvino"
+    assert apply_optimization(pipe, "openvino", log=messages.append, max_images=1) == "openvino", messages
     assert any("ignoring the corrupt OpenVINO cache entry unet-" in m for m in messages), messages
     assert np.abs(images(pipe) - images(plain)).max() < 1 / 255
 

@@ -340,7 +340,7 @@ def test_demo_sr_beats_lanczos_on_held_out_world_images():
 
     model = load_sr_model(DEMO_SR_WEIGHTS)
     assert isinstance(model, SRVGGNetCompact) and DEMO_SR_WEIGHTS.stat().st_size < 4 * 2**20
-    scores = evaluate(model, render_world(6, seed=4242, split="held_out"))
+    scores = evaluate(model, render_world(6, seed=4242, split="test"))
     assert scores["esrgan"] >= scores["lanczos"] + 2.0, scores
 
 

@@ -1,7 +1,12 @@
-"""Prompt-adherence evaluation: generate held-out-combination prompts through ``generate()``,
-judge every image, write ``report.json`` and ``contact_sheet.png``.
+"""Prompt-adherence evaluation: generate the prompts of one evaluation set through ``generate()``,
+judge every image, write ``report.json`` and ``contact_sheet.png``; and the VAE's colour round trip.
 
-    rapid-diffusion eval --domain demo --out eval-out
+Evaluation sets (``world.EVAL_SETS``): ``test`` (the world's test combinations: what the README
+reports, never used to choose anything), ``validation`` (to choose training steps and guidance)
+and ``unseen`` (16 prompts in phrasings no training caption uses, every colour twice).
+
+    rapid-diffusion eval --domain demo --out eval-out                      # test split
+    rapid-diffusion eval --domain demo --set unseen --images-per-prompt 2  # unseen phrasings
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..pipeline import GenerationRequest, generate
@@ -25,14 +31,60 @@ COLUMNS = 6
 METRICS = ("colour", "shape", "size", "position", "count")
 
 
-def held_out_prompts(num_prompts: int | None = None) -> list[tuple[str, world.Scene]]:
-    """Canonical captions of every held-out combination, sizes alternating big/small, in a fixed
+UNSEEN_PROMPTS = 16
+
+
+def split_prompts(split: str) -> list[tuple[str, world.Scene]]:
+    """Canonical captions of every combination of ``split``, sizes alternating big/small, in a fixed
     shuffled order (seed 0) so that the first few prompts already mix colours, shapes and positions."""
-    big, small = world.held_out_scenes("大"), world.held_out_scenes("小")
+    big, small = world.split_scenes(split, "大"), world.split_scenes(split, "小")
     scenes = [big[i] if i % 2 == 0 else small[i] for i in range(len(big))]
     order = np.random.default_rng(0).permutation(len(scenes))
-    prompts = [(world.canonical_caption(scenes[i]), scenes[i]) for i in order]
+    return [(world.canonical_caption(scenes[i]), scenes[i]) for i in order]
+
+
+def unseen_prompts() -> list[tuple[str, world.Scene]]:
+    """``UNSEEN_PROMPTS`` prompts in ``world.UNSEEN_FRAMES`` (each frame twice), every colour twice;
+    shapes and positions drawn with seed 0."""
+    rng = np.random.default_rng(0)
+    prompts = []
+    for i in range(UNSEEN_PROMPTS):
+        obj = world.SceneObject(
+            world.COLOUR_NAMES[i % len(world.COLOUR_NAMES)],
+            world.SHAPES[rng.integers(len(world.SHAPES))],
+            world.SIZES[i % 2],
+            world.POSITIONS[rng.integers(len(world.POSITIONS))],
+        )
+        frame = world.UNSEEN_FRAMES[(i // 2) % len(world.UNSEEN_FRAMES)]
+        prompts.append((world.unseen_phrasing(obj, frame), world.Scene((obj,))))
+    return prompts
+
+
+def eval_prompts(eval_set: str = "test", num_prompts: int | None = None) -> list[tuple[str, world.Scene]]:
+    if eval_set not in world.EVAL_SETS:
+        raise ValueError(f"eval set must be one of {world.EVAL_SETS}, got {eval_set!r}")
+    prompts = unseen_prompts() if eval_set == "unseen" else split_prompts(eval_set)
     return prompts[:num_prompts] if num_prompts else prompts
+
+
+@torch.no_grad()
+def vae_colour_error(vae, num_objects: int = 100, seed: int = 0) -> float:
+    """The VAE's round trip on objects in random off-palette colours: per object, the mean absolute
+    RGB error (0-255) over the pixels the object fully covers; the median over objects."""
+    rng = np.random.default_rng(seed)
+    errors = []
+    for _ in range(num_objects):
+        background = int(rng.integers(*world.BACKGROUND_RANGE))
+        rgb = world.random_rgb(rng, [(background,) * 3] + list(world.COLOURS.values()), world.MIN_CONTRAST / 2)
+        size = world.SIZES[rng.integers(len(world.SIZES))]
+        obj = world.SceneObject(None, world.SHAPES[rng.integers(len(world.SHAPES))], size, world.POSITIONS[rng.integers(len(world.POSITIONS))], rgb=rgb or (255, 120, 190))
+        image = np.asarray(world.render(world.Scene((obj,), background)), dtype=np.float32)
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].div(127.5).sub(1.0).to(vae.device, vae.dtype)
+        decoded = vae.decode(vae.encode(x).latent_dist.mean).sample[0].float().clamp(-1, 1).add(1).mul(127.5)
+        decoded = decoded.permute(1, 2, 0).cpu().numpy()
+        inside = world.render_mask(obj) >= 0.999
+        errors.append(float(np.abs(decoded[inside] - np.array(obj.fill, dtype=np.float32)).mean()))
+    return float(np.median(errors))
 
 
 def find_cjk_font(size: int = 13) -> ImageFont.FreeTypeFont | None:
@@ -64,15 +116,15 @@ def contact_sheet(items: list[dict], images: list[Image.Image]) -> Image.Image:
     return sheet
 
 
-def evaluate(spec, registry=None, out: Path | None = None, num_prompts: int | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0, images_per_prompt: int = 3) -> dict:
-    """Adherence of ``spec``'s model on held-out prompts; writes the report and sheet into ``out``.
+def evaluate(spec, registry, out: Path | None = None, num_prompts: int | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0, images_per_prompt: int = 3, eval_set: str = "test") -> dict:
+    """Adherence of ``spec``'s model on the prompts of ``eval_set``; writes the report and sheet into ``out``.
 
     Prompt ``i`` is drawn ``images_per_prompt`` times in one request (seeds ``seed + i * k`` onwards,
     so no two images share a seed); every image is judged and counts alike.
     """
     items, images = [], []
     start = time.time()
-    prompts = held_out_prompts(num_prompts)
+    prompts = eval_prompts(eval_set, num_prompts)
     for i, (prompt, scene) in enumerate(prompts):
         first_seed = seed + i * images_per_prompt
         request = GenerationRequest(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, seed=first_seed, num_images=images_per_prompt)
@@ -89,8 +141,12 @@ def evaluate(spec, registry=None, out: Path | None = None, num_prompts: int | No
             })
             images.append(image)
     accuracy = {m: sum(item["scores"].get(m, 0.0) for item in items) / max(len(items), 1) for m in METRICS}
+    model = registry.get(spec)
+    with model.lock:
+        colour_error = vae_colour_error(model.pipe.vae)
     report = {
         "domain": spec.id,
+        "eval_set": eval_set,
         "num_prompts": len(prompts),
         "images_per_prompt": images_per_prompt,
         "num_images": len(items),
@@ -99,6 +155,7 @@ def evaluate(spec, registry=None, out: Path | None = None, num_prompts: int | No
         "seed": seed,
         "seconds": round(time.time() - start, 2),
         "accuracy": accuracy,
+        "vae_colour_error": round(colour_error, 2),
         "items": items,
     }
     if out is not None:

@@ -44,7 +44,7 @@ class SRTrainConfig:
 
 
 def render_world(count: int, seed: int, split: str) -> list[Image.Image]:
-    """``count`` 256x256 world scenes (``split``: "train" or "held_out")."""
+    """``count`` 256x256 world scenes (``split``: "train" or "test")."""
     from . import world
 
     images, _, _ = world.sample_batch(np.random.default_rng(seed), count, size=HR_SIZE, split=split)
@@ -106,7 +106,7 @@ def train_sr(cfg: SRTrainConfig, log: Callable[[str], None] = print) -> dict:
     hr_images = render_world(cfg.train_images, cfg.seed, "train")
     hr = to_tensor(hr_images)
     lr = to_tensor([downsample(im) for im in hr_images])
-    held_out = render_world(cfg.eval_images, cfg.seed + 1000, "held_out")
+    held_out = render_world(cfg.eval_images, cfg.seed + 1000, "test")
 
     model = SRVGGNetCompact(cfg.num_feat, cfg.num_conv, SCALE)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
