@@ -26,6 +26,7 @@ from .jobs import DeleteRefused, delete_finetuned
 from .messages import say
 from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult, PromptReport, RequestError, inspect_prompt
 from .pipeline import ProgressCallback, batch_key, generate, generate_batch
+from .preview import PreviewCallback
 from .registry import LoadedModel, ModelRegistry, ModelUnavailableError, adhoc_spec, default_registry, native_size
 from .settings import settings
 
@@ -220,22 +221,25 @@ class AppService:
         optimization: str | None = None,
         progress: ProgressCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
+        preview: PreviewCallback | None = None,
     ) -> GenerationResult:
         """Validate (the core's rules), wait for a GPU slot, generate; errors become user-facing.
 
         ``domain`` is a domain id (empty: the default domain) or a spec from :meth:`model_spec`.
         ``optimization`` picks another level than the domain's: the registry keys loaded
         pipelines by level, so requests on the domain's own level are never disturbed.
+        ``preview(step, images)`` gets live previews (see :mod:`.preview`); such a request runs
+        on its own rather than in a shared batch, whose previews would mix several users' images.
         """
         spec = domain if isinstance(domain, DomainSpec) else self.spec(domain)
         if optimization:
             spec = replace(spec, optimization=optimization)
         try:
             resolved = request.resolve(spec)
-            if self.batcher is not None:
+            if self.batcher is not None and preview is None:
                 return self._generate_batched(resolved, spec, progress, should_stop)
             with self.gate.slot(should_stop):
-                return generate(resolved, spec, registry=self.registry, progress=progress, should_stop=should_stop)
+                return generate(resolved, spec, registry=self.registry, progress=progress, should_stop=should_stop, preview=preview)
         except RequestError as exc:
             message = say("invalid_field", field=exc.field, reason_zh=exc.reason_zh, reason_en=exc.reason)
             raise UserFacingError(422, message, exc.field) from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from gradio import processing_utils
 from .domains import OPTIMIZATION_LEVELS, DomainSpec
 from .messages import say
 from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult
+from .preview import PreviewCallback
 from .samplers import SAMPLER_LABELS
 from .service import AppService, UserFacingError, zero_gpu
 from .settings import settings
@@ -171,6 +173,7 @@ def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
                         size_choices(spec), value=size_of(spec), allow_custom_value=True, label="尺寸 / Size (宽x高 WxH)"
                     )
                     super_resolution = gr.Checkbox(value=spec.super_resolution if spec else False, label="超分辨率 x4 / Super-resolution")
+                    live_preview = gr.Checkbox(value=False, label="实时预览 / Live preview", elem_id="live-preview")
                     optimization = gr.Dropdown(
                         list(OPTIMIZATION_LEVELS),
                         value=spec.optimization if spec else "none",
@@ -204,7 +207,7 @@ def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
     reuse_seed_btn.click(lambda s: gr.skip() if s is None else s, reuse_seed, seed, api_visibility="private")
     gallery.select(select_seed, last_seeds, reuse_seed, api_visibility="private")
 
-    inputs = [domain, prompt, negative, steps, guidance, seed, num_images, sampler, size, super_resolution, optimization]
+    inputs = [domain, prompt, negative, steps, guidance, seed, num_images, sampler, size, super_resolution, optimization, live_preview]
     event = generate_btn.click(
         make_ui_generate(ctx),
         inputs,
@@ -255,9 +258,11 @@ def make_ui_generate(ctx: UiContext):
         size: str,
         super_resolution: bool,
         optimization: str,
+        live_preview: bool,
         request: gr.Request,
         progress=gr.Progress(),
     ):
+        """A generator: with ``live_preview``, the gallery shows each preview as it comes, then the images."""
         spec = ctx.spec(domain_id)
         width, height = parse_size(size)
         gen_request = GenerationRequest(
@@ -277,11 +282,19 @@ def make_ui_generate(ctx: UiContext):
             progress(0, desc="加载模型（首次使用）/ Loading the model (first use)")
         session = request.session_hash or ""
         flag = ctx.stop_flags.start(session)
+
+        def run(preview):
+            return gpu_generate(ctx.service, gen_request, spec.id, level, progress_reporter(progress), flag.is_set, preview)
+
         try:
-            result = gpu_generate(ctx.service, gen_request, spec.id, level, progress_reporter(progress), flag.is_set)
+            if live_preview:
+                result = yield from stream_previews(run)
+            else:
+                result = run(None)
         except GenerationCancelled:
             gr.Info(say("stopped"))
-            return (gr.skip(),) * 6
+            yield (gr.skip(),) * 6
+            return
         finally:
             ctx.stop_flags.finish(session, flag)
         paths = save_pngs(result)
@@ -289,17 +302,41 @@ def make_ui_generate(ctx: UiContext):
         for note in result.notes:
             gr.Warning(note)
         details = "\n".join(result.summary(i) for i in range(len(result.images)))
-        return captions, timings_markdown(result), details, [str(p) for p in paths], result.seeds, result.seeds[0]
+        yield captions, timings_markdown(result), details, [str(p) for p in paths], result.seeds, result.seeds[0]
 
     return generate_from_ui
 
 
+def stream_previews(run: Callable[[PreviewCallback], GenerationResult]):
+    """Run ``run(preview)`` in a worker thread and yield a gallery update per preview; returns the result.
+
+    The denoising loop only puts images on a queue; this generator (Gradio's event) sends them."""
+    updates: queue.Queue = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = run(lambda step, images: updates.put((step, images)))
+        except BaseException as exc:  # re-raised in the event's thread below
+            outcome["error"] = exc
+        finally:
+            updates.put(None)
+
+    threading.Thread(target=work, name="generate-with-previews", daemon=True).start()
+    while (update := updates.get()) is not None:
+        step, images = update
+        yield [(image, f"预览 preview · {step}") for image in images], *(gr.skip(),) * 5
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def generate_on_gpu(
-    service: AppService, request: GenerationRequest, domain_id: str, optimization: str | None, progress, should_stop
+    service: AppService, request: GenerationRequest, domain_id: str, optimization: str | None, progress, should_stop, preview=None
 ) -> GenerationResult:
     """The GPU part of a UI request (wrapped with ``spaces.GPU`` on ZeroGPU); errors -> ``gr.Error``."""
     try:
-        return service.generate(request, domain_id, optimization=optimization, progress=progress, should_stop=should_stop)
+        return service.generate(request, domain_id, optimization=optimization, progress=progress, should_stop=should_stop, preview=preview)
     except UserFacingError as exc:
         log.info("generation refused for domain %s: %s", domain_id, exc.message)
         raise ui_error(exc.message) from exc

@@ -51,8 +51,16 @@ def ctx(registry):
 
 
 @pytest.fixture(scope="module")
-def ui_generate(ctx):
-    return make_ui_generate(ctx)
+def ui_updates(ctx):
+    """Every update the Generate event sends (it is a generator), as a list."""
+    handler = make_ui_generate(ctx)
+    return lambda **kwargs: list(handler(**kwargs))
+
+
+@pytest.fixture(scope="module")
+def ui_generate(ui_updates):
+    """The Generate event's last update: what the widgets finally show."""
+    return lambda **kwargs: ui_updates(**kwargs)[-1]
 
 
 def ui_args(**overrides):
@@ -69,6 +77,7 @@ def ui_args(**overrides):
         "size": "64x64",
         "super_resolution": False,
         "optimization": "none",
+        "live_preview": False,
         "request": SimpleNamespace(session_hash="session-1"),
     }
     values.update(overrides)
@@ -120,6 +129,24 @@ def test_ui_generate_serves_the_png_files_with_settings_and_reports_progress(ui_
     assert not settings["model"].startswith("/"), "nor in the PNG metadata"
     assert "unet" in timings and "vae_decode" in timings
     assert steps and steps[-1][0] == steps[-1][1], "the progress bar reaches the end of the denoising loop"
+
+
+def test_live_preview_streams_projections_then_the_images(ui_updates):
+    """Off: one update (no preview work). On: a gallery of previews every 5 steps, then the PNGs."""
+    assert len(ui_updates(**ui_args(num_inference_steps=10.0), progress=lambda *a, **k: None)) == 1
+    updates = ui_updates(**ui_args(num_inference_steps=10.0, live_preview=True), progress=lambda *a, **k: None)
+    *previews, final = updates
+    assert [[caption for _, caption in update[0]] for update in previews] == [["预览 preview · 5"] * 2, ["预览 preview · 10"] * 2]
+    for update in previews:
+        assert all(image.size == (64, 64) for image, _ in update[0])
+        assert all(isinstance(other, type(gr.skip())) for other in update[1:])
+    assert [caption for _, caption in final[0]] == ["种子 seed 11", "种子 seed 12"] and final[4] == [11, 12]
+
+
+def test_live_preview_errors_reach_the_page_as_one_sentence(ui_updates):
+    with pytest.raises(gr.Error) as error:
+        ui_updates(**ui_args(prompt="  ", live_preview=True), progress=lambda *a, **k: None)
+    assert "prompt" in error.value.message
 
 
 @pytest.mark.parametrize(
