@@ -43,6 +43,24 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "body_timeout": ("请求体发送过慢，已超时", "The request body arrived too slowly"),
     "method_not_allowed": ("不支持此方法（{method}），请用 {allowed}", "Method {method} not allowed; use {allowed}"),
     "no_such_api": ("没有这个接口：{path}", "No such API path: {path}"),
+    "no_job_yet": ("还没有训练任务", "no training job yet"),
+    "unknown_base": ("未知的基础模型", "unknown base model {base!r}"),
+    "bad_learning_rate": ("学习率应是一个数，例如 1e-5", "the learning rate must be a number such as 1e-5: {value!r}"),
+    "too_many_steps": ("本服务器每次最多训练 {limit} 步", "this server allows at most {limit} steps per job"),
+    "job_running": ("已有训练任务在运行，请等待或停止它", "a job is already training"),
+    "job_too_big": (
+        "上传文件共 {total:.0f} MB，超过每个训练任务 {limit:.0f} MB 的上限",
+        "the uploads ({total:.0f} MB) exceed a job's budget of {limit:.0f} MB",
+    ),
+    "no_pairs": ("没有可用的图文对：请上传图片和描述", "no usable image-text pairs: upload images with captions"),
+    "job_started": ("已开始训练「{name}」", "started training '{name}'"),
+    "no_running_job": ("没有正在运行的任务", "no job is running"),
+    "job_stopping": ("正在保存当前模型并停止…", "saving the model so far, then stopping…"),
+    "nothing_to_resume": ("没有可继续的任务（只能继续已停止或失败的任务）", "nothing to resume (only a stopped or failed job)"),
+    "job_resuming": ("正在从最近的检查点继续训练…", "resuming from the last checkpoint…"),
+    "no_model_picked": ("请先选择要删除的模型", "pick a model to delete first"),
+    "duration_after_start": ("{steps} 步；开始后几步内显示剩余时间", "{steps} steps; the time left shows after the first steps"),
+    "duration_measured": ("预计用时约 {time}（本机实测）", "about {time} on this machine (measured)"),
 }
 
 

@@ -2,8 +2,10 @@
 
 :class:`AppService` owns the model registry and the GPU gate and offers what a person can do:
 pick a domain, count a prompt's tokens, generate, load or unload a model, ask for the
-server's health. Every failure leaves here as a :class:`UserFacingError` (an HTTP status,
-the field at fault, one bilingual sentence from :mod:`.messages`); faces only translate
+server's health; its ``finetune`` (:mod:`.finetune_service`) starts and watches fine-tuning
+jobs, answering refusals with the sentence to show. Every other failure leaves here as a
+:class:`UserFacingError` (an HTTP status, the field at fault, one bilingual sentence from
+:mod:`.messages`); faces only translate
 widgets, JSON or flags into these calls, and errors into their own form (a toast, a JSON
 body, a line on stderr). No web framework is imported here.
 """
@@ -22,7 +24,8 @@ import torch
 
 from .batching import Batcher, Member
 from .domains import DomainSpec, ModelSource
-from .jobs import DeleteRefused, delete_finetuned
+from .finetune_service import FinetuneService
+from .jobs import DeleteRefused, JobManager, delete_finetuned
 from .messages import say
 from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult, PromptReport, RequestError, inspect_prompt
 from .pipeline import ProgressCallback, batch_key, generate, generate_batch
@@ -155,6 +158,7 @@ class AppService:
         self.gate = gate or GpuGate.from_settings()
         window_ms = settings().batch_window_ms
         self.batcher = Batcher(window_ms / 1000, settings().max_images) if window_ms > 0 else None
+        self.finetune = FinetuneService(self.registry, JobManager())
 
     # ------------------------------------------------------------------ domains
 

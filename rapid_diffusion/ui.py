@@ -576,11 +576,10 @@ def build_finetune(ctx: UiContext) -> dict[str, Any]:
         return {}
     try:
         from .finetune_ui import build_finetune_tab
-        from .jobs import JobManager
     except ImportError:
         gr.Markdown("微调界面未安装 / The fine-tuning tab is not available in this build.")
         return {}
-    return build_finetune_tab(ctx.service, JobManager()) or {}
+    return build_finetune_tab(ctx.service.finetune) or {}
 
 
 def build_named_api(ctx: UiContext) -> None:

@@ -25,7 +25,7 @@ from rapid_diffusion.registry import ModelRegistry
 from helpers import ARTIFACTS, CHROMIUM, DEMO_MODEL, browser_page
 from helpers import running_server
 
-FINETUNE_FUNCTIONS = ("on_start", "on_check", "on_poll", "on_resume", "on_delete", "on_preset", "refresh_lists", "caption_rows")
+FINETUNE_FUNCTIONS = ("on_start", "on_check", "on_stop", "on_poll", "on_resume", "on_delete", "on_preset", "refresh_lists", "caption_rows")
 
 
 def demo_pairs_zip(path: Path, count: int = 16) -> Path:

@@ -1,4 +1,4 @@
-"""Background training jobs and the fine-tune tab's handlers, on the tiny model in real subprocesses."""
+"""Background training jobs, the fine-tune service and its tab, on the tiny model in real subprocesses."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rapid_diffusion import finetune_ui
+from rapid_diffusion import finetune_service, finetune_ui
+from rapid_diffusion.finetune_service import FinetuneService
 from rapid_diffusion.jobs import DeleteRefused, Job, JobBusyError, JobManager, delete_finetuned
+from rapid_diffusion.messages import say
 from rapid_diffusion.run_files import complete_checkpoints
 from rapid_diffusion.train_options import PRESETS, TrainConfig, defaults
 
@@ -43,6 +45,11 @@ def manager(test_domains, tmp_path) -> JobManager:
     return JobManager(tmp_path / "home" / "jobs", env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+@pytest.fixture()
+def service(registry, manager) -> FinetuneService:
+    return FinetuneService(registry, manager)
+
+
 def wait_for(predicate, timeout: float = 120.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -52,31 +59,32 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
     raise AssertionError("timed out waiting")
 
 
-def test_caption_editor_rows_and_check_report(uploads):
-    rows = finetune_ui.caption_rows(uploads)
+def test_caption_editor_rows_and_check_report(service, uploads):
+    rows = service.caption_rows(uploads)
     assert rows == [["red.png", ""], ["blue.png", "蓝色的方块"], ["broken.png", ""]]
     rows[0][1] = "红色的方块"
     rows[2][1] = "坏图"
-    report = finetune_ui.check_rows(uploads, rows)
+    report = finetune_service.check_rows(uploads, rows)
     assert [(p.item, p.text) for p in report.pairs] == [("red.png", "红色的方块"), ("blue.png", "蓝色的方块")]
-    markdown = finetune_ui.report_markdown(report)
+    markdown = finetune_service.report_markdown(report)
     assert "2 usable pairs, 1 items skipped" in markdown and "broken.png: 无法解码的图片 / not a decodable image" in markdown
+    assert service.check(uploads, rows) == markdown
 
 
-def form(**overrides) -> finetune_ui.Form:
+def form(**overrides) -> finetune_service.Form:
     """The tab's form on the tiny base, as a browser sends it with Advanced untouched (small preset numbers)."""
     values = dict(
         name="我的粉色", base="tiny", steps=4, learning_rate="1e-3", batch_size=1, accumulation=1, resolution=32,
         train_text_encoder=True, mixed_precision="no", gradient_checkpointing=False, use_ema=False, seed=0, prompt="红色的方块",
     )
     values.update(overrides)
-    return finetune_ui.Form(**values)
+    return finetune_service.Form(**values)
 
 
 @pytest.mark.slow
-def test_job_trains_from_its_run_json_then_the_tab_shows_before_after_and_the_named_model(manager, uploads, registry):
+def test_job_trains_from_its_run_json_then_the_tab_shows_before_after_and_the_named_model(service, manager, uploads, registry):
     rows = [["red.png", "红色的方块"], ["blue.png", "蓝色的方块"]]
-    outcome = finetune_ui.start_job(manager, uploads, rows, form())
+    outcome = service.start(uploads, rows, form())
     assert outcome.job_id is not None, outcome.message
     job = manager.job(outcome.job_id)
     config = TrainConfig.load(job.folder / "run.json")
@@ -88,26 +96,27 @@ def test_job_trains_from_its_run_json_then_the_tab_shows_before_after_and_the_na
 
     status = job.wait(timeout=240)
     assert status["state"] == "done", job.log_tail()
-    view = finetune_ui.view_job(JobManager(manager.root), None)
+    view = FinetuneService(registry, JobManager(manager.root)).view(None)
     assert view.job_id == outcome.job_id and view.new_domain.startswith("ft-") and "我的粉色" in view.status_markdown
     assert outcome.job_id not in view.status_markdown
-    assert view.loss_plot["columns"] == ["step", "loss", "series"]
-    assert [row[0] for row in view.loss_plot["data"] if row[2] == finetune_ui.TRAIN_SERIES] == [1, 2, 3, 4]
+    plot = finetune_ui.loss_plot_value(view)
+    assert plot["columns"] == ["step", "loss", "series"]
+    assert [row[0] for row in plot["data"] if row[2] == finetune_ui.TRAIN_SERIES] == [1, 2, 3, 4]
     assert [label for _, label in view.comparison] == ["微调前 / before · 红色的方块 · 种子 / seed 0", "微调后 / after · 红色的方块 · 种子 / seed 0"]
     before, after = (np.asarray(Image.open(path)) for path, _ in view.comparison)
     assert before.shape == after.shape == (32, 32, 3) and not np.array_equal(before, after)
-    assert "4/4" in view.progress_html
+    assert "4/4" in finetune_ui.progress_html(view)
     spec = registry.reload_domains()[view.new_domain]
     assert spec.title_zh == "我的粉色（基于 测试）" and spec.model.path == job.folder.resolve()
-    assert ("我的粉色（基于 测试）", view.new_domain) in finetune_ui.finetuned_choices(registry)
+    assert ("我的粉色（基于 测试）", view.new_domain) in service.finetuned_choices()
 
-    assert finetune_ui.delete_model(manager, view.new_domain).startswith("已删除模型「我的粉色")
+    assert service.delete(view.new_domain).startswith("已删除模型「我的粉色")
     assert view.new_domain not in registry.reload_domains() and not job.folder.exists()
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_usable_model_and_resume_finishes_the_job(manager, uploads, registry):
-    outcome = finetune_ui.start_job(manager, uploads, [["red.png", "红色的方块"]], form(steps=12, learning_rate="1e-4"))
+def test_sigterm_saves_a_usable_model_and_resume_finishes_the_job(service, manager, uploads, registry):
+    outcome = service.start(uploads, [["red.png", "红色的方块"]], form(steps=12, learning_rate="1e-4"))
     job = manager.job(outcome.job_id)
     wait_for(lambda: job.status().get("step", 0) >= 2, timeout=180)
     JobManager(manager.root).latest().terminate()
@@ -117,7 +126,7 @@ def test_sigterm_saves_a_usable_model_and_resume_finishes_the_job(manager, uploa
     assert "提前停止" in registry.reload_domains()[status["domain_id"]].title_zh
     assert not job.is_alive() and manager.active() is None
 
-    resumed = finetune_ui.resume_job(JobManager(manager.root), None)
+    resumed = FinetuneService(registry, JobManager(manager.root)).resume(None)
     assert resumed.job_id == job.id, resumed.message
     final = manager.job(job.id).wait(timeout=240)
     assert final["state"] == "done" and final["domain_id"] == status["domain_id"], job.log_tail()
@@ -126,17 +135,17 @@ def test_sigterm_saves_a_usable_model_and_resume_finishes_the_job(manager, uploa
     assert "提前停止" not in registry.reload_domains()[status["domain_id"]].title_zh
 
 
-def test_stop_button_leaves_a_stop_file_for_the_trainer(manager):
+def test_stop_button_leaves_a_stop_file_for_the_trainer(service, manager):
     folder = manager.new_job_folder()
     (folder / "job.json").write_text("{}")
     manager._processes[folder.name] = subprocess.Popen(["sleep", "30"])
     try:
-        assert finetune_ui.stop_job(manager, None).startswith("正在保存当前模型")
+        assert service.stop(None).startswith("正在保存当前模型")
         assert (folder / "STOP").is_file()
     finally:
         manager._processes[folder.name].kill()
         manager._processes[folder.name].wait()
-    assert finetune_ui.stop_job(manager, folder.name) == "没有正在运行的任务 / no job is running"
+    assert service.stop(folder.name) == "没有正在运行的任务 / no job is running"
 
 
 def test_a_job_whose_process_died_reads_as_failed(tmp_path):
@@ -160,42 +169,44 @@ def test_a_job_whose_process_died_reads_as_failed(tmp_path):
         ({"steps": 0}, "训练步数"),
     ],
 )
-def test_input_errors_are_caught_before_a_job_starts_in_chinese_first(manager, uploads, overrides, chinese):
-    outcome = finetune_ui.start_job(manager, uploads, [], form(**overrides))
+def test_input_errors_are_caught_before_a_job_starts_in_chinese_first(service, manager, uploads, overrides, chinese):
+    outcome = service.start(uploads, [], form(**overrides))
     assert outcome.job_id is None and outcome.message.startswith(chinese) and " / " in outcome.message
     assert manager.jobs() == []
 
 
-def test_no_pairs_is_refused_before_a_job_starts(manager, tmp_path):
-    outcome = finetune_ui.start_job(manager, [], [], form())
+def test_no_pairs_is_refused_before_a_job_starts(service, manager, tmp_path):
+    outcome = service.start([], [], form())
     assert outcome.job_id is None and outcome.message.startswith("没有可用的图文对")
     assert manager.jobs() == []
 
 
-def test_password_is_needed_for_every_action_and_the_base_is_whitelisted(monkeypatch, manager, uploads):
+def test_password_is_needed_for_every_action_and_the_base_is_whitelisted(monkeypatch, service, manager, uploads):
     monkeypatch.setenv("RAPID_DIFFUSION_FINETUNE_PASSWORD", "s3cret")
-    wrong = finetune_ui.WRONG_PASSWORD
-    assert finetune_ui.start_job(manager, uploads, [], form(), password="wrong").message == wrong
-    assert finetune_ui.stop_job(manager, None, "wrong") == wrong
-    assert finetune_ui.resume_job(manager, None, "wrong").message == wrong
-    assert finetune_ui.delete_model(manager, "tiny", "wrong") == wrong
-    assert finetune_ui.access_problem(None) == wrong and finetune_ui.access_problem("s3cret") is None
+    wrong = say("wrong_password")
+    assert service.start(uploads, [], form(), password="wrong").message == wrong
+    assert service.stop(None, "wrong") == wrong
+    assert service.resume(None, "wrong").message == wrong
+    assert service.delete("tiny", "wrong") == wrong
+    assert service.check(uploads, [], "wrong") == wrong
+    assert service.view(None, "wrong") is None and service.view(None, "s3cret") is not None
+    assert finetune_service.access_problem(None) == wrong and finetune_service.access_problem("s3cret") is None
     assert manager.jobs() == []
-    outcome = finetune_ui.start_job(manager, uploads, [], form(base="/etc"), password="s3cret", allowed_bases={"tiny"})
+    outcome = service.start(uploads, [], form(base="/etc"), password="s3cret")
     assert outcome.job_id is None and "unknown base model" in outcome.message
     assert manager.jobs() == []
 
 
-def test_a_public_host_without_a_password_has_no_fine_tuning(monkeypatch, registry, manager, uploads):
+def test_a_public_host_without_a_password_has_no_fine_tuning(monkeypatch, service, uploads):
     import gradio as gr
 
     monkeypatch.setenv("RAPID_DIFFUSION_PUBLIC", "1")
-    assert finetune_ui.start_job(manager, uploads, [], form()).message == finetune_ui.FINETUNE_OFF
+    assert service.start(uploads, [], form()).message == say("finetune_off")
     with gr.Blocks() as demo:
-        assert finetune_ui.build_finetune_tab(registry, manager) == {}
+        assert finetune_ui.build_finetune_tab(service) == {}
     assert [type(block).__name__ for block in demo.blocks.values()] == ["Markdown"]
     monkeypatch.setenv("RAPID_DIFFUSION_FINETUNE_PASSWORD", "s3cret")
-    assert finetune_ui.access_problem("s3cret") is None
+    assert finetune_service.access_problem("s3cret") is None
 
 
 def test_shipped_and_configured_domains_cannot_be_deleted(test_domains, manager):
@@ -206,7 +217,7 @@ def test_shipped_and_configured_domains_cannot_be_deleted(test_domains, manager)
     assert (test_domains / "tiny.yaml").is_file()
 
 
-def test_cli_job_and_tab_defaults_are_the_train_config_defaults(registry, manager, tmp_path):
+def test_cli_job_and_tab_defaults_are_the_train_config_defaults(service, tmp_path):
     """Training defaults are defined once, in TrainConfig."""
     import gradio as gr
 
@@ -220,7 +231,7 @@ def test_cli_job_and_tab_defaults_are_the_train_config_defaults(registry, manage
     assert PRESETS["large"]["standard"].values() == {k: schema[k] for k in PRESETS["large"]["standard"].values()}
 
     with gr.Blocks() as demo:
-        finetune_ui.build_finetune_tab(registry, manager)
+        finetune_ui.build_finetune_tab(service)
     by_label = {b.label: b.value for b in demo.blocks.values() if getattr(b, "label", None) and hasattr(b, "value")}
     small_quick = PRESETS["small"]["quick"]
     assert by_label["训练步数 / training steps"] == small_quick.max_steps
@@ -235,43 +246,44 @@ def test_cli_job_and_tab_defaults_are_the_train_config_defaults(registry, manage
     assert by_label["随机种子 / seed"] == schema["seed"]
 
 
-def test_presets_follow_the_base_and_say_how_long(registry):
-    assert finetune_ui.preset_fields(registry, "tiny", "quick") == (300, "0.0002", 8, 1)
-    assert "预计用时约" in finetune_ui.duration_markdown(registry, "tiny", "quick")
-    big = finetune_ui.preset_fields(registry, None, "thorough")
+def test_presets_follow_the_base_and_say_how_long(service):
+    assert service.preset_fields("tiny", "quick") == (300, "0.0002", 8, 1)
+    assert "预计用时约" in service.duration("tiny", "quick")
+    big = service.preset_fields(None, "thorough")
     assert big[2] == 1 and big[3] > 1 and float(big[1]) <= 1e-5
-    assert "开始后几步内显示剩余时间" in finetune_ui.duration_markdown(registry, None, "standard")
+    assert "开始后几步内显示剩余时间" in service.duration(None, "standard")
 
 
-def test_tab_builds_and_polls_without_a_job(registry, manager):
+def test_tab_builds_and_polls_without_a_job(service):
     import gradio as gr
 
     with gr.Blocks() as demo:
-        components = finetune_ui.build_finetune_tab(registry, manager)
+        components = finetune_ui.build_finetune_tab(service)
     assert set(components) >= {"new_domain", "loss_plot", "timer"}
-    view = finetune_ui.view_job(manager, None)
-    assert view.job_id is None and view.loss_plot["data"] == []
-    assert components["loss_plot"].postprocess(view.loss_plot) == view.loss_plot
+    view = service.view(None)
+    plot = finetune_ui.loss_plot_value(view)
+    assert view.job_id is None and plot["data"] == []
+    assert components["loss_plot"].postprocess(plot) == plot
     assert all(fn.api_visibility == "private" for fn in demo.fns.values()), "no fine-tune event is in the public API"
 
 
 def test_smoothed_loss_is_debiased_and_flat_on_a_constant():
-    assert finetune_ui.smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
-    values = finetune_ui.smoothed([1.0, 0.0] * 50)
+    assert finetune_service.smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    values = finetune_service.smoothed([1.0, 0.0] * 50)
     assert max(values[-10:]) - min(values[-10:]) < 0.2
 
 
-def test_the_host_step_limit_caps_presets_and_refuses_longer_jobs(monkeypatch, registry, manager, uploads):
+def test_the_host_step_limit_caps_presets_and_refuses_longer_jobs(monkeypatch, service, uploads):
     monkeypatch.setenv("RAPID_DIFFUSION_FINETUNE_MAX_STEPS", "50")
-    assert finetune_ui.preset_fields(registry, "tiny", "thorough")[0] == 50
-    outcome = finetune_ui.start_job(manager, uploads, [], form(steps=60))
+    assert service.preset_fields("tiny", "thorough")[0] == 50
+    outcome = service.start(uploads, [], form(steps=60))
     assert outcome.job_id is None and outcome.message.startswith("本服务器每次最多训练 50 步")
 
 
-def test_uploads_over_the_job_budget_are_refused_before_a_folder_is_written(monkeypatch, manager, uploads):
+def test_uploads_over_the_job_budget_are_refused_before_a_folder_is_written(monkeypatch, service, manager, uploads):
     monkeypatch.setenv("RAPID_DIFFUSION_MAX_JOB_BYTES", str(sum(Path(f).stat().st_size for f in uploads) - 1))
-    outcome = finetune_ui.start_job(manager, uploads, [], form())
+    outcome = service.start(uploads, [], form())
     assert outcome.job_id is None and outcome.message.startswith("上传文件共") and "exceed a job's budget" in outcome.message
     assert manager.jobs() == []
     monkeypatch.setenv("RAPID_DIFFUSION_MAX_JOB_BYTES", str(sum(Path(f).stat().st_size for f in uploads)))
-    assert finetune_ui.job_budget_problem(uploads) is None
+    assert finetune_service.job_budget_problem(uploads) is None
