@@ -253,10 +253,13 @@ class FinetuneService:
             return problem
         if not domain_id:
             return say("no_model_picked")
+        spec = self.registry.domains.get(domain_id)
         try:
             message = delete_finetuned(domain_id, self.jobs)
         except DeleteRefused as exc:
             return str(exc)
+        if spec is not None:
+            self.registry.unload(self.registry.key_for(spec))
         self.registry.reload_domains()
         return message
 

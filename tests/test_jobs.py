@@ -110,8 +110,11 @@ def test_job_trains_from_its_run_json_then_the_tab_shows_before_after_and_the_na
     assert spec.title_zh == "我的粉色（基于 测试）" and spec.model.path == job.folder.resolve()
     assert ("我的粉色（基于 测试）", view.new_domain) in service.finetuned_choices()
 
+    registry.get(spec)
+    assert registry.state(spec) == "loaded"
     assert service.delete(view.new_domain).startswith("已删除模型「我的粉色")
     assert view.new_domain not in registry.reload_domains() and not job.folder.exists()
+    assert registry.key_for(spec) not in {model.key for model in registry.loaded()}, "deleting also frees its memory"
 
 
 @pytest.mark.slow

@@ -139,6 +139,20 @@ def test_stop_says_the_generation_stopped(url):
         toast(page, "已停止生成 / Generation stopped")
 
 
+def test_live_preview_shows_the_denoising_then_the_images(url):
+    """Ticked, the gallery shows projections while denoising (every fifth step), then the seeds' images."""
+    from playwright.sync_api import expect
+
+    with browser_page(url) as page:
+        page.locator("#prompt textarea").fill("一个红色的圆形")
+        page.get_by_label("步数 / Steps").first.fill("150")
+        page.locator("#live-preview input").check()
+        page.get_by_role("button", name=GENERATE).click()
+        expect(page.locator("#gallery").get_by_text(re.compile(r"预览 preview · \d+")).first).to_be_visible(timeout=120_000)
+        expect(page.locator("#gallery").get_by_text(re.compile(r"种子 seed \d+")).first).to_be_visible(timeout=120_000)
+        expect(page.locator("#gallery").get_by_text(re.compile("预览 preview"))).to_have_count(0)
+
+
 @pytest.mark.parametrize("width", [1280, 390])
 def test_no_text_is_cut_off_and_every_tab_is_reachable(url, width):
     from playwright.sync_api import expect

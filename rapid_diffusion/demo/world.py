@@ -179,12 +179,12 @@ def random_rgb(rng: np.random.Generator, away_from: list, min_distance: float) -
     return None
 
 
-def _random_object(rng: np.random.Generator, position: str, background: RGB, colour: str | None = None) -> SceneObject:
+def _random_object(rng: np.random.Generator, position: str, background: RGB, off_palette_rate: float, colour: str | None = None) -> SceneObject:
     size = SIZES[rng.integers(len(SIZES))]
     low, high = RADII[size]
     rgb = None
     if colour is None:
-        rgb = random_rgb(rng, [background], MIN_CONTRAST) if rng.random() < OFF_PALETTE_RATE else None
+        rgb = random_rgb(rng, [background], MIN_CONTRAST) if rng.random() < off_palette_rate else None
         if rgb is None:
             colour = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
     return SceneObject(
@@ -209,25 +209,26 @@ def _random_background(rng: np.random.Generator, objects: tuple[SceneObject, ...
     return grey if all(distance((grey,) * 3, obj.fill) >= MIN_CONTRAST / 2 for obj in objects) else 130
 
 
-def _random_scene(rng: np.random.Generator, max_objects: int) -> Scene:
+def _random_scene(rng: np.random.Generator, max_objects: int, off_palette_rate: float) -> Scene:
     grey = (130, 130, 130)
     if max_objects >= 2 and rng.random() < 0.35:
         pair = PAIRED_POSITIONS[rng.integers(len(PAIRED_POSITIONS))]
-        first = _random_object(rng, pair[0], grey)
+        first = _random_object(rng, pair[0], grey, off_palette_rate)
         others = [c for c in COLOUR_NAMES if c != first.colour]
-        second = _random_object(rng, pair[1], grey, colour=others[rng.integers(len(others))])
+        second = _random_object(rng, pair[1], grey, off_palette_rate, colour=others[rng.integers(len(others))])
         objects = (first, second)
     else:
-        objects = (_random_object(rng, POSITIONS[rng.integers(len(POSITIONS))], grey),)
+        objects = (_random_object(rng, POSITIONS[rng.integers(len(POSITIONS))], grey, off_palette_rate),)
     return Scene(objects, _random_background(rng, objects))
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: int = 2) -> Scene:
-    """A random scene of ``split`` ("train", "validation", "test"), or of any split ("all")."""
+def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: int = 2, off_palette_rate: float = OFF_PALETTE_RATE) -> Scene:
+    """A random scene of ``split`` ("train", "validation", "test"), or of any split ("all").
+    ``off_palette_rate``: the share of (first) objects in a random colour."""
     if split not in SPLITS + ("all",):
         raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
     while True:
-        scene = _random_scene(rng, max_objects)
+        scene = _random_scene(rng, max_objects, off_palette_rate)
         if split == "all" or scene_split(scene) == split:
             return scene
 
