@@ -264,7 +264,7 @@ def preset_for(key: str, native_side: int) -> Preset:
 
 
 # Seconds per step of a whole quick-preset run (loading, validation, saving included), measured by
-# ``benchmarks/finetune_new_concept.py --preset quick`` on the 2-core CPU machine: 106.7 s / 300 steps
+# ``benchmarks/finetune_new_concept.py --concept shape --preset quick`` on the 2-core CPU machine: 106.7 s / 300 steps
 # (benchmarks/README.md). Large bases have no measurement here: the tab shows the time left after
 # the first steps instead.
 SECONDS_PER_STEP = {("small", "cpu"): 0.36}

@@ -7,7 +7,7 @@
 
 The browser run caps the quick preset with the host setting ``RAPID_DIFFUSION_FINETUNE_MAX_STEPS``
 (300 steps take minutes on an idle CPU, far more on a shared one); the uncapped preset itself runs
-in ``benchmarks/finetune_new_concept.py --preset quick``, which is where it is measured.
+in ``benchmarks/finetune_new_concept.py --concept shape --preset quick``, which is where it is measured.
 """
 
 from __future__ import annotations
