@@ -241,13 +241,22 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+# torch.jit.trace (under ov.convert_model) is not safe to run twice at once in one process: a
+# background warm-up and a foreground conversion traced together failed its sanity check.
+CONVERTING = threading.Lock()
+
+
 def convert_pipeline(pipe, height: int, width: int, log_line: Callable[[str], None], precision: str | None = None) -> dict:
     """Convert (or read from the cache) and compile the three modules; returns them by name.
 
     ``precision`` applies to the UNet, where the time goes; the VAE decoder and the text encoder
     stay f32 (with OpenVINO 2026.4 the static-shape bf16 VAE decoder of the demo model gave NaN).
     """
-    precision = precision or settings().openvino_precision
+    with CONVERTING:
+        return convert_modules(pipe, height, width, log_line, precision or settings().openvino_precision)
+
+
+def convert_modules(pipe, height: int, width: int, log_line: Callable[[str], None], precision: str) -> dict:
     root = cache_root()
     blob_dir = root / "openvino" / "compiled" if root is not None else None
     modules, from_cache = {}, []

@@ -125,7 +125,7 @@ def apply_openvino(pipe, sizes, max_images: int, log: Callable[[str], None], pre
             openvino_backend.install(pipe, modules)
             shapes = openvino_backend.warm_up_shapes(pipe, sizes, max_images)
     except Exception as exc:  # conversion failures come in many classes (OpConversionFailure, RuntimeError, ...)
-        log(f"OpenVINO failed ({type(exc).__name__}: {str(exc)[:200]}); plain diffusers")
+        log(f"OpenVINO failed ({type(exc).__name__}: {str(exc)[:3000]}); plain diffusers")
         uninstall(pipe)
         return "none"
     log(f"OpenVINO: {shapes} static shapes compiled for sizes {sizes}, batch buckets {BATCH_BUCKETS}")

@@ -173,13 +173,13 @@ def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
                         size_choices(spec), value=size_of(spec), allow_custom_value=True, label="尺寸 / Size (宽x高 WxH)"
                     )
                     super_resolution = gr.Checkbox(value=spec.super_resolution if spec else False, label="超分辨率 x4 / Super-resolution")
-                    live_preview = gr.Checkbox(value=False, label="实时预览 / Live preview", elem_id="live-preview")
                     optimization = gr.Dropdown(
                         list(OPTIMIZATION_LEVELS),
                         value=spec.optimization if spec else "none",
                         label="加速 / Optimisation (GPU)",
                         visible=torch.cuda.is_available(),
                     )
+                live_preview = gr.Checkbox(value=False, label="实时预览 / Live preview", elem_id="live-preview")
         with gr.Column(scale=6):
             gallery = gr.Gallery(label="结果 / Images", columns=2, height="auto", object_fit="contain", format="png", elem_id="gallery")
             timings = gr.Markdown(elem_id="timings")

@@ -119,7 +119,7 @@ def test_job_trains_from_its_run_json_then_the_tab_shows_before_after_and_the_na
 
 @pytest.mark.slow
 def test_sigterm_saves_a_usable_model_and_resume_finishes_the_job(service, manager, uploads, registry):
-    outcome = service.start(uploads, [["red.png", "红色的方块"]], form(steps=12, learning_rate="1e-4"))
+    outcome = service.start(uploads, [["red.png", "红色的方块"]], form(steps=60, learning_rate="1e-4"))
     job = manager.job(outcome.job_id)
     wait_for(lambda: job.status().get("step", 0) >= 2, timeout=180)
     JobManager(manager.root).latest().terminate()
@@ -134,7 +134,7 @@ def test_sigterm_saves_a_usable_model_and_resume_finishes_the_job(service, manag
     final = manager.job(job.id).wait(timeout=240)
     assert final["state"] == "done" and final["domain_id"] == status["domain_id"], job.log_tail()
     steps = [row["step"] for row in job.losses()]
-    assert steps == list(range(1, 13)), "the history continues without repeats"
+    assert steps == list(range(1, 61)), "the history continues without repeats"
     assert "提前停止" not in registry.reload_domains()[status["domain_id"]].title_zh
 
 

@@ -33,7 +33,13 @@ def images(pipe, count: int = 1, guidance: float = 5.0, seed: int = 0) -> np.nda
 
 @pytest.fixture(scope="module")
 def converted(tiny_model_dir, tmp_path_factory):
-    """One conversion for the module (the slow part), its log and its cache folder."""
+    """One conversion for the module (the slow part), its log and its cache folder.
+
+    Background warm-ups that earlier tests' registries started read the process's settings too:
+    they finish first, so that none converts into this module's cache folder meanwhile."""
+    from rapid_diffusion.acceleration import warmer_for
+
+    warmer_for(torch.device("cpu")).wait()
     mp = pytest.MonkeyPatch()
     home = tmp_path_factory.mktemp("ov-home")
     mp.setenv("RAPID_DIFFUSION_HOME", str(home))

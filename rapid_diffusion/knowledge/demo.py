@@ -60,7 +60,8 @@ class EntityCaptioner:
             if candidates and rng.random() < self.probability:
                 words = "|".join(sorted(world.SHAPE_WORDS[obj.shape], key=len, reverse=True))
                 entity = candidates[int(rng.integers(len(candidates)))]
-                text = re.sub(f"{obj.colour}的?(?:{words})", entity, text, count=1)
+                sizes = "|".join(world.SIZE_WORDS[obj.size])
+                text = re.sub(f"{obj.colour}的?(?:{sizes})?(?:{words})", entity, text, count=1)
         return text
 
 
