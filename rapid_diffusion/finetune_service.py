@@ -253,11 +253,16 @@ class FinetuneService:
             return problem
         if not domain_id:
             return say("no_model_picked")
-        spec = self.registry.domains.get(domain_id)
         try:
-            message = delete_finetuned(domain_id, self.jobs)
+            return self.remove(domain_id)
         except DeleteRefused as exc:
             return str(exc)
+
+    def remove(self, domain_id: str) -> str:
+        """Delete a fine-tuned model's files and registration, free its memory, re-read the domains.
+        The one removal both tabs use; raises :class:`DeleteRefused` for any other model."""
+        spec = self.registry.domains.get(domain_id)
+        message = delete_finetuned(domain_id, self.jobs)
         if spec is not None:
             self.registry.unload(self.registry.key_for(spec))
         self.registry.reload_domains()

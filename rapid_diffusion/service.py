@@ -25,7 +25,7 @@ import torch
 from .batching import Batcher, Member
 from .domains import DomainSpec, ModelSource
 from .finetune_service import FinetuneService
-from .jobs import DeleteRefused, JobManager, delete_finetuned
+from .jobs import DeleteRefused, JobManager
 from .messages import say
 from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult, PromptReport, RequestError, inspect_prompt
 from .pipeline import ProgressCallback, batch_key, generate, generate_batch
@@ -319,12 +319,9 @@ class AppService:
         self.authorize(password)
         spec = self.spec(domain_id)
         try:
-            message = delete_finetuned(spec.id)
+            return self.finetune.remove(spec.id)
         except DeleteRefused as exc:
             raise UserFacingError(409, str(exc), "domain") from exc
-        self.registry.unload(self.registry.key_for(spec))
-        self.reload_domains()
-        return message
 
     def models(self) -> list[ModelRow]:
         loaded: dict[str, LoadedModel] = {m.key: m for m in self.registry.loaded()}

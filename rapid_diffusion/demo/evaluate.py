@@ -75,9 +75,11 @@ def vae_colour_error(vae, num_objects: int = 100, seed: int = 0) -> float:
     errors = []
     for _ in range(num_objects):
         background = int(rng.integers(*world.BACKGROUND_RANGE))
-        rgb = world.random_rgb(rng, [(background,) * 3] + list(world.COLOURS.values()), world.MIN_CONTRAST / 2)
+        rgb = None
+        while rgb is None:  # at least half the world's contrast from the background and every named colour
+            rgb = world.random_rgb(rng, [(background,) * 3] + list(world.COLOURS.values()), world.MIN_CONTRAST / 2)
         size = world.SIZES[rng.integers(len(world.SIZES))]
-        obj = world.SceneObject(None, world.SHAPES[rng.integers(len(world.SHAPES))], size, world.POSITIONS[rng.integers(len(world.POSITIONS))], rgb=rgb or (255, 120, 190))
+        obj = world.SceneObject(None, world.SHAPES[rng.integers(len(world.SHAPES))], size, world.POSITIONS[rng.integers(len(world.POSITIONS))], rgb=rgb)
         image = np.asarray(world.render(world.Scene((obj,), background)), dtype=np.float32)
         x = torch.from_numpy(image).permute(2, 0, 1)[None].div(127.5).sub(1.0).to(vae.device, vae.dtype)
         decoded = vae.decode(vae.encode(x).latent_dist.mean).sample[0].float().clamp(-1, 1).add(1).mul(127.5)
