@@ -128,6 +128,23 @@ def test_train_demo_can_keep_a_trained_vae(tmp_path):
     assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
 
 
+def test_vae_training_starts_with_a_narrow_posterior():
+    """The decoder must not learn to decode through noise as large as the latents (see
+    ``start_posterior_narrow``): at the start the posterior's std is exp(-5), not about 1."""
+    from rapid_diffusion.demo.train_demo import build_vae, start_posterior_narrow
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    wide = build_vae()
+    assert wide.encode(x).latent_dist.std.mean() > 0.5
+    narrow = build_vae()
+    start_posterior_narrow(narrow, -10.0)
+    posterior = narrow.encode(x).latent_dist
+    assert posterior.std.shape == (2, 4, 16, 16)
+    assert torch.allclose(posterior.std, torch.full_like(posterior.std, 2.718281828**-5), rtol=0.5)
+    assert posterior.mean.std() > 20 * posterior.std.mean()
+
+
 def test_training_steps_are_chosen_on_the_validation_split_only(monkeypatch):
     """Checkpoints are judged from ``select_from`` on and at the end, on validation prompts only."""
     from rapid_diffusion.demo import evaluate, train_demo
