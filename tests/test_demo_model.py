@@ -16,11 +16,8 @@ from rapid_diffusion.domains import load_domains
 from rapid_diffusion.paths import PROJECT_ROOT
 from rapid_diffusion.registry import ModelRegistry
 
-DEMO_MODEL = PROJECT_ROOT / "assets" / "demo-model"
-# Regression floors for the first 8 test prompts x 2 seeds (seed 0, domain defaults); the shipped
-# model (v3) measures colour 1.0, shape 0.6875, position 1.0 there (full eval, 34 prompts x 3: 0.990 /
-# 0.775 / 1.0). The floors allow 2 (colour, position) or 3 (shape) of the 16 images to change.
-ADHERENCE_FLOOR = {"colour": 0.875, "shape": 0.5, "position": 0.875}
+from helpers import DEMO_ADHERENCE_FLOOR, DEMO_MODEL
+
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +56,7 @@ def test_adherence_on_held_out_prompts_stays_above_the_floor(demo, tmp_path):
     spec, registry = demo
     report = evaluate(spec, registry, out=tmp_path, num_prompts=8, seed=0, images_per_prompt=2)
     assert (report["num_prompts"], report["num_images"]) == (8, 16)
-    for metric, floor in ADHERENCE_FLOOR.items():
+    for metric, floor in DEMO_ADHERENCE_FLOOR.items():
         assert report["accuracy"][metric] >= floor, (metric, report["accuracy"])
     saved = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert saved["accuracy"] == report["accuracy"] and len(saved["items"]) == 16

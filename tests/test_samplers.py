@@ -12,7 +12,8 @@ from diffusers import PNDMScheduler
 from rapid_diffusion.paths import PROJECT_ROOT
 from rapid_diffusion.samplers import SAMPLERS, make_scheduler
 
-DEMO_MODEL = PROJECT_ROOT / "assets" / "demo-model"
+from helpers import DEMO_ADHERENCE_FLOOR, DEMO_MODEL
+
 needs_model = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="assets/demo-model not trained yet")
 # The scheduler_config.json of SD1.x and the PAI-Diffusion hub models, as written by diffusers 0.x:
 # no prediction_type or timestep_spacing (the defaults of its class), clip_sample named.
@@ -89,14 +90,6 @@ def test_ddim_step_matches_the_v_prediction_formula_on_large_latents(demo_config
     assert torch.allclose(stepped, expected.float(), atol=1e-4)
 
 
-# Every sampler on the demo model (v3), the first 8 test prompts x 2 seeds at 20 steps (seed 0): each
-# of the seven measures colour 1.0 and position 1.0; shape 0.6875 (pndm, euler_a), 0.75 (dpmpp_2m,
-# dpmpp_2m_karras, unipc), 0.8125 (ddim, euler). DDIM before its fix: colour 0.25, shape 0.0,
-# position 0.8125 (on v1). Like test_demo_model's, the floors sit 2 (colour, position) or 3 (shape)
-# of the 16 images below the lowest measure.
-SAMPLER_FLOOR = {"colour": 0.875, "shape": 0.5, "position": 0.875}
-
-
 @pytest.fixture(scope="module")
 def demo():
     from rapid_diffusion.domains import load_domains
@@ -117,5 +110,5 @@ def test_every_sampler_follows_the_prompt_on_the_demo_model(demo, sampler):
     spec, registry = demo
     report = evaluate(dataclasses.replace(spec, sampler=sampler), registry, num_prompts=8, steps=20, seed=0, images_per_prompt=2)
     assert report["num_images"] == 16
-    for metric, floor in SAMPLER_FLOOR.items():
+    for metric, floor in DEMO_ADHERENCE_FLOOR.items():
         assert report["accuracy"][metric] >= floor, (sampler, metric, report["accuracy"])
