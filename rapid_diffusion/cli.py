@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="pipeline folder (default: assets/demo-model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=None)
+    p.add_argument("--vae-edge-weight", type=float, default=None, help="extra VAE loss weight on outline pixels (0: recipe v3)")
     p.add_argument("--steps", type=int, default=None, help="diffusion (UNet + text encoder) steps")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="diffusion learning rate (peak of the cosine schedule)")
@@ -471,6 +472,7 @@ def cmd_train_demo(args) -> int:
     overrides = {
         "out": args.out,
         "vae_steps": args.vae_steps,
+        "vae_edge_weight": args.vae_edge_weight,
         "unet_steps": args.steps,
         "schedule_steps": args.schedule_steps,
         "batch_size": args.batch_size,

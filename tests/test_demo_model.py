@@ -142,6 +142,23 @@ def test_vae_training_starts_with_a_narrow_posterior():
     assert posterior.mean.std() > 20 * posterior.std.mean()
 
 
+def test_vae_loss_weighs_objects_and_both_sides_of_their_outlines():
+    """A 2x2 square on a dark ground: its pixels get the foreground weight plus the outline
+    weight; the ground pixels next to it (not diagonal) the outline weight; a faint step (0.05,
+    below the 0.1 threshold) and everything else nothing extra."""
+    from rapid_diffusion.demo.train_demo import reconstruction_weight
+
+    x = torch.full((1, 3, 6, 6), -1.0)
+    x[..., 2:4, 2:4] = 0.8
+    x[:, 0, 5, 5] = -0.95
+    expected = torch.ones(6, 6)
+    expected[2:4, 2:4] = 10.0 + 20.0
+    for row, col in [(1, 2), (1, 3), (4, 2), (4, 3), (2, 1), (3, 1), (2, 4), (3, 4)]:
+        expected[row, col] = 1.0 + 20.0
+    assert torch.equal(reconstruction_weight(x, 10.0, 20.0), expected[None, None])
+    assert torch.equal(reconstruction_weight(x, 10.0, 0.0), torch.where(expected == 30.0, 10.0, 1.0)[None, None])
+
+
 def test_training_steps_are_chosen_on_the_validation_split_only(monkeypatch):
     """Checkpoints are judged from ``select_from`` on and at the end, on validation prompts only."""
     from rapid_diffusion.demo import evaluate, train_demo
