@@ -227,8 +227,8 @@ PRESET_LABELS = {"quick": "快速预览 / quick look", "standard": "标准 / sta
 DEFAULT_PRESET = "quick"
 
 # Small bases (the 64x64 demo model): the quick preset (300 steps at batch 8, lr 2e-4) teaches the
-# shipped model the never-named 粉色 (17% -> 92% pink) and taught v1 the never-seen 半圆形 (0% -> 92%);
-# 500 steps did worse on v3 (benchmarks/README.md). Large bases (512x512 PAI models):
+# shipped model the never-named 粉色 (0% -> 79% pink) and the never-seen 半圆形 only halfway (0% -> 54%;
+# v1: 92%); 500 steps did worse on v3 (benchmarks/README.md). Large bases (512x512 PAI models):
 # the usual full fine-tuning range, batch 1 with accumulation; "standard" equals TrainConfig's defaults.
 PRESETS = {
     "small": {
@@ -266,7 +266,8 @@ def preset_for(key: str, native_side: int) -> Preset:
 
 # Seconds per step of a whole quick-preset run (loading, validation, saving included), measured by
 # ``benchmarks/finetune_new_concept.py --preset quick --threads 2`` on the 2-core CPU machine with the
-# shipped demo model: 111 s (pink) and 137 s (half disc) for 300 steps, 0.41 s on average
+# demo model v3: 111 s (pink) and 137 s (half disc) for 300 steps, 0.41 s on average; v4 (the
+# same architecture) 150 s and 138 s, 0.48 s, on a day the same machine ran 1.2x slower throughout
 # (benchmarks/README.md). Large bases have no measurement here: the tab shows the time left after
 # the first steps instead.
 SECONDS_PER_STEP = {("small", "cpu"): 0.41}

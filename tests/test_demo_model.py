@@ -110,6 +110,20 @@ def test_train_demo_runs_end_to_end_with_tiny_settings(tmp_path):
     assert (scheduler.beta_schedule, scheduler.prediction_type) == ("linear", "v_prediction")
 
 
+@pytest.mark.slow
+def test_train_demo_cli_trains_and_saves_a_pipeline(tmp_path):
+    """The command as a user runs it, with tiny settings (and v3's VAE loss, ``--vae-edge-weight 0``)."""
+    out = tmp_path / "model"
+    command = [sys.executable, "-m", "rapid_diffusion", "train-demo", "--out", str(out), "--vae-steps", "1", "--vae-edge-weight", "0",
+               "--steps", "1", "--batch-size", "2", "--num-scenes", "16", "--threads", "1"]
+    done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("vae step 1/1") for line in lines) and any("diffusion step 1/1" in line for line in lines)
+    assert lines[-1] == f"model: {out}"
+    assert (out / "model_index.json").is_file() and (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+
+
 def test_train_demo_can_keep_a_trained_vae(tmp_path):
     from safetensors.torch import load_file
 
