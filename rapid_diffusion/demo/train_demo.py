@@ -51,7 +51,8 @@ MODEL_MAX_LENGTH = 32
 
 @dataclass
 class TrainConfig:
-    """Defaults: the current recipe (v4), about 95 minutes on 2 CPU cores.
+    """Defaults: the current recipe (v4); 119 minutes on 2 CPU cores on a day they ran 1.2x slower
+    than for v3 (82 minutes), so about 100 minutes on a machine like v3's.
 
     The diffusion stage runs 13,000 steps of a 15,600-step cosine schedule (v3: 10,000 of 12,000,
     still rising at its end); from step 5,000 on,
