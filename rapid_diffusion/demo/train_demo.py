@@ -163,19 +163,24 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+# The least difference (largest over RGB, in [-1, 1] units) that the VAE's loss counts as an
+# object pixel or an outline.
+VISIBLE_STEP = 0.1
+
+
 def foreground_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
     """Per-pixel loss weights (B, 1, H, W): ``weight`` where a pixel differs from its image's
     border-median background, else 1. Objects cover a few percent of a 64x64 scene; unweighted,
     the VAE spends itself on the background and blurs the colours and outlines that prompts name."""
     border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
     background = border.median(dim=-1).values[..., None, None]
-    foreground = (x - background).abs().amax(dim=1, keepdim=True) > 0.1
+    foreground = (x - background).abs().amax(dim=1, keepdim=True) > VISIBLE_STEP
     return 1.0 + (weight - 1.0) * foreground.float()
 
 
-def outline_mask(x: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+def outline_mask(x: torch.Tensor, threshold: float = VISIBLE_STEP) -> torch.Tensor:
     """(B, 1, H, W) booleans: the pixels on either side of a step larger than ``threshold``
-    (largest over RGB, in [-1, 1] units) between horizontal or vertical neighbours."""
+    between horizontal or vertical neighbours."""
     mask = torch.zeros_like(x[:, :1], dtype=torch.bool)
     across = (x[..., :, 1:] - x[..., :, :-1]).abs().amax(dim=1, keepdim=True) > threshold
     down = (x[..., 1:, :] - x[..., :-1, :]).abs().amax(dim=1, keepdim=True) > threshold
