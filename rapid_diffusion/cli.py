@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--vae-edge-weight", type=float, default=None, help="extra VAE loss weight on outline pixels (0: recipe v3)")
+    p.add_argument("--object-weight", type=float, default=None, help="diffusion loss weight on and around objects (1: recipe v4)")
     p.add_argument("--steps", type=int, default=None, help="diffusion (UNet + text encoder) steps")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="diffusion learning rate (peak of the cosine schedule)")
@@ -473,6 +474,7 @@ def cmd_train_demo(args) -> int:
         "out": args.out,
         "vae_steps": args.vae_steps,
         "vae_edge_weight": args.vae_edge_weight,
+        "object_weight": args.object_weight,
         "unet_steps": args.steps,
         "schedule_steps": args.schedule_steps,
         "batch_size": args.batch_size,

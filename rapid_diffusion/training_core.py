@@ -42,9 +42,11 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def denoising_loss(unet, noise_scheduler, latents, hidden, noise=None, timesteps=None, generator=None) -> torch.Tensor:
+def denoising_loss(unet, noise_scheduler, latents, hidden, noise=None, timesteps=None, generator=None, weight=None) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (noise, or v for v-prediction schedulers)
-    at random timesteps, or at the given ``noise`` and ``timesteps`` (a comparable validation loss)."""
+    at random timesteps, or at the given ``noise`` and ``timesteps`` (a comparable validation loss).
+
+    ``weight`` (broadcastable to the latents, e.g. (B, 1, h, w)) makes it a weighted mean."""
     latents = latents.float()
     if noise is None:  # drawn on the CPU (seeded runs repeat on any device), then moved
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
@@ -56,7 +58,10 @@ def denoising_loss(unet, noise_scheduler, latents, hidden, noise=None, timesteps
     else:
         target = noise
     prediction = unet(noisy, timesteps, hidden.to(noisy.dtype), return_dict=False)[0]
-    return F.mse_loss(prediction.float(), target.float())
+    if weight is None:
+        return F.mse_loss(prediction.float(), target.float())
+    weight = weight.to(latents.device, torch.float32).expand_as(latents)
+    return (weight * (prediction.float() - target.float()) ** 2).sum() / weight.sum()
 
 
 def make_ema(module: torch.nn.Module, decay: float):

@@ -23,12 +23,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 DEMO_MODEL = PROJECT_ROOT / "assets" / "demo-model"
 # Regression floors of the shipped demo model on the first 8 test prompts x 2 seeds (seed 0, 20 steps),
-# for the domain's defaults (test_demo_model) and every sampler (test_samplers). v4 measures colour 1.0
-# and position 1.0 with each; shape 0.875 (pndm, the default), 0.8125 (dpmpp_2m_karras, ddim, euler,
-# euler_a), 0.75 (dpmpp_2m, unipc); the full eval (34 prompts x 3): 1.0 / 0.863 / 1.0.
+# for the domain's defaults (test_demo_model) and every sampler (test_samplers). v5 measures
+# position 1.0 with each; colour 0.8125 with pndm (the default: 3 small purple objects drawn blue),
+# 1.0 with the others; shape 0.9375 (dpmpp_2m, dpmpp_2m_karras, ddim, euler, unipc), 0.875 (pndm),
+# 0.8125 (euler_a); the full eval (34 prompts x 3): colour 0.980, shape 0.922, position 1.0.
 # The floors sit 2 (colour, position) or 3 (shape) of the 16 images below the lowest measure.
 # DDIM before its fix (on v1): colour 0.25, shape 0.0, position 0.8125.
-DEMO_ADHERENCE_FLOOR = {"colour": 0.875, "shape": 0.5625, "position": 0.875}
+DEMO_ADHERENCE_FLOOR = {"colour": 0.6875, "shape": 0.625, "position": 0.875}
 
 
 def write_domain(folder: Path, domain_id: str, model_path: Path, **overrides) -> Path:

@@ -173,6 +173,50 @@ def test_vae_loss_weighs_objects_and_both_sides_of_their_outlines():
     assert torch.equal(reconstruction_weight(x, 10.0, 0.0), torch.where(expected == 30.0, 10.0, 1.0)[None, None])
 
 
+def test_diffusion_loss_weighs_the_latent_cells_on_and_around_objects():
+    """A 3x3 object at pixels (rows 20-22, columns 42-44) of a 64x64 scene lies in latent cells (5, 10) and
+    (5, 11) (4x4 pixels each); with their neighbours that is rows 4-6, columns 9-12 of the
+    16x16 grid, and nothing else. An empty scene has no weighted cell."""
+    import numpy as np
+
+    from rapid_diffusion.demo.train_demo import diffusion_weight, latent_object_masks
+
+    images = np.full((2, 64, 64, 3), 90, dtype=np.uint8)
+    images[0, 20:23, 42:45] = (230, 40, 40)
+    masks = latent_object_masks(images)
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[4:7, 9:13] = True
+    assert masks.shape == (2, 1, 16, 16)
+    assert torch.equal(masks[0, 0], expected)
+    assert not masks[1].any()
+    assert torch.equal(diffusion_weight(masks, 5.0)[0, 0], torch.where(expected, 5.0, 1.0))
+
+
+def test_weighted_denoising_loss_is_the_weighted_mean_of_squared_errors():
+    """Against a reference computed here: the same noise, timesteps and UNet output, weights
+    broadcast over the 4 latent channels; weight 1 everywhere is the plain MSE."""
+    from diffusers import DDPMScheduler
+
+    from rapid_diffusion.training_core import denoising_loss
+
+    torch.manual_seed(0)
+    latents, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    timesteps = torch.tensor([10, 500])
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    prediction = torch.randn(2, 4, 4, 4)
+    unet = lambda noisy, t, hidden, return_dict: (prediction,)  # noqa: E731
+    weight = torch.ones(2, 1, 4, 4)
+    weight[0, 0, 1, 2] = 9.0
+    target = scheduler.get_velocity(latents, noise, timesteps)
+    squared = (prediction - target) ** 2
+    reference = (squared.sum() + 8.0 * squared[0, :, 1, 2].sum()) / (2 * 4 * 16 + 8.0 * 4)
+    loss = denoising_loss(unet, scheduler, latents, torch.zeros(2, 3, 8), noise, timesteps, weight=weight)
+    assert torch.allclose(loss, reference)
+    plain = denoising_loss(unet, scheduler, latents, torch.zeros(2, 3, 8), noise, timesteps)
+    assert torch.allclose(denoising_loss(unet, scheduler, latents, torch.zeros(2, 3, 8), noise, timesteps, weight=torch.ones(2, 1, 4, 4)), plain)
+    assert not torch.allclose(loss, plain)
+
+
 def test_training_steps_are_chosen_on_the_validation_split_only(monkeypatch):
     """Checkpoints are judged from ``select_from`` on and at the end, on validation prompts only."""
     from rapid_diffusion.demo import evaluate, train_demo
