@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-old", type=int, default=24, help="world pairs mixed in (keeps the old words)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="the training run's seed (the data and the measurement stay fixed)")
+    parser.add_argument("--embedding-lr-scale", type=float, default=None, help="token embeddings' rate / the rate (default: the trainer's, 3 on the demo base)")
     parser.add_argument("--preset", choices=("quick", "standard", "thorough"), default=None,
                         help="train as the Fine-tune tab does on this preset (overrides --steps/--lr/--batch-size)")
     args = parser.parse_args(argv)
@@ -228,12 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset:
         preset = preset_for(args.preset, spec.height)
         args.steps, args.lr, args.batch_size = preset.max_steps, preset.learning_rate, preset.batch_size
-        config = preset_config(preset, base="demo", data=args.out / "data", output=args.out / "run", name=word, domain_id=domain_id)
+        config = preset_config(preset, base="demo", data=args.out / "data", output=args.out / "run", name=word, domain_id=domain_id, seed=args.seed,
+                               embedding_lr_scale=args.embedding_lr_scale)
     else:
         config = TrainConfig(
             base="demo", data=args.out / "data", output=args.out / "run", max_steps=args.steps, learning_rate=args.lr,
             batch_size=args.batch_size, gradient_accumulation_steps=1, checkpoint_every=0, validation_every=0,
-            lr_warmup_steps=10, domain_id=domain_id, random_flip=False, holdout=0,
+            lr_warmup_steps=10, domain_id=domain_id, random_flip=False, holdout=0, seed=args.seed,
+            embedding_lr_scale=args.embedding_lr_scale,
         )
     start = time.time()
     result = train(config, log=lambda line: None)
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"after: new-{args.concept} rate {after['new_concept_rate']:.0%}, old {after['old']}", flush=True)
     report = {
         "concept": args.concept, "new_word": word, "vae_round_trips": round_trips, "pairs": pairs, "steps": args.steps, "lr": args.lr,
-        "batch_size": args.batch_size, "preset": args.preset, "train_seconds": round(seconds, 1), "torch_threads": args.threads,
+        "batch_size": args.batch_size, "preset": args.preset, "train_seconds": round(seconds, 1), "torch_threads": args.threads, "seed": args.seed,
+        "embedding_lr_scale": args.embedding_lr_scale,
         "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
         "before": before, "after": after,
     }

@@ -45,7 +45,7 @@ from .run_files import (
     complete_checkpoints,
     read_losses,
 )
-from .train_options import TrainConfig, TrainingError, add_arguments, config_from_args, derived_domain_id
+from .train_options import TrainConfig, TrainingError, add_arguments, config_from_args, derived_domain_id, embedding_lr_scale
 from .training_core import denoising_loss, load_base_pipeline, tokenize, write_domain_yaml
 
 __all__ = ["TrainConfig", "TrainingError", "TrainResult", "train", "main", "parse_args", "complete_checkpoints", "read_losses"]
@@ -396,7 +396,8 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
     config.domain_id = claim_domain_id(config)
     folder, base_spec = resolve_base(config.base)
     pipe = load_base_pipeline(folder)
-    resolution = config.resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    native_side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    resolution = config.resolution or native_side
     check = preflight(pipe, config, resolution, accelerator.device, accelerator.num_processes if accelerator.device.type == "cpu" else 1)
     say(check.message())
     files.update(preflight=check.message(), memory_fits=check.fits)
@@ -435,8 +436,9 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
-    trained = list(unet.parameters()) + (list(plain_text_encoder(text_encoder).parameters()) if config.train_text_encoder else [])
-    groups = [{"params": trained}]
+    dataset = PairDataset(train_pairs, tokenizer, resolution, config.center_crop, config.random_flip, config.seed, knowledge)
+    groups = parameter_groups(unet, plain_text_encoder(text_encoder), config, embedding_lr_scale(config, native_side))
+    trained = [p for group in groups for p in group["params"]]
     if knowledge is not None:
         groups.append({"params": list(knowledge.injector.parameters()), "lr": config.projection_lr})
         trained = trained + groups[-1]["params"]
@@ -447,7 +449,6 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
         num_warmup_steps=config.warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
-    dataset = PairDataset(train_pairs, tokenizer, resolution, config.center_crop, config.random_flip, config.seed, knowledge)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -551,6 +552,19 @@ def nan_message(step: int, loss: float) -> str:
 
 def main_should_log(step: int, max_steps: int) -> bool:
     return step == 1 or step == max_steps or step % max(1, max_steps // 20) == 0
+
+
+def parameter_groups(unet, text_encoder, config: TrainConfig, embedding_scale: float) -> list[dict]:
+    """The UNet and (if trained) the text encoder at ``config.learning_rate``; the text encoder's
+    token embeddings at ``embedding_scale`` times that (``train_options.EMBEDDING_LR_SCALE``)."""
+    if not config.train_text_encoder:
+        return [{"params": list(unet.parameters())}]
+    embeddings = text_encoder.get_input_embeddings().weight
+    rest = [p for p in text_encoder.parameters() if p is not embeddings]
+    return [
+        {"params": list(unet.parameters()) + rest},
+        {"params": [embeddings], "lr": embedding_scale * config.learning_rate},
+    ]
 
 
 def make_optimizer(parameters: list, config: TrainConfig, device: torch.device):

@@ -77,6 +77,9 @@ class TrainConfig:
     skip_preflight: bool = option(False, help="start even if the memory estimate says it will not fit")
     knowledge: Path | None = option(None, help="a knowledge graph folder (triples.tsv + entities.tsv): inject and train its entities")
     knowledge_lr: float | None = option(None, help="learning rate of the knowledge projection (default: 10x --lr)")
+    embedding_lr_scale: float | None = option(
+        None, help="the text encoder's token embeddings learn at this multiple of --lr (default: 3 on small bases, 1 on large ones)"
+    )
 
     def validate(self) -> None:
         """Bounds that keep a request from a browser or an API reasonable; raises TrainingError."""
@@ -91,6 +94,8 @@ class TrainConfig:
             (self.domain_id is None or re.fullmatch(DOMAIN_ID_PATTERN, self.domain_id) is not None,
              "领域 id 只能含小写字母、数字、- 和 _ / domain id: lowercase letters, digits, '-' or '_' (max 64)"),
             (self.holdout is None or 0 <= self.holdout <= 64, "验证对数应在 0 到 64 之间 / holdout must be between 0 and 64"),
+            (self.embedding_lr_scale is None or 0 < self.embedding_lr_scale <= 100,
+             "词向量学习率倍数应在 (0, 100] 之间 / embedding_lr_scale must be in (0, 100]"),
             (self.name is None or name_problem(self.name) is None, name_problem(self.name or "") or ""),
             (all(p.strip() for p in self.validation_prompts), "验证提示词不能为空白 / a validation prompt is blank"),
         ]
@@ -226,9 +231,10 @@ class Preset:
 PRESET_LABELS = {"quick": "快速预览 / quick look", "standard": "标准 / standard", "thorough": "精细 / thorough"}
 DEFAULT_PRESET = "quick"
 
-# Small bases (the 64x64 demo model): the quick preset (300 steps at batch 8, lr 2e-4) teaches the
-# shipped model the never-named 粉色 (0% -> 79% pink) and the never-seen 半圆形 only halfway (0% -> 54%;
-# v1: 92%); 500 steps did worse on v3 (benchmarks/README.md). Large bases (512x512 PAI models):
+# Small bases (the 64x64 demo model): the quick preset (300 steps at batch 8, lr 2e-4, embeddings at
+# 3x: EMBEDDING_LR_SCALE) teaches the shipped v5 model the never-named 粉色 (0% -> 83% pink) and the
+# never-seen 半圆形 about halfway (0% -> 54%; 46-83% over 12 runs; v1: 92%); 400 steps did no better
+# on v5, 500 worse on v3 (benchmarks/README.md). Large bases (512x512 PAI models):
 # the usual full fine-tuning range, batch 1 with accumulation; "standard" equals TrainConfig's defaults.
 PRESETS = {
     "small": {
@@ -267,10 +273,25 @@ def preset_for(key: str, native_side: int) -> Preset:
 # Seconds per step of a whole quick-preset run (loading, validation, saving included), measured by
 # ``benchmarks/finetune_new_concept.py --preset quick --threads 2`` on the 2-core CPU machine with the
 # demo model v3: 111 s (pink) and 137 s (half disc) for 300 steps, 0.41 s on average; v4 (the
-# same architecture) 150 s and 138 s, 0.48 s, on a day the same machine ran 1.2x slower throughout
-# (benchmarks/README.md). Large bases have no measurement here: the tab shows the time left after
+# same architecture) 150 s and 138 s, 0.48 s, on a day the same machine ran 1.2x slower throughout;
+# v5 106 s and 104 s, 0.35 s, on a faster day (benchmarks/README.md). Large bases have no measurement here: the tab shows the time left after
 # the first steps instead.
 SECONDS_PER_STEP = {("small", "cpu"): 0.41}
+
+
+# How much faster than the rest the token embeddings learn, by base size. A character the base
+# never saw (粉 in 粉色 for the demo model: its world has no such word) keeps its untrained
+# embedding, norm 0.18 against 0.85 for trained ones; at the model's rate it moved 0.03 in the quick
+# preset, and pink reached 58% (small objects drawn purple). At 3x: 83% and 71% (two seeds), old
+# colours 96-100%. The price, on the demo base: runs whose captions name every old colour (the
+# half-disc benchmark) keep fewer of them (71-83%; 1x: 88-92%). Boosting only the new word's row
+# (10x or 30x) left pink at 58-62%: its neighbours have to move too. benchmarks/README.md has every
+# run. Large bases were trained on every common character: no measurement, no change.
+EMBEDDING_LR_SCALE = {"small": 3.0, "large": 1.0}
+
+
+def embedding_lr_scale(config: TrainConfig, native_side: int) -> float:
+    return config.embedding_lr_scale if config.embedding_lr_scale is not None else EMBEDDING_LR_SCALE[size_class(native_side)]
 
 
 def estimate_seconds(preset: Preset, native_side: int, device: str) -> float | None:

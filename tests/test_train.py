@@ -481,3 +481,29 @@ def test_train_parses_its_own_flags_and_a_job_config(tmp_path):
         train_module.parse_args(["--data", "d", "--output", "o"])
     source = Path(train_module.__file__).read_text()
     assert "from .cli" not in source and "import cli" not in source
+
+
+@pytest.mark.parametrize("scale, expected", [(None, 3.0), (1.0, 1.0)])
+def test_token_embeddings_learn_at_their_own_rate(tiny_model_dir, pairs, tmp_path, monkeypatch, scale, expected):
+    """One AdamW step moves every weight with a gradient by about the rate (its first step is
+    g / |g|), plus the decay's lr * 0.01 * w: the embedding rows of the captions' characters by
+    ``expected`` x the rate (3 by default on a small base, 1 when told), the UNet by the rate, and
+    rows of characters no caption has by the decay alone."""
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    from transformers import BertTokenizer, CLIPTextModel
+    from diffusers import UNet2DConditionModel
+
+    lr = 1e-3
+    result = train(quick_config(tiny_model_dir, pairs, tmp_path / "run", max_steps=1, learning_rate=lr, embedding_lr_scale=scale), log=lambda *_: None)
+    assert result.state == "done"
+    tokenizer = BertTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer")
+    before = CLIPTextModel.from_pretrained(tiny_model_dir, subfolder="text_encoder").get_input_embeddings().weight.detach()
+    after = CLIPTextModel.from_pretrained(result.model_dir, subfolder="text_encoder").get_input_embeddings().weight.detach()
+    used = sorted({i for text in SQUARES for i in tokenizer(text, add_special_tokens=False)["input_ids"]})
+    unused = tokenizer.convert_tokens_to_ids(["粉", "星"])
+    moved = (after - before).abs()
+    assert moved[used].amax().item() == pytest.approx(expected * lr, rel=0.05)
+    assert moved[unused].amax().item() <= expected * lr * 0.01 * before[unused].abs().amax().item() * 1.01
+    unet_before = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").conv_in.weight.detach()
+    unet_after = UNet2DConditionModel.from_pretrained(result.model_dir, subfolder="unet").conv_in.weight.detach()
+    assert (unet_after - unet_before).abs().amax().item() == pytest.approx(lr, rel=0.05)
