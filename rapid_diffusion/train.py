@@ -436,7 +436,6 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
-    dataset = PairDataset(train_pairs, tokenizer, resolution, config.center_crop, config.random_flip, config.seed, knowledge)
     groups = parameter_groups(unet, plain_text_encoder(text_encoder), config, embedding_lr_scale(config, native_side))
     trained = [p for group in groups for p in group["params"]]
     if knowledge is not None:
@@ -449,6 +448,7 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
         num_warmup_steps=config.warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
+    dataset = PairDataset(train_pairs, tokenizer, resolution, config.center_crop, config.random_flip, config.seed, knowledge)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -556,9 +556,12 @@ def main_should_log(step: int, max_steps: int) -> bool:
 
 def parameter_groups(unet, text_encoder, config: TrainConfig, embedding_scale: float) -> list[dict]:
     """The UNet and (if trained) the text encoder at ``config.learning_rate``; the text encoder's
-    token embeddings at ``embedding_scale`` times that (``train_options.EMBEDDING_LR_SCALE``)."""
+    token embeddings at ``embedding_scale`` times that (``train_options.EMBEDDING_LR_SCALE``), in a
+    group of their own only when the factor is not 1 (so checkpoints of earlier runs still resume)."""
     if not config.train_text_encoder:
         return [{"params": list(unet.parameters())}]
+    if embedding_scale == 1.0:
+        return [{"params": list(unet.parameters()) + list(text_encoder.parameters())}]
     embeddings = text_encoder.get_input_embeddings().weight
     rest = [p for p in text_encoder.parameters() if p is not embeddings]
     return [

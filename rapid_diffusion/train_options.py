@@ -274,8 +274,8 @@ def preset_for(key: str, native_side: int) -> Preset:
 # ``benchmarks/finetune_new_concept.py --preset quick --threads 2`` on the 2-core CPU machine with the
 # demo model v3: 111 s (pink) and 137 s (half disc) for 300 steps, 0.41 s on average; v4 (the
 # same architecture) 150 s and 138 s, 0.48 s, on a day the same machine ran 1.2x slower throughout;
-# v5 106 s and 104 s, 0.35 s, on a faster day (benchmarks/README.md). Large bases have no measurement here: the tab shows the time left after
-# the first steps instead.
+# v5 106 s and 104 s, 0.35 s, on a faster day (benchmarks/README.md). Large bases have no
+# measurement here: the tab shows the time left after the first steps instead.
 SECONDS_PER_STEP = {("small", "cpu"): 0.41}
 
 
