@@ -233,7 +233,7 @@ DEFAULT_PRESET = "quick"
 
 # Small bases (the 64x64 demo model): the quick preset (300 steps at batch 8, lr 2e-4, embeddings at
 # 3x: EMBEDDING_LR_SCALE) teaches the shipped v5 model the never-named 粉色 (0% -> 83% pink) and the
-# never-seen 半圆形 about halfway (0% -> 54%; 46-83% over 12 runs; v1: 92%); 400 steps did no better
+# never-seen 半圆形 about halfway (0% -> 54%; 46 / 83% on two more seeds; v1: 92%); 400 steps did no better
 # on v5, 500 worse on v3 (benchmarks/README.md). Large bases (512x512 PAI models):
 # the usual full fine-tuning range, batch 1 with accumulation; "standard" equals TrainConfig's defaults.
 PRESETS = {
@@ -282,9 +282,9 @@ SECONDS_PER_STEP = {("small", "cpu"): 0.41}
 # How much faster than the rest the token embeddings learn, by base size. A character the base
 # never saw (粉 in 粉色 for the demo model: its world has no such word) keeps its untrained
 # embedding, norm 0.18 against 0.85 for trained ones; at the model's rate it moved 0.03 in the quick
-# preset, and pink reached 58% (small objects drawn purple). At 3x: 83% and 71% (two seeds), old
-# colours 96-100%. The price, on the demo base: runs whose captions name every old colour (the
-# half-disc benchmark) keep fewer of them (71-83%; 1x: 88-92%). Boosting only the new word's row
+# preset, and pink reached 58 / 71 / 67% over three training seeds (small objects drawn purple).
+# At 3x: 83 / 71 / 75%, old colours 96-100%. The price, on the demo base: runs whose captions name
+# every old colour (the half-disc benchmark) keep fewer of them (71 / 75 / 96%; 1x: 92 / 87.5 / 96%). Boosting only the new word's row
 # (10x or 30x) left pink at 58-62%: its neighbours have to move too. benchmarks/README.md has every
 # run. Large bases were trained on every common character: no measurement, no change.
 EMBEDDING_LR_SCALE = {"small": 3.0, "large": 1.0}
