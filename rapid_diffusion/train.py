@@ -479,7 +479,7 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
         batches = accelerator.skip_first_batches(loader, done_in_epoch * config.gradient_accumulation_steps)
         for batch in batches:
             with accelerator.accumulate(*models):
-                loss = diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype)
+                loss = diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype, snr_gamma=config.snr_gamma or None)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trained, config.max_grad_norm)
@@ -580,7 +580,7 @@ def make_optimizer(parameters: list, config: TrainConfig, device: torch.device):
     return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-2)
 
 
-def diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype, noise=None, timesteps=None) -> torch.Tensor:
+def diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype, noise=None, timesteps=None, snr_gamma=None) -> torch.Tensor:
     """The denoising objective on a batch of pairs (random timesteps, or the given ones).
 
     Latents are the VAE posterior *mean*: for SD's VAE the posterior variance is tiny (the same as
@@ -590,7 +590,7 @@ def diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype
     pixels = batch["pixel_values"].to(device=vae.device, dtype=weight_dtype)
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-    return denoising_loss(unet, noise_scheduler, latents, encode_captions(text_encoder, batch), noise, timesteps)
+    return denoising_loss(unet, noise_scheduler, latents, encode_captions(text_encoder, batch), noise, timesteps, snr_gamma=snr_gamma)
 
 
 def encode_captions(text_encoder, batch) -> torch.Tensor:

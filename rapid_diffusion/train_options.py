@@ -80,6 +80,9 @@ class TrainConfig:
     embedding_lr_scale: float | None = option(
         None, help="the text encoder's token embeddings learn at this multiple of --lr (default: 3 on small bases, 1 on large ones)"
     )
+    snr_gamma: float = option(
+        0.0, help="min-SNR loss weighting: gamma (5 is usual; 0 = off): the noisiest steps, where backgrounds are decided, hardly train"
+    )
 
     def validate(self) -> None:
         """Bounds that keep a request from a browser or an API reasonable; raises TrainingError."""
@@ -96,6 +99,7 @@ class TrainConfig:
             (self.holdout is None or 0 <= self.holdout <= 64, "验证对数应在 0 到 64 之间 / holdout must be between 0 and 64"),
             (self.embedding_lr_scale is None or 0 < self.embedding_lr_scale <= 100,
              "词向量学习率倍数应在 (0, 100] 之间 / embedding_lr_scale must be in (0, 100]"),
+            (0 <= self.snr_gamma <= 100, "min-SNR gamma 应在 [0, 100] 之间 / snr_gamma must be in [0, 100]"),
             (self.name is None or name_problem(self.name) is None, name_problem(self.name or "") or ""),
             (all(p.strip() for p in self.validation_prompts), "验证提示词不能为空白 / a validation prompt is blank"),
         ]
@@ -284,7 +288,8 @@ SECONDS_PER_STEP = {("small", "cpu"): 0.41}
 # embedding, norm 0.18 against 0.85 for trained ones; at the model's rate it moved 0.03 in the quick
 # preset, and pink reached 58 / 71 / 67% over three training seeds (small objects drawn purple).
 # At 3x: 83 / 71 / 75%, old colours 96-100%. The price, on the demo base: runs whose captions name
-# every old colour (the half-disc benchmark) keep fewer of them (71 / 75 / 96%; 1x: 92 / 87.5 / 96%). Boosting only the new word's row
+# every old colour (the half-disc benchmark) keep fewer of them (71 / 75 / 96%; 1x: 92 / 87.5 / 96%;
+# mostly small objects on grounds memorised from its world pairs, at either rate). Boosting only the new word's row
 # (10x or 30x) left pink at 58-62%: its neighbours have to move too. benchmarks/README.md has every
 # run. Large bases were trained on every common character: no measurement, no change.
 EMBEDDING_LR_SCALE = {"small": 3.0, "large": 1.0}

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from .paths import home_dir
@@ -42,11 +41,16 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def denoising_loss(unet, noise_scheduler, latents, hidden, noise=None, timesteps=None, generator=None, weight=None) -> torch.Tensor:
+def denoising_loss(
+    unet, noise_scheduler, latents, hidden, noise=None, timesteps=None, generator=None, weight=None, snr_gamma: float | None = None
+) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (noise, or v for v-prediction schedulers)
     at random timesteps, or at the given ``noise`` and ``timesteps`` (a comparable validation loss).
 
-    ``weight`` (broadcastable to the latents, e.g. (B, 1, h, w)) makes it a weighted mean."""
+    ``weight`` (broadcastable to the latents, e.g. (B, 1, h, w)) makes it a weighted mean.
+    ``snr_gamma`` instead weighs each sample by its timestep (:func:`min_snr_weights`)."""
+    if weight is not None and snr_gamma is not None:
+        raise ValueError("weight and snr_gamma are alternatives")
     latents = latents.float()
     if noise is None:  # drawn on the CPU (seeded runs repeat on any device), then moved
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
@@ -58,10 +62,25 @@ def denoising_loss(unet, noise_scheduler, latents, hidden, noise=None, timesteps
     else:
         target = noise
     prediction = unet(noisy, timesteps, hidden.to(noisy.dtype), return_dict=False)[0]
+    errors = (prediction.float() - target.float()) ** 2
+    if snr_gamma is not None:
+        return (min_snr_weights(noise_scheduler, timesteps, snr_gamma) * errors.mean(dim=(1, 2, 3))).mean()
     if weight is None:
-        return F.mse_loss(prediction.float(), target.float())
+        return errors.mean()
     weight = weight.to(latents.device, torch.float32).expand_as(latents)
-    return (weight * (prediction.float() - target.float()) ** 2).sum() / weight.sum()
+    return (weight * errors).sum() / weight.sum()
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023; diffusers' ``--snr_gamma``): min(SNR, gamma)
+    divided by SNR + 1 for v-prediction, by SNR for epsilon. With v-prediction the noisiest
+    timesteps, where a sample's global colour (its background) is decided, get almost no weight:
+    a fine-tune on a few dozen pictures then hardly memorises their backgrounds (benchmarks/README.md)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
 
 
 def make_ema(module: torch.nn.Module, decay: float):

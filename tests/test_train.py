@@ -172,9 +172,9 @@ def test_nan_loss_stops_the_run_with_a_clear_status(tiny_model_dir, pairs, tmp_p
     real_loss = train_module.diffusion_loss
     calls = []
 
-    def poisoned(*args):
+    def poisoned(*args, **kwargs):
         calls.append(1)
-        loss = real_loss(*args)
+        loss = real_loss(*args, **kwargs)
         return loss * math.nan if len(calls) == 3 else loss
 
     monkeypatch.setattr(train_module, "diffusion_loss", poisoned)
@@ -507,3 +507,50 @@ def test_token_embeddings_learn_at_their_own_rate(tiny_model_dir, pairs, tmp_pat
     unet_before = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").conv_in.weight.detach()
     unet_after = UNet2DConditionModel.from_pretrained(result.model_dir, subfolder="unet").conv_in.weight.detach()
     assert (unet_after - unet_before).abs().amax().item() == pytest.approx(lr, rel=0.05)
+
+
+def test_min_snr_weights_the_loss_per_sample_by_its_timestep():
+    """Against a reference computed here from the schedule itself: SNR = a / (1 - a) with a the
+    cumulative alpha, weight min(SNR, 5) / (SNR + 1) for v-prediction (min(SNR, 5) / SNR for
+    epsilon), the loss the mean of weight x each sample's MSE; without gamma the plain MSE."""
+    from diffusers import DDPMScheduler
+
+    from rapid_diffusion.training_core import denoising_loss
+
+    torch.manual_seed(0)
+    latents, noise, prediction = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    timesteps = torch.tensor([20, 300, 900])
+    unet = lambda noisy, t, hidden, return_dict: (prediction,)  # noqa: E731
+    for prediction_type in ("v_prediction", "epsilon"):
+        scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+        alpha = scheduler.alphas_cumprod[timesteps].double()
+        snr = alpha / (1 - alpha)
+        weights = snr.clamp(max=5.0) / (snr + 1 if prediction_type == "v_prediction" else snr)
+        target = scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
+        per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3)).double()
+        loss = denoising_loss(unet, scheduler, latents, torch.zeros(3, 3, 8), noise, timesteps, snr_gamma=5.0)
+        assert loss.item() == pytest.approx((weights * per_sample).mean().item(), rel=1e-5)
+        plain = denoising_loss(unet, scheduler, latents, torch.zeros(3, 3, 8), noise, timesteps)
+        assert plain.item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+        assert loss.item() != pytest.approx(plain.item(), rel=0.05)
+        if prediction_type == "v_prediction":  # the noisiest timestep hardly counts: backgrounds are not memorised
+            assert weights[2] < 0.01 < 0.2 < weights[1]
+
+
+@pytest.mark.parametrize("gamma, expected", [(0.0, None), (5.0, 5.0)])
+def test_min_snr_weighting_is_used_when_asked(tiny_model_dir, pairs, tmp_path, monkeypatch, gamma, expected):
+    """``--snr-gamma 5`` weighs the training loss, 0 (the default) leaves it plain; the validation
+    loss stays plain either way, comparable between runs."""
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    seen = []
+    real = train_module.denoising_loss
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("snr_gamma"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "denoising_loss", recording)
+    config = quick_config(tiny_model_dir, pairs, tmp_path / "run", max_steps=2, snr_gamma=gamma, holdout=2, validation_every=1)
+    assert TrainConfig(base="b", data=Path("d"), output=Path("o")).snr_gamma == 0.0
+    assert train(config, log=lambda *_: None).state == "done"
+    assert seen.count(expected) >= 2 and set(seen) == {expected, None}
