@@ -19,6 +19,11 @@ the new-concept rate on 12 prompts naming it, and the judge's colour / shape / p
     python benchmarks/finetune_new_concept.py --concept shape --out runs/half-disc --preset quick --threads 2
     python benchmarks/finetune_new_concept.py --concept shape --out runs/custom --steps 300 --lr 2e-4
 
+Every image measured lands in ``before.png`` and ``after.png`` (a column per prompt, a row per
+seed, the world's prompts in the upper block). ``--grey-world-pairs`` draws the mixed-in world pairs
+on grey backgrounds only: a diagnostic (the fine-tuned model memorises the few coloured backgrounds
+and guidance amplifies them, see benchmarks/README.md), not the measurement.
+
 ``--preset`` trains exactly what the Fine-tune tab starts on its defaults (the preset's steps, rate
 and batch, pairs held out for validation, samples and a checkpoint every fifth of the run); the
 wall time it prints is what ``train_options.SECONDS_PER_STEP`` stores for the tab's estimate.
@@ -123,8 +128,9 @@ def new_concept_pairs(world, concept: str, rng) -> list[tuple[Image.Image, str]]
     return pairs
 
 
-def write_pairs(world, concept: str, folder: Path, num_old: int) -> int:
-    """24 new-concept pairs + ``num_old`` world pairs in a ``metadata.jsonl`` folder."""
+def write_pairs(world, concept: str, folder: Path, num_old: int, grey_world: bool = False) -> int:
+    """24 new-concept pairs + ``num_old`` world pairs in a ``metadata.jsonl`` folder; the world pairs'
+    backgrounds as in the world (a fifth coloured), or all grey with ``grey_world``."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     rows = []
@@ -132,7 +138,7 @@ def write_pairs(world, concept: str, folder: Path, num_old: int) -> int:
         image.save(folder / f"new{i}.png")
         rows.append({"file_name": f"new{i}.png", "text": text})
     for i in range(num_old):
-        scene = world.sample_scene(rng, max_objects=1)
+        scene = world.sample_scene(rng, max_objects=1, coloured_background_rate=0.0 if grey_world else world.COLOURED_BACKGROUND_RATE)
         world.render(scene).save(folder / f"old{i}.png")
         rows.append({"file_name": f"old{i}.png", "text": world.caption(scene, rng)})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -161,18 +167,31 @@ def old_prompts(world) -> list[str]:
     ]
 
 
-def measure(spec, registry, concept: str, judge, world, generate, GenerationRequest) -> dict:
+def measure(spec, registry, concept: str, judge, world, generate, GenerationRequest, sheet: Path) -> dict:
+    """The rates, and every image in ``sheet``: a column per prompt, a row per seed, the world's prompts above."""
     hit = is_half_disc if concept == "shape" else is_pink
-    new_hits = []
-    for prompt in new_prompts(world, concept):
-        for image in generate(GenerationRequest(prompt=prompt, seed=SEEDS[0], num_images=len(SEEDS)), spec, registry=registry).images:
-            new_hits.append(hit(judge, image))
-    scores = []
-    for prompt in old_prompts(world):
-        for image in generate(GenerationRequest(prompt=prompt, seed=SEEDS[0], num_images=len(SEEDS)), spec, registry=registry).images:
-            scores.append(judge.judge(image, prompt))
-    old = {k: float(np.mean([s.get(k, 0.0) for s in scores])) for k in ("colour", "shape", "position")}
-    return {"new_concept_rate": float(np.mean(new_hits)), "new_concept_hits": [bool(h) for h in new_hits], "old": old}
+
+    def images_of(prompts: list[str]) -> list[list[Image.Image]]:
+        return [generate(GenerationRequest(prompt=p, seed=SEEDS[0], num_images=len(SEEDS)), spec, registry=registry).images for p in prompts]
+
+    old, new = images_of(old_prompts(world)), images_of(new_prompts(world, concept))
+    contact_sheet(old + new, len(SEEDS)).save(sheet)
+    new_hits = [hit(judge, image) for images in new for image in images]
+    scores = [judge.judge(image, prompt) for prompt, images in zip(old_prompts(world), old) for image in images]
+    old_scores = {k: float(np.mean([s.get(k, 0.0) for s in scores])) for k in ("colour", "shape", "position")}
+    return {"new_concept_rate": float(np.mean(new_hits)), "new_concept_hits": [bool(h) for h in new_hits], "old": old_scores}
+
+
+def contact_sheet(per_prompt: list[list[Image.Image]], rows_per_block: int, columns: int = 12) -> Image.Image:
+    """Prompts' images side by side, ``columns`` prompts per block, enlarged 2x for the eye."""
+    side = per_prompt[0][0].width
+    blocks = math.ceil(len(per_prompt) / columns)
+    sheet = Image.new("RGB", (columns * side, blocks * rows_per_block * side), "white")
+    for index, images in enumerate(per_prompt):
+        block, column = divmod(index, columns)
+        for row, image in enumerate(images):
+            sheet.paste(image, (column * side, (block * rows_per_block + row) * side))
+    return sheet.resize((sheet.width * 2, sheet.height * 2), Image.Resampling.NEAREST)
 
 
 def vae_round_trips(judge, world, vae) -> dict:
@@ -200,9 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-old", type=int, default=24, help="world pairs mixed in (keeps the old words)")
+    parser.add_argument("--grey-world-pairs", action="store_true",
+                        help="the world pairs on grey backgrounds only (a diagnostic; by default a fifth are coloured, as in the world)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="the training run's seed (the data and the measurement stay fixed)")
     parser.add_argument("--embedding-lr-scale", type=float, default=None, help="token embeddings' rate / the rate (default: the trainer's, 3 on the demo base)")
+    parser.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR loss weighting (the trainer's --snr-gamma; 0 = off, its default)")
     parser.add_argument("--preset", choices=("quick", "standard", "thorough"), default=None,
                         help="train as the Fine-tune tab does on this preset (overrides --steps/--lr/--batch-size)")
     args = parser.parse_args(argv)
@@ -221,23 +243,24 @@ def main(argv: list[str] | None = None) -> int:
     spec = registry.spec("demo")
     round_trips = vae_round_trips(judge, world, registry.get(spec).pipe.vae)
     print(f"frozen VAE round trips: half disc kept {round_trips['half_disc_kept']:.0%}, pink kept {round_trips['pink_kept']:.0%}", flush=True)
-    before = measure(spec, registry, args.concept, judge, world, generate, GenerationRequest)
+    args.out.mkdir(parents=True, exist_ok=True)
+    before = measure(spec, registry, args.concept, judge, world, generate, GenerationRequest, args.out / "before.png")
     print(f"before: new-{args.concept} rate {before['new_concept_rate']:.0%}, old {before['old']}", flush=True)
 
     word = NEW_SHAPE if args.concept == "shape" else NEW_COLOUR
     domain_id = f"demo-new-{args.concept}"
-    pairs = write_pairs(world, args.concept, args.out / "data", args.num_old)
+    pairs = write_pairs(world, args.concept, args.out / "data", args.num_old, args.grey_world_pairs)
     if args.preset:
         preset = preset_for(args.preset, spec.height)
         args.steps, args.lr, args.batch_size = preset.max_steps, preset.learning_rate, preset.batch_size
         config = preset_config(preset, base="demo", data=args.out / "data", output=args.out / "run", name=word, domain_id=domain_id, seed=args.seed,
-                               embedding_lr_scale=args.embedding_lr_scale)
+                               embedding_lr_scale=args.embedding_lr_scale, snr_gamma=args.snr_gamma)
     else:
         config = TrainConfig(
             base="demo", data=args.out / "data", output=args.out / "run", max_steps=args.steps, learning_rate=args.lr,
             batch_size=args.batch_size, gradient_accumulation_steps=1, checkpoint_every=0, validation_every=0,
             lr_warmup_steps=10, domain_id=domain_id, random_flip=False, holdout=0, seed=args.seed,
-            embedding_lr_scale=args.embedding_lr_scale,
+            embedding_lr_scale=args.embedding_lr_scale, snr_gamma=args.snr_gamma,
         )
     start = time.time()
     result = train(config, log=lambda line: None)
@@ -246,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train: {result.state}, {pairs} pairs, {args.steps} steps, {seconds:.0f} s, loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}", flush=True)
 
     tuned_registry = ModelRegistry(**cpu)
-    after = measure(tuned_registry.spec(domain_id), tuned_registry, args.concept, judge, world, generate, GenerationRequest)
+    after = measure(tuned_registry.spec(domain_id), tuned_registry, args.concept, judge, world, generate, GenerationRequest, args.out / "after.png")
     print(f"after: new-{args.concept} rate {after['new_concept_rate']:.0%}, old {after['old']}", flush=True)
     report = {
         "concept": args.concept, "new_word": word, "vae_round_trips": round_trips, "pairs": pairs, "steps": args.steps, "lr": args.lr,
         "batch_size": args.batch_size, "preset": args.preset, "train_seconds": round(seconds, 1), "torch_threads": args.threads, "seed": args.seed,
-        "embedding_lr_scale": args.embedding_lr_scale,
+        "embedding_lr_scale": args.embedding_lr_scale, "num_old": args.num_old, "grey_world_pairs": args.grey_world_pairs, "snr_gamma": args.snr_gamma,
         "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
         "before": before, "after": after,
     }

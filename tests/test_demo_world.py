@@ -58,6 +58,18 @@ def test_colour_is_continuous_but_captions_name_only_the_palette():
     assert tuple(pixels[cy, cx]) == obj.rgb
 
 
+def test_coloured_background_rate_can_be_set_per_call():
+    """The fine-tune benchmark's diagnostic draws world pairs on grey only; the default stays the world's."""
+
+    def backgrounds(rate: float) -> list:
+        rng = np.random.default_rng(1)
+        return [world.sample_scene(rng, split="all", coloured_background_rate=rate).background for _ in range(400)]
+
+    assert all(isinstance(background, int) for background in backgrounds(0.0))
+    assert sum(not isinstance(background, int) for background in backgrounds(1.0)) > 0.9 * 400
+    assert world.sample_scene(np.random.default_rng(5)) == world.sample_scene(np.random.default_rng(5), coloured_background_rate=world.COLOURED_BACKGROUND_RATE)
+
+
 def test_positions_and_sizes_are_drawn_where_named():
     left = np.asarray(world.render(world.Scene((world.SceneObject("红色", "圆形", "小", "左"),))))
     top = np.asarray(world.render(world.Scene((world.SceneObject("红色", "圆形", "大", "上"),))))

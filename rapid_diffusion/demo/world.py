@@ -199,9 +199,9 @@ def _random_object(rng: np.random.Generator, position: str, background: RGB, off
     )
 
 
-def _random_background(rng: np.random.Generator, objects: tuple[SceneObject, ...]) -> int | RGB:
+def _random_background(rng: np.random.Generator, objects: tuple[SceneObject, ...], coloured_rate: float) -> int | RGB:
     """Grey, or (sometimes) a random colour far enough from every object to keep it visible."""
-    if rng.random() < COLOURED_BACKGROUND_RATE:
+    if rng.random() < coloured_rate:
         rgb = random_rgb(rng, [obj.fill for obj in objects], MIN_CONTRAST)
         if rgb is not None:
             return rgb
@@ -209,7 +209,7 @@ def _random_background(rng: np.random.Generator, objects: tuple[SceneObject, ...
     return grey if all(distance((grey,) * 3, obj.fill) >= MIN_CONTRAST / 2 for obj in objects) else 130
 
 
-def _random_scene(rng: np.random.Generator, max_objects: int, off_palette_rate: float) -> Scene:
+def _random_scene(rng: np.random.Generator, max_objects: int, off_palette_rate: float, coloured_background_rate: float) -> Scene:
     grey = (130, 130, 130)
     if max_objects >= 2 and rng.random() < 0.35:
         pair = PAIRED_POSITIONS[rng.integers(len(PAIRED_POSITIONS))]
@@ -219,16 +219,23 @@ def _random_scene(rng: np.random.Generator, max_objects: int, off_palette_rate: 
         objects = (first, second)
     else:
         objects = (_random_object(rng, POSITIONS[rng.integers(len(POSITIONS))], grey, off_palette_rate),)
-    return Scene(objects, _random_background(rng, objects))
+    return Scene(objects, _random_background(rng, objects, coloured_background_rate))
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: int = 2, off_palette_rate: float = OFF_PALETTE_RATE) -> Scene:
+def sample_scene(
+    rng: np.random.Generator,
+    split: str = "train",
+    max_objects: int = 2,
+    off_palette_rate: float = OFF_PALETTE_RATE,
+    coloured_background_rate: float = COLOURED_BACKGROUND_RATE,
+) -> Scene:
     """A random scene of ``split`` ("train", "validation", "test"), or of any split ("all").
-    ``off_palette_rate``: the share of (first) objects in a random colour."""
+    ``off_palette_rate``: the share of (first) objects in a random colour; ``coloured_background_rate``:
+    of backgrounds in a random colour."""
     if split not in SPLITS + ("all",):
         raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
     while True:
-        scene = _random_scene(rng, max_objects, off_palette_rate)
+        scene = _random_scene(rng, max_objects, off_palette_rate, coloured_background_rate)
         if split == "all" or scene_split(scene) == split:
             return scene
 
