@@ -128,7 +128,8 @@ def test_compile_cache_is_keyed_by_torch_weights_and_device(tiny_model_dir, monk
     key = compile_cache.compile_cache_file(pipe, sizes)
     assert key.parent == tmp_path / "cache" / "torch-compile"
     assert compile_cache.compile_cache_file(pipe, [(128, 128)]) != key
-    monkeypatch.setattr(compile_cache, "device_description", lambda device: "cpu:AVX2")
+    real_description = compile_cache.device_description(torch.device("cpu"))  # AVX2, AVX512...: differ from it, whatever it is
+    monkeypatch.setattr(compile_cache, "device_description", lambda device: real_description + "-another-isa")
     assert compile_cache.compile_cache_file(pipe, sizes) != key
     monkeypatch.setattr(torch, "__version__", "0.0-other")
     assert compile_cache.compile_cache_file(pipe, sizes) != key
