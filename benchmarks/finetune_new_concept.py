@@ -22,7 +22,8 @@ the new-concept rate on 12 prompts naming it, and the judge's colour / shape / p
 Every image measured lands in ``before.png`` and ``after.png`` (a column per prompt, a row per
 seed, the world's prompts in the upper block). ``--grey-world-pairs`` draws the mixed-in world pairs
 on grey backgrounds only: a diagnostic (the fine-tuned model memorises the few coloured backgrounds
-and guidance amplifies them, see benchmarks/README.md), not the measurement.
+and guidance amplifies them, see benchmarks/README.md), not the measurement. ``--unet-max-timestep
+1000`` trains as the trainer did before it kept small bases' UNet off the noisiest timesteps.
 
 ``--preset`` trains exactly what the Fine-tune tab starts on its defaults (the preset's steps, rate
 and batch, pairs held out for validation, samples and a checkpoint every fifth of the run); the
@@ -225,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the training run's seed (the data and the measurement stay fixed)")
     parser.add_argument("--embedding-lr-scale", type=float, default=None, help="token embeddings' rate / the rate (default: the trainer's, 3 on the demo base)")
     parser.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR loss weighting (the trainer's --snr-gamma; 0 = off, its default)")
+    parser.add_argument("--unet-max-timestep", type=int, default=None,
+                        help="the UNet learns from timesteps below this one (the trainer's option; default: the trainer's, 700 on the demo base; 1000 = all)")
     parser.add_argument("--preset", choices=("quick", "standard", "thorough"), default=None,
                         help="train as the Fine-tune tab does on this preset (overrides --steps/--lr/--batch-size)")
     args = parser.parse_args(argv)
@@ -254,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         preset = preset_for(args.preset, spec.height)
         args.steps, args.lr, args.batch_size = preset.max_steps, preset.learning_rate, preset.batch_size
         config = preset_config(preset, base="demo", data=args.out / "data", output=args.out / "run", name=word, domain_id=domain_id, seed=args.seed,
-                               embedding_lr_scale=args.embedding_lr_scale, snr_gamma=args.snr_gamma)
+                               embedding_lr_scale=args.embedding_lr_scale, snr_gamma=args.snr_gamma, unet_max_timestep=args.unet_max_timestep)
     else:
         config = TrainConfig(
             base="demo", data=args.out / "data", output=args.out / "run", max_steps=args.steps, learning_rate=args.lr,
             batch_size=args.batch_size, gradient_accumulation_steps=1, checkpoint_every=0, validation_every=0,
             lr_warmup_steps=10, domain_id=domain_id, random_flip=False, holdout=0, seed=args.seed,
-            embedding_lr_scale=args.embedding_lr_scale, snr_gamma=args.snr_gamma,
+            embedding_lr_scale=args.embedding_lr_scale, snr_gamma=args.snr_gamma, unet_max_timestep=args.unet_max_timestep,
         )
     start = time.time()
     result = train(config, log=lambda line: None)
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "concept": args.concept, "new_word": word, "vae_round_trips": round_trips, "pairs": pairs, "steps": args.steps, "lr": args.lr,
         "batch_size": args.batch_size, "preset": args.preset, "train_seconds": round(seconds, 1), "torch_threads": args.threads, "seed": args.seed,
-        "embedding_lr_scale": args.embedding_lr_scale, "num_old": args.num_old, "grey_world_pairs": args.grey_world_pairs, "snr_gamma": args.snr_gamma,
+        "embedding_lr_scale": args.embedding_lr_scale, "num_old": args.num_old, "grey_world_pairs": args.grey_world_pairs, "snr_gamma": args.snr_gamma, "unet_max_timestep": args.unet_max_timestep,
         "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
         "before": before, "after": after,
     }

@@ -45,7 +45,7 @@ from .run_files import (
     complete_checkpoints,
     read_losses,
 )
-from .train_options import TrainConfig, TrainingError, add_arguments, config_from_args, derived_domain_id, embedding_lr_scale
+from .train_options import TrainConfig, TrainingError, add_arguments, config_from_args, derived_domain_id, embedding_lr_scale, unet_timestep_limit
 from .training_core import denoising_loss, load_base_pipeline, tokenize, write_domain_yaml
 
 __all__ = ["TrainConfig", "TrainingError", "TrainResult", "train", "main", "parse_args", "complete_checkpoints", "read_losses"]
@@ -407,6 +407,14 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
     set_seed(config.seed)
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet_max_timestep = unet_timestep_limit(config, native_side)
+    if unet_max_timestep is not None and accelerator.num_processes > 1:
+        say("多进程训练时 UNet 从所有时间步学习 / with several processes the UNet learns from every timestep "
+            f"(--unet-max-timestep {unet_max_timestep} needs one process: a batch of only the noisiest steps would leave its gradients unsynchronised)")
+        unet_max_timestep = None
+    if unet_max_timestep is not None:
+        say(f"UNet 只从 {unet_max_timestep} 以下的时间步学习 / the UNet learns from timesteps below {unet_max_timestep} "
+            f"of {noise_scheduler.config.num_train_timesteps} (the text encoder from all)")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     vae.requires_grad_(False)
     frozen = [vae] if config.train_text_encoder else [vae, text_encoder]
@@ -479,8 +487,9 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
         batches = accelerator.skip_first_batches(loader, done_in_epoch * config.gradient_accumulation_steps)
         for batch in batches:
             with accelerator.accumulate(*models):
-                loss = diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype, snr_gamma=config.snr_gamma or None)
-                accelerator.backward(loss)
+                loss = diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype, snr_gamma=config.snr_gamma or None, unet_max_timestep=unet_max_timestep)
+                if loss.requires_grad:  # not when every sample was a noisiest one and the text encoder is frozen
+                    accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trained, config.max_grad_norm)
                 optimizer.step()
@@ -580,7 +589,7 @@ def make_optimizer(parameters: list, config: TrainConfig, device: torch.device):
     return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-2)
 
 
-def diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype, noise=None, timesteps=None, snr_gamma=None) -> torch.Tensor:
+def diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype, noise=None, timesteps=None, snr_gamma=None, unet_max_timestep=None) -> torch.Tensor:
     """The denoising objective on a batch of pairs (random timesteps, or the given ones).
 
     Latents are the VAE posterior *mean*: for SD's VAE the posterior variance is tiny (the same as
@@ -590,7 +599,7 @@ def diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype
     pixels = batch["pixel_values"].to(device=vae.device, dtype=weight_dtype)
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-    return denoising_loss(unet, noise_scheduler, latents, encode_captions(text_encoder, batch), noise, timesteps, snr_gamma=snr_gamma)
+    return denoising_loss(unet, noise_scheduler, latents, encode_captions(text_encoder, batch), noise, timesteps, snr_gamma=snr_gamma, unet_max_timestep=unet_max_timestep)
 
 
 def encode_captions(text_encoder, batch) -> torch.Tensor:

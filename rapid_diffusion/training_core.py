@@ -42,13 +42,15 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def denoising_loss(
-    unet, noise_scheduler, latents, hidden, noise=None, timesteps=None, generator=None, weight=None, snr_gamma: float | None = None
+    unet, noise_scheduler, latents, hidden, noise=None, timesteps=None, generator=None, weight=None, snr_gamma: float | None = None,
+    unet_max_timestep: int | None = None,
 ) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (noise, or v for v-prediction schedulers)
     at random timesteps, or at the given ``noise`` and ``timesteps`` (a comparable validation loss).
 
     ``weight`` (broadcastable to the latents, e.g. (B, 1, h, w)) makes it a weighted mean.
-    ``snr_gamma`` instead weighs each sample by its timestep (:func:`min_snr_weights`)."""
+    ``snr_gamma`` instead weighs each sample by its timestep (:func:`min_snr_weights`).
+    ``unet_max_timestep``: the samples at or above it train the text only (:func:`predict`)."""
     if weight is not None and snr_gamma is not None:
         raise ValueError("weight and snr_gamma are alternatives")
     latents = latents.float()
@@ -61,7 +63,7 @@ def denoising_loss(
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    prediction = unet(noisy, timesteps, hidden.to(noisy.dtype), return_dict=False)[0]
+    prediction = predict(unet, noisy, timesteps, hidden.to(noisy.dtype), unet_max_timestep)
     errors = (prediction.float() - target.float()) ** 2
     if snr_gamma is not None:
         return (min_snr_weights(noise_scheduler, timesteps, snr_gamma) * errors.mean(dim=(1, 2, 3))).mean()
@@ -69,6 +71,29 @@ def denoising_loss(
         return errors.mean()
     weight = weight.to(latents.device, torch.float32).expand_as(latents)
     return (weight * errors).sum() / weight.sum()
+
+
+def predict(unet, noisy, timesteps, hidden, unet_max_timestep: int | None = None) -> torch.Tensor:
+    """The UNet's prediction; samples at timesteps >= ``unet_max_timestep`` go through the UNet
+    with its weights detached, so that they teach the text encoder (through the prompt) but not
+    the UNet. Why: a fine-tune on a few dozen pictures memorises, at the noisiest timesteps, where
+    each picture's ground colour is decided, the grounds of its few coloured pictures, and guidance
+    amplifies them (benchmarks/README.md); a new word still has to work there too."""
+    if unet_max_timestep is None:
+        return unet(noisy, timesteps, hidden, return_dict=False)[0]
+    noisiest = timesteps >= unet_max_timestep
+    order = torch.argsort(noisiest.to(torch.int8), stable=True)
+    trained = int((~noisiest).sum())
+    parts = []
+    if trained:
+        first = order[:trained]
+        parts.append(unet(noisy[first], timesteps[first], hidden[first], return_dict=False)[0])
+    if trained < len(order):
+        rest = order[trained:]
+        module = getattr(unet, "module", unet)  # a DistributedDataParallel wrapper's model
+        detached = {name: parameter.detach() for name, parameter in module.named_parameters()}
+        parts.append(torch.func.functional_call(module, detached, (noisy[rest], timesteps[rest], hidden[rest]), {"return_dict": False})[0])
+    return torch.cat(parts)[torch.argsort(order)]
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -494,7 +494,9 @@ def test_token_embeddings_learn_at_their_own_rate(tiny_model_dir, pairs, tmp_pat
     from diffusers import UNet2DConditionModel
 
     lr = 1e-3
-    result = train(quick_config(tiny_model_dir, pairs, tmp_path / "run", max_steps=1, learning_rate=lr, embedding_lr_scale=scale), log=lambda *_: None)
+    config = quick_config(tiny_model_dir, pairs, tmp_path / "run", max_steps=1, learning_rate=lr, embedding_lr_scale=scale,
+                          unet_max_timestep=1000)  # the UNet learns from both draws' timesteps, whatever they are
+    result = train(config, log=lambda *_: None)
     assert result.state == "done"
     tokenizer = BertTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer")
     before = CLIPTextModel.from_pretrained(tiny_model_dir, subfolder="text_encoder").get_input_embeddings().weight.detach()
@@ -554,3 +556,72 @@ def test_min_snr_weighting_is_used_when_asked(tiny_model_dir, pairs, tmp_path, m
     assert TrainConfig(base="b", data=Path("d"), output=Path("o")).snr_gamma == 0.0
     assert train(config, log=lambda *_: None).state == "done"
     assert seen.count(expected) >= 2 and set(seen) == {expected, None}
+
+
+def test_the_noisiest_timesteps_teach_the_text_but_not_the_unet():
+    """Against references computed here: with ``unet_max_timestep`` the loss is the same number,
+    the UNet's gradient is that of the quieter samples' share alone, and the prompt's gradient is
+    the plain one (every sample teaches the text); without it the UNet's gradient differs (a
+    negative control)."""
+    from diffusers import DDPMScheduler
+
+    from rapid_diffusion.training_core import denoising_loss
+
+    class Unet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Linear(8, 4)
+
+        def forward(self, noisy, t, hidden, return_dict=False):
+            return (noisy * self.mix(hidden.mean(dim=1))[:, :, None, None] + t[:, None, None, None] / 1000,)
+
+    torch.manual_seed(0)
+    unet, scheduler = Unet(), DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    latents, noise, timesteps = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2), torch.tensor([900, 100, 750, 300])
+    prompt = torch.randn(4, 3, 8)
+
+    def gradients(loss_of):
+        unet.zero_grad()
+        hidden = prompt.clone().requires_grad_(True)
+        loss = loss_of(hidden)
+        loss.backward()
+        return loss.item(), unet.mix.weight.grad.clone(), hidden.grad.clone()
+
+    limited = gradients(lambda h: denoising_loss(unet, scheduler, latents, h, noise, timesteps, unet_max_timestep=700))
+    plain = gradients(lambda h: denoising_loss(unet, scheduler, latents, h, noise, timesteps))
+    quiet = timesteps < 700
+    target = scheduler.get_velocity(latents, noise, timesteps)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    reference = gradients(lambda h: ((unet(noisy, timesteps, h)[0] - target) ** 2)[quiet].sum() / target.numel())
+    assert limited[0] == pytest.approx(plain[0], rel=1e-6)
+    assert torch.allclose(limited[1], reference[1], atol=1e-7)
+    assert not torch.allclose(plain[1], reference[1], atol=1e-4)
+    assert torch.allclose(limited[2], plain[2], atol=1e-7) and limited[2][~quiet].abs().sum() > 0
+
+
+def test_the_unet_of_a_small_base_leaves_the_noisiest_timesteps_alone(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    """Small bases default to a UNet that learns below timestep 700, large ones from all;
+    ``--unet-max-timestep`` overrides either; the validation loss is measured the plain way."""
+    from rapid_diffusion.train_options import unet_timestep_limit
+
+    config = TrainConfig(base="b", data=Path("d"), output=Path("o"))
+    assert (unet_timestep_limit(config, 64), unet_timestep_limit(config, 512)) == (700, None)
+    config.unet_max_timestep = 900
+    assert (unet_timestep_limit(config, 64), unet_timestep_limit(config, 512)) == (900, 900)
+    for bad in (0, 1001):
+        config.unet_max_timestep = bad
+        with pytest.raises(TrainingError, match="unet_max_timestep"):
+            config.validate()
+
+    monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
+    seen = []
+    real = train_module.denoising_loss
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("unet_max_timestep"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "denoising_loss", recording)
+    config = quick_config(tiny_model_dir, pairs, tmp_path / "run", max_steps=2, holdout=2, validation_every=1)
+    assert train(config, log=lambda *_: None).state == "done"
+    assert seen.count(700) == 2 and set(seen) == {700, None}
