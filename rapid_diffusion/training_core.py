@@ -78,7 +78,8 @@ def predict(unet, noisy, timesteps, hidden, unet_max_timestep: int | None = None
     with its weights detached, so that they teach the text encoder (through the prompt) but not
     the UNet. Why: a fine-tune on a few dozen pictures memorises, at the noisiest timesteps, where
     each picture's ground colour is decided, the grounds of its few coloured pictures, and guidance
-    amplifies them (benchmarks/README.md); a new word still has to work there too."""
+    amplifies them (benchmarks/README.md); a new word still has to work there too. One process
+    only: the trainer does not apply the limit under DistributedDataParallel."""
     if unet_max_timestep is None:
         return unet(noisy, timesteps, hidden, return_dict=False)[0]
     noisiest = timesteps >= unet_max_timestep
@@ -90,9 +91,8 @@ def predict(unet, noisy, timesteps, hidden, unet_max_timestep: int | None = None
         parts.append(unet(noisy[first], timesteps[first], hidden[first], return_dict=False)[0])
     if trained < len(order):
         rest = order[trained:]
-        module = getattr(unet, "module", unet)  # a DistributedDataParallel wrapper's model
-        detached = {name: parameter.detach() for name, parameter in module.named_parameters()}
-        parts.append(torch.func.functional_call(module, detached, (noisy[rest], timesteps[rest], hidden[rest]), {"return_dict": False})[0])
+        detached = {name: parameter.detach() for name, parameter in unet.named_parameters()}
+        parts.append(torch.func.functional_call(unet, detached, (noisy[rest], timesteps[rest], hidden[rest]), {"return_dict": False})[0])
     return torch.cat(parts)[torch.argsort(order)]
 
 
