@@ -539,19 +539,25 @@ def test_min_snr_weights_the_loss_per_sample_by_its_timestep():
             assert weights[2] < 0.01 < 0.2 < weights[1]
 
 
+def record_denoising_loss_argument(monkeypatch, name: str) -> list:
+    """The trainer's calls of the denoising loss still run; the list gets ``name``'s value of each."""
+    seen = []
+    real = train_module.denoising_loss
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get(name))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "denoising_loss", recording)
+    return seen
+
+
 @pytest.mark.parametrize("gamma, expected", [(0.0, None), (5.0, 5.0)])
 def test_min_snr_weighting_is_used_when_asked(tiny_model_dir, pairs, tmp_path, monkeypatch, gamma, expected):
     """``--snr-gamma 5`` weighs the training loss, 0 (the default) leaves it plain; the validation
     loss stays plain either way, comparable between runs."""
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
-    seen = []
-    real = train_module.denoising_loss
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs.get("snr_gamma"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "denoising_loss", recording)
+    seen = record_denoising_loss_argument(monkeypatch, "snr_gamma")
     config = quick_config(tiny_model_dir, pairs, tmp_path / "run", max_steps=2, snr_gamma=gamma, holdout=2, validation_every=1)
     assert TrainConfig(base="b", data=Path("d"), output=Path("o")).snr_gamma == 0.0
     assert train(config, log=lambda *_: None).state == "done"
@@ -614,14 +620,7 @@ def test_the_unet_of_a_small_base_leaves_the_noisiest_timesteps_alone(tiny_model
             config.validate()
 
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
-    seen = []
-    real = train_module.denoising_loss
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs.get("unet_max_timestep"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "denoising_loss", recording)
+    seen = record_denoising_loss_argument(monkeypatch, "unet_max_timestep")
     config = quick_config(tiny_model_dir, pairs, tmp_path / "run", max_steps=2, holdout=2, validation_every=1)
     assert train(config, log=lambda *_: None).state == "done"
     assert seen.count(700) == 2 and set(seen) == {700, None}
