@@ -13,12 +13,14 @@ import json
 import logging
 import threading
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from .messages import say
+from .inputs import request_from_inputs
 from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult
 from .service import AppService, UserFacingError, zero_gpu
 
@@ -34,7 +36,8 @@ API_FIELDS = {
     "num_images": int,
     "super_resolution": bool,
 }
-API_FIELD_NAMES = {"prompt": "text"}
+# A refusal names the field as the client sent it (the request's ``prompt`` is the body's ``text``).
+API_FIELD_NAMES = {name: (name, name) for name in API_FIELDS} | {"prompt": ("text", "text")}
 
 
 def parse_predict_body(raw: bytes) -> GenerationRequest:
@@ -55,13 +58,13 @@ def parse_predict_body(raw: bytes) -> GenerationRequest:
             raise UserFacingError(422, say("wrong_type", field=name, expected=expected, value=repr(value)[:40]), name)
     if "text" not in body:
         raise UserFacingError(422, say("missing_text"), "text")
-    return GenerationRequest(
-        prompt=body["text"],
+    return request_from_inputs(
+        body["text"],
         negative_prompt=body.get("negative_prompt"),
         num_inference_steps=body.get("num_inference_steps"),
         guidance_scale=body.get("guidance_scale"),
         seed=body.get("seed"),
-        num_images=1 if body.get("num_images") is None else body["num_images"],
+        num_images=body.get("num_images"),
         super_resolution=body.get("super_resolution"),
     )
 
@@ -99,15 +102,36 @@ def predict_response(result: GenerationResult) -> dict[str, Any]:
     }
 
 
+# Content types a web page may send to another site without asking first (CORS "simple" requests).
+SIMPLE_CONTENT_TYPES = ("", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def refuse_cross_site(request: Request) -> None:
+    """Any web page can make its visitors' browsers POST here; refuse what such a page can send.
+
+    A page on another site may send a body without asking first only as text/plain, a form, or with
+    no type; JSON clients (curl with its header, the EAS client's octet-stream) send another type,
+    which a browser would first have to ask about, and this server never says yes. A request whose
+    ``Origin`` is not this host is refused too.
+    """
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in SIMPLE_CONTENT_TYPES:
+        raise UserFacingError(415, say("json_content_type", got=content_type or "none"))
+    origin = request.headers.get("origin")
+    if origin is not None:
+        own = {request.headers.get("host", ""), request.headers.get("x-forwarded-host", "")} - {""}
+        if urlsplit(origin).netloc not in own:
+            raise UserFacingError(403, say("cross_origin", origin=origin[:100]))
+
+
 NOT_POST = ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"]
 DISCONNECT_POLL_SECONDS = 0.25
 
 
 def error_response(exc: UserFacingError, request: Request, headers: dict[str, str] | None = None) -> JSONResponse:
     """The API's one error shape, ``{"error", "field"}``; each rejection logs one line, no traceback."""
-    field = API_FIELD_NAMES.get(exc.field, exc.field)
     log.info("%s %s -> %d (%s)", request.method, request.url.path, exc.status, exc.message)
-    return JSONResponse({"error": exc.message, "field": field}, status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 async def run_while_connected(request: Request, work: Callable[[Callable[[], bool]], Any]) -> Any:
@@ -133,11 +157,14 @@ async def run_while_connected(request: Request, work: Callable[[Callable[[], boo
 
 def build_api_router(service: AppService) -> APIRouter:
     router = APIRouter()
-    gpu_generate = zero_gpu(lambda gen_request, domain, should_stop: service.generate(gen_request, domain, should_stop=should_stop))
+    gpu_generate = zero_gpu(
+        lambda gen_request, domain, should_stop: service.generate(gen_request, domain, should_stop=should_stop, field_names=API_FIELD_NAMES)
+    )
 
     @router.post("/api/predict/{domain}")
     async def predict(domain: str, request: Request) -> JSONResponse:
         try:
+            refuse_cross_site(request)
             raw = await read_limited_body(request)
             service.spec(domain)
             gen_request = parse_predict_body(raw)

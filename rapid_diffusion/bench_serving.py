@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,6 @@ from typing import Callable
 
 import torch
 
-from .batching import Batcher
 from .bench import machine_info, spread
 from .pipeline import GenerationRequest
 from .settings import settings
@@ -44,11 +44,10 @@ def run_concurrency(domain: str, level: str, clients: int, per_client: int, log:
     registry.get(spec)
     registry.wait_for_warm_up()
     log(f"{domain}: {registry.acceleration(spec)}")
-    app = AppService(registry, GpuGate(slots=1, max_waiting=clients * per_client))
     window_s = (settings().batch_window_ms or 30.0) / 1000
     modes = {}
-    for label, batcher in (("batching off", None), (f"batching {window_s * 1000:.0f} ms", Batcher(window_s, settings().max_images))):
-        app.batcher = batcher
+    for label, window in (("batching off", 0.0), (f"batching {window_s * 1000:.0f} ms", window_s)):
+        app = AppService(registry, GpuGate(slots=1, max_waiting=clients * per_client, window_s=window))
         app.generate(GenerationRequest(prompt=PROMPTS[0], seed=0), domain)
         modes[label] = timed_clients(app, domain, clients, per_client)
         log(f"{label}: {modes[label]['images_per_s']:.2f} images/s, p50 {modes[label]['latency_s']['p50']:.3f}s")
@@ -137,6 +136,85 @@ def run_api_latency(domain: str, runs: int, port: int = 7871, log: Callable[[str
         "latency_s": {domain: spread(times[domain]), plain_id: spread(times[plain_id])},
         "plain_over_accelerated": plain / accelerated,
     }
+
+
+LOAD_CLIENTS = (1, 8, 16, 24, 64)
+
+
+def run_load(domain: str, clients: tuple[int, ...] = LOAD_CLIENTS, port: int = 7872, log: Callable[[str], None] = print,
+             timeout_s: float = 900) -> dict:
+    """Start ``rapid-diffusion serve`` with its default settings; for each count in ``clients``, that
+    many clients send one JSON request at the same instant. Per count: served (200), refused (503),
+    anything else, and the latency of each kind (p50, p95), so a refusal is seen to come at once."""
+    env = {**os.environ, "PORT": str(port)}
+    server = subprocess.Popen([sys.executable, "-m", "rapid_diffusion", "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        wait_for(lambda: get_json(f"{base}/healthz"), timeout_s)
+        post_predict(base, domain, 0)
+        wait_for(lambda: compiled_state(base, domain), timeout_s)
+        for count in clients:
+            rows.append({"clients": count, **burst(base, domain, count)})
+            log(load_row(rows[-1]))
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(torch.device("cpu")),
+        "domain": domain,
+        "settings": {"queue_size": settings().queue_size, "batch_window_ms": settings().batch_window_ms,
+                     "max_images": settings().max_images},
+        "rows": rows,
+    }
+
+
+def burst(base: str, domain: str, count: int) -> dict:
+    """``count`` one-image requests released together; status codes and latencies by outcome."""
+    outcomes: list[tuple[int, float]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(count)
+
+    def client(index: int) -> None:
+        barrier.wait()
+        start = time.perf_counter()
+        try:
+            post_predict(base, domain, index)
+            status = 200
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        with lock:
+            outcomes.append((status, time.perf_counter() - start))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    by_status = lambda wanted: [t for status, t in outcomes if wanted(status)]  # noqa: E731
+    served, refused, other = by_status(lambda s: s == 200), by_status(lambda s: s == 503), by_status(lambda s: s not in (200, 503))
+    return {"served": len(served), "refused": len(refused), "other": len(other),
+            "served_s": percentiles(served) if served else None, "refused_s": percentiles(refused) if refused else None}
+
+
+def load_row(row: dict) -> str:
+    served, refused = row["served_s"], row["refused_s"]
+    latency = f"p50 {served['p50']:.2f}s p95 {served['p95']:.2f}s" if served else "-"
+    refusal = f"refused in p95 {refused['p95'] * 1000:.0f} ms" if refused else ""
+    return f"{row['clients']:>3} clients: {row['served']} served ({latency}), {row['refused']} refused {refusal}, {row['other']} other"
+
+
+def load_table(result: dict) -> str:
+    rows = ["| clients | served | refused (503) | other | served p50 s | served p95 s | 503 p95 ms |", "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        served, refused = row["served_s"] or {}, row["refused_s"] or {}
+        rows.append(
+            f"| {row['clients']} | {row['served']} | {row['refused']} | {row['other']} | {served.get('p50', float('nan')):.2f} | "
+            f"{served.get('p95', float('nan')):.2f} | {refused.get('p95', float('nan')) * 1000:.0f} |"
+        )
+    return "\n".join(rows)
 
 
 def write_plain_copy(domain: str, folder: Path) -> str:

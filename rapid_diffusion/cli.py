@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="default $PORT, $GRADIO_SERVER_PORT or 7860")
     p.set_defaults(handler=cmd_serve)
 
+    p = sub.add_parser("hash-password", help="print the hash of the owner's password for RAPID_DIFFUSION_FINETUNE_PASSWORD_HASH "
+                       "(asked twice on a terminal; else read from stdin's first line)")
+    p.set_defaults(handler=cmd_hash_password, light=True)
+
     p = sub.add_parser("check-data", help="check image-text pairs (folder, zip, TSV) and name each rejected item")
     p.add_argument("path", type=Path, help="a folder or zip (metadata.jsonl or .txt captions), or an EasyNLP TSV")
     p.set_defaults(handler=cmd_check_data, light=True)
@@ -186,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--concurrency", type=int, default=None, metavar="N",
                       help="N clients through the service layer on --domain, batching off and on: images/s, p50/p95")
     mode.add_argument("--api", action="store_true", help="steady latency through a running server's JSON API: --domain vs a plain copy")
-    p.add_argument("--domain", default="demo", help="--concurrency / --api: the domain served")
+    mode.add_argument("--load", type=lambda text: tuple(int(n) for n in text.split(",")), nargs="?", const=(1, 8, 16, 24, 64),
+                      default=None, metavar="N,N,...", help="bursts of N simultaneous JSON requests against a server on its "
+                      "default settings: served / refused (503) / latency p50, p95 (default 1,8,16,24,64)")
+    p.add_argument("--domain", default="demo", help="--concurrency / --api / --load: the domain served")
     p.set_defaults(handler=cmd_bench)
 
     return parser
@@ -235,25 +242,29 @@ def open_service(args):
     return service, spec
 
 
+# A refusal names the flag the user typed.
+FLAG_NAMES = {
+    field: (flag, flag) for field, flag in {
+        "prompt": "--prompt", "negative_prompt": "--negative-prompt", "num_inference_steps": "--steps",
+        "guidance_scale": "--guidance", "seed": "--seed", "num_images": "--num-images", "height": "--height",
+        "width": "--width", "sampler": "--sampler", "super_resolution": "--super-resolution",
+    }.items()
+}
+
+
 def cmd_generate(args) -> int:
-    from .pipeline import GenerationRequest
+    from .inputs import request_from_inputs
     from .service import UserFacingError
 
     service, spec = open_service(args)
-    request = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        seed=args.seed,
-        num_images=args.num_images,
-        height=args.height,
-        width=args.width,
-        sampler=args.sampler,
-        super_resolution=args.super_resolution,
+    request = request_from_inputs(
+        args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        seed=args.seed, num_images=args.num_images, size=None if args.width is None and args.height is None else (
+            args.width or spec.width, args.height or spec.height),
+        sampler=args.sampler, super_resolution=args.super_resolution,
     )
     try:
-        result = service.generate(request, spec)
+        result = service.generate(request, spec, field_names=FLAG_NAMES)
     except UserFacingError as exc:
         raise CLIError(exc.message) from exc
     for note in result.notes:
@@ -267,7 +278,7 @@ def cmd_generate(args) -> int:
 
 def cmd_predict(args) -> int:
     """Load the model once, then one output row per image; bad rows are reported and skipped."""
-    from .pipeline import GenerationRequest
+    from .inputs import request_from_inputs
     from .service import UserFacingError
 
     if not args.input.is_file():
@@ -286,16 +297,12 @@ def cmd_predict(args) -> int:
                 bad += 1
                 continue
             idx, text = parts[0].strip(), parts[1].strip()
-            request = GenerationRequest(
-                prompt=text,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                seed=args.seed,
-                num_images=args.num_images,
-                sampler=args.sampler,
+            request = request_from_inputs(
+                text, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                num_images=args.num_images, sampler=args.sampler,
             )
             try:
-                result = service.generate(request, spec)
+                result = service.generate(request, spec, field_names=FLAG_NAMES)
             except UserFacingError as exc:
                 print(f"row {number} (idx {idx}): {exc.message}; skipped", file=sys.stderr)
                 bad += 1
@@ -444,6 +451,24 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_hash_password(args) -> int:
+    """The owner's password as a salted hash: the server then never holds the password itself."""
+    import getpass
+
+    from .access import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("密码 / password: ")
+        if getpass.getpass("再输入一次 / again: ") != password:
+            raise CLIError("两次输入不一致 / the two entries differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        raise CLIError("密码至少 8 个字符 / the password needs at least 8 characters")
+    print(f"RAPID_DIFFUSION_FINETUNE_PASSWORD_HASH={hash_password(password)}")
+    return 0
+
+
 def cmd_check_data(args) -> int:
     from .data import check_path
 
@@ -530,6 +555,11 @@ def cmd_bench(args) -> int:
 
             result = run_concurrency(args.domain, levels[-1], args.concurrency, args.runs, log=log)
             print(concurrency_table(result))
+        elif args.load:
+            from .bench_serving import load_table, run_load
+
+            result = run_load(args.domain, args.load, log=log)
+            print(load_table(result))
         elif args.api:
             from .bench_serving import run_api_latency
 
@@ -555,7 +585,7 @@ def bench_levels(args) -> tuple[str, ...]:
     if args.levels is None:
         if args.shapes:
             return ("none", "auto")
-        if args.restart or args.concurrency or args.api:
+        if args.restart or args.concurrency or args.api or args.load:
             return ("auto",)
         with_openvino = openvino_missing(args.device) is None
         return ("none", "flash", "compile", *(("openvino", "auto") if with_openvino else ("auto",)))

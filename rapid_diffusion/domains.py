@@ -149,6 +149,20 @@ def load_domains(dirs: list[Path] | None = None, user_dir: Path | None = None) -
     return Domains(dict(sorted(specs.items())), errors)
 
 
+def domain_files_signature() -> tuple:
+    """What :func:`load_domains` would read, as (file, mtime, size) triples: it changes whenever a
+    domain file is added, removed or rewritten (a fine-tune finishing, a model deleted or imported)."""
+    signature = []
+    for folder in [*domain_dirs(), user_domains_dir()]:
+        for path in _yaml_files(folder):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed since the listing
+                continue
+            signature.append((str(path), stat.st_mtime_ns, stat.st_size))
+    return tuple(signature)
+
+
 def _load_folder(folder: Path, errors: list[DomainSpecError]) -> list[DomainSpec]:
     specs = []
     for path in _yaml_files(folder):

@@ -8,14 +8,13 @@ a browser refresh. The defaults come from ``train_options`` (the schema the trai
 and the presets replace steps and learning rate for most people.
 
 Access: on a public host (``settings().is_public``) fine-tuning is off unless a password is
-configured (``RAPID_DIFFUSION_FINETUNE_PASSWORD``); with a password, every action (check, start,
+configured (``RAPID_DIFFUSION_FINETUNE_PASSWORD_HASH``, see :mod:`.access`); with a password, every action (check, start,
 stop, resume, view, delete) needs it. Each method checks this itself, whoever calls it. A refusal
 comes back as the sentence to show, where the action's result would have been shown.
 """
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from .data import IMAGE_SUFFIXES, DataReport, check_uploads, write_pairs_folder
 from .domains import user_domains_dir
 from .jobs import ACTIVE_STATES, DeleteRefused, Job, JobBusyError, JobManager, delete_finetuned
-from .messages import say
+from .messages import say, without_paths
 from .settings import settings
 from .train_options import (
     DEFAULT_PRESET,
@@ -126,7 +125,7 @@ class FinetuneService:
 
     @staticmethod
     def password_required() -> bool:
-        return settings().password is not None
+        return settings().password_required
 
     # ------------------------------------------------------------------ the data
 
@@ -271,19 +270,13 @@ class FinetuneService:
     # ------------------------------------------------------------------ watching a job
 
     def view(self, job_id: str | None, password: str | None = None) -> JobView | None:
-        """The given job (else the newest) as read from disk; None for a caller without access.
-
-        A finished job's new model is registered here, so it can be picked as soon as it is shown.
-        """
+        """The given job (else the newest) as read from disk; None for a caller without access."""
         if access_problem(password):
             return None
         job = self._job_or_latest(job_id)
         if job is None:
             return empty_view()
-        view = job_view(job)
-        if view.new_domain and view.new_domain not in self.registry.domains:
-            self.registry.reload_domains()
-        return view
+        return job_view(job)
 
     def _job_or_latest(self, job_id: str | None) -> Job | None:
         if job_id:
@@ -298,8 +291,8 @@ def access_problem(given: str | None) -> str | None:
     """Why this caller may not use fine-tuning (off, or a wrong password), or None."""
     if not settings().finetune_allowed:
         return say("finetune_off")
-    expected = settings().password
-    if expected and not hmac.compare_digest((given or "").encode(), expected.encode()):
+    check = settings().password_check
+    if check is not None and not check(given):
         return say("wrong_password")
     return None
 
@@ -349,22 +342,31 @@ def config_from_form(form: Form) -> TrainConfig:
         learning_rate = float(form.learning_rate)
     except (TypeError, ValueError):
         raise TrainingError(say("bad_learning_rate", value=form.learning_rate)) from None
-    steps = int(form.steps or 0)
+    steps = whole_number(form.steps, "steps")
     limit = settings().finetune_max_steps
     if limit and steps > limit:
         raise TrainingError(say("too_many_steps", limit=limit))
     config = TrainConfig(
         base=form.base or "", data=Path("."), output=Path("."), name=form.name.strip(),
         max_steps=steps, learning_rate=learning_rate,
-        batch_size=int(form.batch_size or 1), gradient_accumulation_steps=int(form.accumulation or 1),
-        resolution=int(form.resolution or 0) or None, train_text_encoder=bool(form.train_text_encoder),
+        batch_size=whole_number(form.batch_size or 1, "batch_size"),
+        gradient_accumulation_steps=whole_number(form.accumulation or 1, "gradient_accumulation_steps"),
+        resolution=whole_number(form.resolution or 0, "resolution") or None, train_text_encoder=bool(form.train_text_encoder),
         mixed_precision=form.mixed_precision or "no", gradient_checkpointing=bool(form.gradient_checkpointing),
-        use_ema=bool(form.use_ema), seed=int(form.seed or 0),
+        use_ema=bool(form.use_ema), seed=whole_number(form.seed or 0, "seed"),
         validation_prompts=[form.prompt.strip()] if form.prompt and form.prompt.strip() else [],
         validation_every=cadence(steps), checkpoint_every=cadence(steps),
     )
     config.validate()
     return config
+
+
+def whole_number(value, field_name: str) -> int:
+    """A form number as an int; NaN, infinities, fractions and text are refused in both languages."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")) \
+            or int(value) != value:
+        raise TrainingError(say("bad_whole_number", field=field_name, value=repr(value)[:40]))
+    return int(value)
 
 
 # ----------------------------------------------------------------------------- a job as shown
@@ -376,7 +378,7 @@ def job_view(job: Job) -> JobView:
     config = job.config()
     name = (config.name if config and config.name else None) or status.get("name") or "微调模型 / fine-tuned model"
     head = f"**{name}** · {STATE_NAMES.get(state, state)}"
-    text = "\n\n".join(filter(None, [head, status.get("message") or "", status.get("data")]))
+    text = without_paths("\n\n".join(filter(None, [head, status.get("message") or "", status.get("data")])))
     finished = state in ("done", "stopped")
     losses = job.losses()
     return JobView(

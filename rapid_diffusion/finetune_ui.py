@@ -9,6 +9,8 @@ tab's events is in the public API.
 
 from __future__ import annotations
 
+from PIL import Image
+
 from .finetune_service import FinetuneService, Form, JobView, format_seconds
 from .train_options import DEFAULT_PRESET, PRESET_LABELS, defaults
 
@@ -49,6 +51,16 @@ def loss_plot_value(view: JobView) -> dict:
         "datatypes": {step: "quantitative", loss: "quantitative", series: "nominal"},
         "mark": "line",
     }
+
+
+def pictures(items: list[tuple[str, str]]) -> list[tuple[Image.Image, str]]:
+    """A job's images as pixels, not paths: Gradio then serves copies from its own cache, and
+    the job's folder (uploads, weights, logs) never becomes a path a browser can ask for."""
+    shown = []
+    for path, caption in items:
+        with Image.open(path) as image:
+            shown.append((image.convert("RGB"), caption))
+    return shown
 
 
 def drawable(plot: dict) -> dict | None:
@@ -164,7 +176,7 @@ def build_finetune_tab(service: FinetuneService) -> dict:
         if view is None:
             return None, "", "", None, [], [], gr.skip(), None
         unchanged = view.revision == seen  # re-sending an unchanged plot restarts its drawing every tick
-        heavy = (gr.skip(),) * 3 if unchanged else (drawable(loss_plot_value(view)), view.samples, view.comparison)
+        heavy = (gr.skip(),) * 3 if unchanged else (drawable(loss_plot_value(view)), pictures(view.samples), pictures(view.comparison))
         domain = view.new_domain if view.new_domain and view.new_domain != known else gr.skip()
         return (view.job_id, view.status_markdown, progress_html(view), *heavy, domain, view.revision)
 

@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .domains import load_domains, user_domains_dir
+from .messages import say
 from .paths import home_dir
 from .run_files import ACTIVE_STATES, CONFIG_FILE, STOP_FILE, read_losses, read_status, read_validation_losses, write_json_atomic
 from .train_options import TrainConfig
@@ -62,7 +63,7 @@ class Job:
         status = read_status(self.folder) or {"state": "starting", "step": 0}
         if status.get("state", "starting") in ACTIVE_STATES and not self.is_alive():
             status["state"] = "failed"
-            status["message"] = f"训练进程已退出 / the training process exited; see {self.folder / 'log.txt'}: {self.log_tail(3)}"
+            status["message"] = say("job_process_exited", tail=self.log_tail(3))
         return status
 
     def is_alive(self) -> bool:
@@ -147,7 +148,10 @@ class JobManager:
         return [Job(p, self._processes.get(p.name)) for p in folders]
 
     def active(self) -> Job | None:
-        return next((job for job in self.jobs() if job.is_alive()), None)
+        """The job training now: its process runs and it has not reported an end. A trainer that
+        has written "done" (or stopped, failed) no longer holds the device, even while its process
+        is still exiting, so the next job may start."""
+        return next((job for job in self.jobs() if job.is_alive() and job.status().get("state") in ACTIVE_STATES), None)
 
     def latest(self) -> Job | None:
         jobs = self.jobs()

@@ -6,17 +6,16 @@ their own. Request-field reasons (``RequestError``) come with both halves from t
 
 from __future__ import annotations
 
+import re
+
 MESSAGES: dict[str, tuple[str, str]] = {
-    "invalid_field": ("参数 {field} 无效：{reason_zh}", "Invalid {field}: {reason_en}"),
+    "invalid_field": ("「{field_zh}」无效：{reason_zh}", "Invalid {field_en}: {reason_en}"),
     "unknown_domain": ("未知领域「{domain}」，可用：{known}", "Unknown domain '{domain}'; known: {known}"),
     "no_domain": ("请先选择领域", "Pick a domain first"),
     "queue_full": ("队列已满，请稍后再试。", "The queue is full; please try again shortly."),
     "out_of_memory": ("显存不足：请减少图片数量或缩小尺寸后重试。", "Out of GPU memory: try fewer images or a smaller size."),
     "internal_error": ("服务器内部错误，请稍后再试。", "Internal server error; please try again later."),
-    "model_unavailable": ("模型暂不可用：{reason}", "The model is unavailable: {reason}"),
     "stopped": ("已停止生成", "Generation stopped"),
-    "bad_size": ("尺寸格式应为 宽x高，例如 512x512（收到「{size}」）", "Size must look like 512x512, got '{size}'"),
-    "bad_seed": ("种子须为整数（收到 {seed}）", "The seed must be a whole number, got {seed}"),
     "body_not_json": ("请求体不是合法 JSON", "The body is not valid JSON"),
     "body_not_object": ("请求体须为 JSON 对象", "The body must be a JSON object"),
     "body_too_large": ("请求体超过 {limit} 字节", "The body exceeds {limit} bytes"),
@@ -40,7 +39,13 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "skipped_domain_files": ("已跳过的领域文件", "Skipped domain files"),
     "will_download": ("首次生成会先下载模型 {model}，可能需要几分钟", "the first generation downloads {model} first, which can take minutes"),
     "upload_too_large": ("上传总量超过 {limit}", "The upload exceeds {limit} in total"),
+    "file_not_uploaded": ("只能使用你在本次会话中上传的文件", "Only files you uploaded in this session can be used"),
+    "not_a_proxy": ("本服务不代取其他网站的文件", "This server does not fetch files from other sites"),
     "body_timeout": ("请求体发送过慢，已超时", "The request body arrived too slowly"),
+    "json_content_type": (
+        "请以 JSON 发送请求（Content-Type: application/json），收到 {got}", "Send the body as JSON (Content-Type: application/json), got {got}"
+    ),
+    "cross_origin": ("不接受其他网站页面发来的请求（{origin}）", "Requests from other sites' pages are refused ({origin})"),
     "method_not_allowed": ("不支持此方法（{method}），请用 {allowed}", "Method {method} not allowed; use {allowed}"),
     "no_such_api": ("没有这个接口：{path}", "No such API path: {path}"),
     "no_job_yet": ("还没有训练任务", "no training job yet"),
@@ -60,6 +65,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "job_resuming": ("正在从最近的检查点继续训练…", "resuming from the last checkpoint…"),
     "no_model_picked": ("请先选择要删除的模型", "pick a model to delete first"),
     "duration_after_start": ("{steps} 步；开始后几步内显示剩余时间", "{steps} steps; the time left shows after the first steps"),
+    "job_process_exited": (
+        "训练进程已退出（详见服务器上该任务的 log.txt）：{tail}", "the training process exited (see the job's log.txt on the server): {tail}"
+    ),
+    "bad_whole_number": ("「{field}」须为整数（收到 {value}）", "'{field}' must be a whole number, got {value}"),
     "duration_measured": ("预计用时约 {time}（本机实测）", "about {time} on this machine (measured)"),
 }
 
@@ -68,3 +77,12 @@ def say(key: str, **values) -> str:
     """``"中文 / English"`` for ``key``, with ``values`` filled into both halves."""
     zh, en = MESSAGES[key]
     return f"{zh.format(**values)} / {en.format(**values)}"
+
+
+_SERVER_PATH = re.compile(r"(?<![\w:/.])/(?:[^\s/'\"`<>]+/)+([^\s/'\"`<>]*)")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every absolute server path cut to ``…/<last part>``: what a page may show of
+    a log line or an exception (a stranger learns no user name, home or install folder)."""
+    return _SERVER_PATH.sub(lambda match: f"…/{match.group(1)}", text)

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .acceleration import Acceleration, build_optimised, outcome, warmer_for
-from .domains import DomainSpec, ModelSource, load_domains
+from .domains import DomainSpec, ModelSource, domain_files_signature, load_domains
 from .errors import ModelUnavailableError
 from .hub import (  # noqa: F401  (re-exported: callers import these from the registry)
     _progress_tqdm,
@@ -114,6 +114,8 @@ class ModelRegistry:
         background_warmup: bool | None = None,
     ):
         self._domains = domains
+        self._domains_from_disk = domains is None
+        self._domains_signature: tuple | None = None
         self.background_warmup = settings().background_warmup if background_warmup is None else background_warmup
         self.max_models = max_models or settings().max_models
         self.max_bytes = max_bytes or settings().max_memory_bytes
@@ -129,13 +131,19 @@ class ModelRegistry:
 
     @property
     def domains(self) -> dict[str, DomainSpec]:
-        if self._domains is None:
-            self._domains = load_domains()
+        """The domains as on disk now: re-read when a domain file was added, removed or changed, so
+        a model a job has just finished is served by every face at once (a registry given fixed
+        ``domains`` keeps them)."""
+        if self._domains_from_disk:
+            signature = domain_files_signature()
+            if self._domains is None or signature != self._domains_signature:
+                self._domains, self._domains_signature = load_domains(), signature
         return self._domains
 
     def reload_domains(self) -> dict[str, DomainSpec]:
-        self._domains = load_domains()
-        return self._domains
+        """Read the domain files again now (and from then on follow them)."""
+        self._domains_from_disk, self._domains = True, None
+        return self.domains
 
     @property
     def domain_errors(self) -> list:

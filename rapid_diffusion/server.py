@@ -6,103 +6,19 @@ Nothing is loaded at start-up: the first request of a domain loads its model.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 
 from fastapi import FastAPI
 
 from .api import create_api_app
-from .messages import say
+from .guards import BodyGuard, FileGuard
 from .registry import ModelRegistry
 from .service import AppService, GpuGate
 from .settings import settings
 
 DEFAULT_PORT = 7860
-UPLOAD_PATH = "/gradio_api/upload"
 
 log = logging.getLogger(__name__)
-
-
-class BodyGuard:
-    """ASGI middleware that bounds every request body as it arrives, before any route reads it.
-
-    * Uploads (``/gradio_api/upload``) may carry ``upload_limit`` bytes in all: Gradio caps
-      each file, not their sum, so one request of 40 files of 9 MB was accepted. Past the
-      budget the client gets 413 at once, whatever the declared length said.
-    * A body whose next piece takes longer than ``read_timeout`` seconds gets 408, so slow
-      clients cannot hold connections open forever.
-
-    The guard answers itself and then tells the route that the client has left (an
-    ``http.disconnect``), so the route stops reading; anything it still sends is dropped.
-    """
-
-    def __init__(self, app, upload_limit: int, read_timeout: float):
-        self.app = app
-        self.upload_limit = upload_limit
-        self.read_timeout = read_timeout
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.upload_limit if scope["path"].rstrip("/") == UPLOAD_PATH else None
-        if limit is not None and declared_length(scope) > limit:
-            return await self.refuse(send, scope, 413, say("upload_too_large", limit=megabytes(limit)))
-        state = {"received": 0, "body_done": False, "answered": False, "app_started": False}
-
-        async def guarded_receive():
-            if state["answered"]:
-                return {"type": "http.disconnect"}
-            if state["body_done"]:
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), self.read_timeout)
-            except TimeoutError:
-                return await self.cut_off(send, scope, state, 408, say("body_timeout"))
-            if message["type"] == "http.request":
-                state["received"] += len(message.get("body", b""))
-                state["body_done"] = not message.get("more_body", False)
-                if limit is not None and state["received"] > limit:
-                    return await self.cut_off(send, scope, state, 413, say("upload_too_large", limit=megabytes(limit)))
-            return message
-
-        async def guarded_send(message):
-            if state["answered"]:
-                return
-            state["app_started"] = True
-            await send(message)
-
-        try:
-            await self.app(scope, guarded_receive, guarded_send)
-        except Exception:
-            if not state["answered"]:
-                raise
-
-    async def cut_off(self, send, scope, state, status: int, message: str) -> dict:
-        """Answer ``status`` unless the route already answered; the route then sees the client leave."""
-        if not state["app_started"]:
-            await self.refuse(send, scope, status, message)
-        state["answered"] = True
-        return {"type": "http.disconnect"}
-
-    @staticmethod
-    async def refuse(send, scope, status: int, message: str) -> None:
-        log.info("%s %s -> %d (%s)", scope["method"], scope["path"], status, message)
-        body = json.dumps({"error": message, "field": None}, ensure_ascii=False).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-def declared_length(scope) -> int:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            return int(value) if value.isdigit() else 0
-    return 0
-
-
-def megabytes(size: int) -> str:
-    return f"{size / 2**20:.0f} MB"
 
 
 def max_upload() -> str:
@@ -132,8 +48,15 @@ def create_app(registry: ModelRegistry | None = None, gate: GpuGate | None = Non
         css=CSS,
         i18n=I18N,
     )
+    # Gradio checks the files an event names (only uploads for inputs) only once it counts as
+    # launched, which mount_gradio_app never sets: without this, its own check is off.
+    blocks.has_launched = True
     current = settings()
-    app.add_middleware(BodyGuard, upload_limit=current.max_upload_total, read_timeout=current.body_timeout)
+    if current.is_public and current.finetune_password is not None:
+        log.warning("RAPID_DIFFUSION_FINETUNE_PASSWORD holds the owner's password in plain text; store its hash instead "
+                    "(rapid-diffusion hash-password -> RAPID_DIFFUSION_FINETUNE_PASSWORD_HASH)")
+    app.add_middleware(FileGuard)  # inner: sees each event's body, whole
+    app.add_middleware(BodyGuard, upload_limit=current.max_upload_total, read_timeout=current.body_timeout)  # outer
     return app
 
 

@@ -12,17 +12,15 @@ body, a line on stderr). No web framework is imported here.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
-from .batching import Batcher, Member
+from .batching import GpuGate, Member, QueueFullError
 from .domains import DomainSpec, ModelSource
 from .finetune_service import FinetuneService
 from .jobs import DeleteRefused, JobManager
@@ -40,10 +38,6 @@ READY_STATES = ("loaded", "offline-ready", "cached")
 __all__ = ["AppService", "GenerationCancelled", "GpuGate", "QueueFullError", "UserFacingError", "zero_gpu"]
 
 
-class QueueFullError(RuntimeError):
-    """More requests are waiting for the GPU than the server accepts."""
-
-
 @dataclass
 class UserFacingError(Exception):
     """What a user is told: an HTTP status, the request field at fault (if any), a sentence."""
@@ -57,60 +51,6 @@ class UserFacingError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": self.message, "field": self.field}
-
-
-class GpuGate:
-    """At most ``slots`` generations run at once; at most ``max_waiting`` wait for a slot.
-
-    ``RAPID_DIFFUSION_CONCURRENCY`` (default 1 per GPU) and ``RAPID_DIFFUSION_QUEUE_SIZE``
-    (default 16) configure the server's gate; the UI's Gradio queue uses the same numbers.
-    """
-
-    POLL_SECONDS = 0.2
-
-    def __init__(self, slots: int = 1, max_waiting: int | None = None):
-        self.slots = slots
-        self.max_waiting = max_waiting
-        self._semaphore = threading.BoundedSemaphore(slots)
-        self._lock = threading.Lock()
-        self._waiting = 0
-
-    @classmethod
-    def from_settings(cls) -> "GpuGate":
-        current = settings()
-        return cls(current.concurrency or max(1, torch.cuda.device_count()), current.queue_size)
-
-    @contextmanager
-    def slot(self, should_stop: Callable[[], bool] | None = None):
-        """Hold a slot; a waiter whose ``should_stop`` turns true (its client left) gives up its place."""
-        with self.waiting():
-            self._acquire(should_stop)
-        try:
-            yield
-        finally:
-            self._semaphore.release()
-
-    @contextmanager
-    def waiting(self):
-        """Counts as one waiting request (refused when the queue is full) without taking a slot:
-        a request waiting for a slot, or for the batch it joined."""
-        with self._lock:
-            if self.max_waiting is not None and self._waiting >= self.max_waiting:
-                raise QueueFullError(f"{self._waiting} requests are already waiting")
-            self._waiting += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._waiting -= 1
-
-    def _acquire(self, should_stop: Callable[[], bool] | None) -> None:
-        if should_stop is None:
-            self._semaphore.acquire()
-            return
-        while not self._semaphore.acquire(timeout=self.POLL_SECONDS):
-            if should_stop():
-                raise GenerationCancelled(say("stopped"))
 
 
 def zero_gpu(fn: Callable, duration: int = 120) -> Callable:
@@ -156,8 +96,6 @@ class AppService:
     def __init__(self, registry: ModelRegistry | None = None, gate: GpuGate | None = None):
         self.registry = registry or default_registry()
         self.gate = gate or GpuGate.from_settings()
-        window_ms = settings().batch_window_ms
-        self.batcher = Batcher(window_ms / 1000, settings().max_images) if window_ms > 0 else None
         self.finetune = FinetuneService(self.registry, JobManager())
 
     # ------------------------------------------------------------------ domains
@@ -212,9 +150,6 @@ class AppService:
             raise UserFacingError(503, str(exc), "model") from exc
         return replace(spec, height=side, width=side)
 
-    def reload_domains(self) -> dict[str, DomainSpec]:
-        return self.registry.reload_domains()
-
     # ------------------------------------------------------------------ generation
 
     def generate(
@@ -226,8 +161,12 @@ class AppService:
         progress: ProgressCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
         preview: PreviewCallback | None = None,
+        field_names: Mapping[str, tuple[str, str]] | None = None,
     ) -> GenerationResult:
         """Validate (the core's rules), wait for a GPU slot, generate; errors become user-facing.
+
+        ``field_names`` maps a request field to the (Chinese, English) name the caller's face
+        shows for it (a widget label, a JSON key, a flag), so a refusal names what the user sees.
 
         ``domain`` is a domain id (empty: the default domain) or a spec from :meth:`model_spec`.
         ``optimization`` picks another level than the domain's: the registry keys loaded
@@ -240,13 +179,11 @@ class AppService:
             spec = replace(spec, optimization=optimization)
         try:
             resolved = request.resolve(spec)
-            if self.batcher is not None and preview is None:
-                return self._generate_batched(resolved, spec, progress, should_stop)
-            with self.gate.slot(should_stop):
-                return generate(resolved, spec, registry=self.registry, progress=progress, should_stop=should_stop, preview=preview)
+            return self._run_on_gpu(resolved, spec, progress, should_stop, preview)
         except RequestError as exc:
-            message = say("invalid_field", field=exc.field, reason_zh=exc.reason_zh, reason_en=exc.reason)
-            raise UserFacingError(422, message, exc.field) from exc
+            name_zh, name_en = (field_names or {}).get(exc.field, (exc.field, exc.field))
+            message = say("invalid_field", field_zh=name_zh, field_en=name_en, reason_zh=exc.reason_zh, reason_en=exc.reason)
+            raise UserFacingError(422, message, name_en) from exc
         except QueueFullError as exc:
             raise UserFacingError(503, say("queue_full")) from exc
         except ModelUnavailableError as exc:
@@ -255,17 +192,18 @@ class AppService:
             release_gpu_memory()
             raise UserFacingError(503, say("out_of_memory")) from exc
 
-    def _generate_batched(self, request, spec, progress, should_stop) -> GenerationResult:
-        """Through the batcher: concurrent same-shape requests of this domain share one UNet batch."""
+    def _run_on_gpu(self, request, spec, progress, should_stop, preview) -> GenerationResult:
+        """Through the GPU gate: concurrent same-shape requests of this domain share one UNet batch
+        (a request with live previews runs alone: a shared batch's previews would mix users' images)."""
 
         def execute(requests, batch_progress, batch_should_stop):
-            with self.gate.slot(batch_should_stop):
-                if len(requests) == 1:
-                    return [generate(requests[0], spec, registry=self.registry, progress=batch_progress, should_stop=batch_should_stop)]
-                return generate_batch(requests, spec, registry=self.registry, progress=batch_progress, should_stop=batch_should_stop)
+            if len(requests) == 1:
+                return [generate(requests[0], spec, registry=self.registry, progress=batch_progress,
+                                 should_stop=batch_should_stop, preview=preview)]
+            return generate_batch(requests, spec, registry=self.registry, progress=batch_progress, should_stop=batch_should_stop)
 
-        key = (spec.id, self.registry.key_for(spec), batch_key(request))
-        return self.batcher.run(key, Member(request, progress, should_stop), execute, self.gate.waiting)
+        key = None if preview is not None else (spec.id, self.registry.key_for(spec), batch_key(request))
+        return self.gate.run(key, Member(request, progress, should_stop), execute)
 
     def inspect_prompt(self, domain_id: str | None, prompt: str) -> PromptReport | None:
         """How ``prompt`` fits the domain's text encoder; ``None`` while its tokenizer is not on disk."""
@@ -282,7 +220,7 @@ class AppService:
     def admin_access(self) -> str:
         """Who may load or unload models: ``open`` (anyone), ``password``, or ``off`` (public host, no password)."""
         current = settings()
-        if current.password is not None:
+        if current.password_required:
             return "password"
         return "off" if current.is_public else "open"
 
@@ -291,8 +229,7 @@ class AppService:
         access = self.admin_access()
         if access == "off":
             raise UserFacingError(403, say("admin_off"))
-        expected = settings().password
-        if access == "password" and not hmac.compare_digest((password or "").encode(), expected.encode()):
+        if access == "password" and not settings().password_check(password):
             raise UserFacingError(403, say("wrong_password"), "password")
 
     def load(self, domain_id: str | None, password: str | None = None) -> str:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import threading
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .access import PasswordCheck, hash_password, parse_hash
 
 PREFIX = "RAPID_DIFFUSION_"
 
@@ -69,7 +72,11 @@ class Settings(BaseSettings):
 
     # Fine-tuning
     finetune: bool = Field(True, validation_alias=_env("FINETUNE"), description="the Fine-tune tab and jobs")
-    finetune_password: SecretStr | None = Field(None, validation_alias=_env("FINETUNE_PASSWORD"))
+    finetune_password_hash: str | None = Field(None, validation_alias=_env("FINETUNE_PASSWORD_HASH"),
+                                               description="the owner's password as a hash (rapid-diffusion hash-password): "
+                                                           "fine-tuning and model actions; the recommended form")
+    finetune_password: SecretStr | None = Field(None, validation_alias=_env("FINETUNE_PASSWORD"),
+                                                description="the same password in plain text (hashed when read; prefer _HASH)")
     finetune_max_steps: int | None = Field(None, ge=1, validation_alias=_env("FINETUNE_MAX_STEPS"),
                                            description="most steps a fine-tune job from the web UI may run (presets are capped)")
 
@@ -95,11 +102,18 @@ class Settings(BaseSettings):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
-    @field_validator("device", "finetune_password", "finetune_max_steps", "space_id", "host", "max_memory_gb",
+    @field_validator("device", "finetune_password", "finetune_password_hash", "finetune_max_steps", "space_id", "host", "max_memory_gb",
                      "concurrency", "hf_home", "hf_hub_cache", mode="before")
     @classmethod
     def _blank_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("finetune_password_hash", mode="after")
+    @classmethod
+    def _hash(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_hash(value)
+        return value
 
     @field_validator("warm_sizes", mode="after")
     @classmethod
@@ -132,14 +146,23 @@ class Settings(BaseSettings):
     def max_memory_bytes(self) -> int | None:
         return int(self.max_memory_gb * 2**30) if self.max_memory_gb else None
 
+    @cached_property
+    def password_check(self) -> PasswordCheck | None:
+        """Checks a candidate against the owner's password (constant-time), or None when none is set."""
+        if self.finetune_password_hash:
+            return PasswordCheck(self.finetune_password_hash)
+        if self.finetune_password:
+            return PasswordCheck(hash_password(self.finetune_password.get_secret_value()))
+        return None
+
     @property
-    def password(self) -> str | None:
-        return self.finetune_password.get_secret_value() if self.finetune_password else None
+    def password_required(self) -> bool:
+        return self.finetune_password_hash is not None or self.finetune_password is not None
 
     @property
     def finetune_allowed(self) -> bool:
         """Fine-tuning is on, and on a public host only behind a password."""
-        return self.finetune and (not self.is_public or self.password is not None)
+        return self.finetune and (not self.is_public or self.password_required)
 
     @property
     def server_host(self) -> str:

@@ -22,6 +22,7 @@ from gradio import processing_utils
 
 from .domains import OPTIMIZATION_LEVELS, DomainSpec
 from .messages import say
+from .inputs import request_from_inputs
 from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult
 from .preview import PreviewCallback
 from .samplers import SAMPLER_LABELS
@@ -45,6 +46,26 @@ ACCELERATION_LABELS = {
     "compiled": "已加速 accelerated",
     "failed": "未加速 eager (加速失败 failed)",
 }
+# Each widget's label, and the name a refusal of its value uses (Chinese, English).
+LABELS = {
+    "prompt": ("提示词", "Prompt"),
+    "negative_prompt": ("反向提示词", "Negative prompt"),
+    "num_inference_steps": ("步数", "Steps"),
+    "guidance_scale": ("引导系数", "Guidance scale"),
+    "seed": ("种子", "Seed"),
+    "num_images": ("图片数量", "Images per run"),
+    "height": ("尺寸", "Size"),
+    "width": ("尺寸", "Size"),
+    "sampler": ("采样器", "Sampler"),
+    "super_resolution": ("超分辨率 x4", "Super-resolution"),
+}
+
+
+def label(field_name: str, note: str = "") -> str:
+    zh, en = LABELS[field_name]
+    return f"{zh} / {en}{note}"
+
+
 COMMON_SIZES = ("512x512", "512x768", "768x512", "768x768", "256x256")
 MODEL_COLUMNS = [
     "领域 Domain", "状态 State", "设备 Device", "精度 Dtype", "内存 Memory (MB)", "加载 Load (s)", "优化 Optimization", "加速 Acceleration",
@@ -142,10 +163,10 @@ def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
         with gr.Column(scale=5):
             domain = gr.Dropdown(domain_choices(ctx.service), value=initial, label="领域 / Domain")
             domain_info = gr.Markdown(domain_markdown(ctx.service, spec) if spec else "没有领域 / No domains configured", elem_id="domain-card")
-            prompt = gr.Textbox(label="提示词 / Prompt", lines=3, placeholder=placeholder(spec), elem_id="prompt")
+            prompt = gr.Textbox(label=label("prompt"), lines=3, placeholder=placeholder(spec), elem_id="prompt")
             token_info = gr.Markdown(elem_id="token-info")
             examples = gr.Dropdown(list(spec.examples) if spec else [], value=None, label="示例提示词 / Example prompts")
-            negative = gr.Textbox(label="反向提示词 / Negative prompt", value=spec.negative_prompt if spec else "", lines=2)
+            negative = gr.Textbox(label=label("negative_prompt"), value=spec.negative_prompt if spec else "", lines=2)
             with gr.Row():
                 generate_btn = gr.Button(
                     "生成 / Generate", variant="primary", elem_id="generate", interactive=usable(ctx.service, spec)
@@ -153,26 +174,26 @@ def build_generate_tab(ctx: UiContext) -> gr.Dropdown:
                 stop_btn = gr.Button("停止 / Stop", variant="stop", elem_id="stop")
             with gr.Accordion("参数 / Settings", open=True):
                 with gr.Row():
-                    steps = gr.Slider(1, 150, value=spec.num_inference_steps if spec else 20, step=1, label="步数 / Steps")
-                    guidance = gr.Slider(0, 30, value=spec.guidance_scale if spec else 7.5, step=0.5, label="引导系数 / Guidance scale")
+                    steps = gr.Slider(1, 150, value=spec.num_inference_steps if spec else 20, step=1, label=label("num_inference_steps"))
+                    guidance = gr.Slider(0, 30, value=spec.guidance_scale if spec else 7.5, step=0.5, label=label("guidance_scale"))
                 with gr.Row():
                     # No precision: Gradio would round 1.5 to 2 silently; the core refuses non-integers.
-                    seed = gr.Number(value=-1, label="种子 / Seed (-1 = 随机 random)", scale=3, elem_id="seed")
+                    seed = gr.Number(value=-1, label=label("seed", " (-1 = 随机 random)"), scale=3, elem_id="seed")
                     random_seed_btn = gr.Button("随机 / Random", scale=1)
                     reuse_seed_btn = gr.Button("复用种子 / Reuse seed", scale=1)
                 with gr.Row():
-                    num_images = gr.Slider(1, 8, value=1, step=1, label="图片数量 / Images per run", scale=2)
+                    num_images = gr.Slider(1, 8, value=1, step=1, label=label("num_images"), scale=2)
                     sampler = gr.Dropdown(
                         [(label, name) for name, label in SAMPLER_LABELS.items()],
                         value=spec.sampler if spec else "pndm",
-                        label="采样器 / Sampler",
+                        label=label("sampler"),
                         scale=3,
                     )
                 with gr.Row():
                     size = gr.Dropdown(
-                        size_choices(spec), value=size_of(spec), allow_custom_value=True, label="尺寸 / Size (宽x高 WxH)"
+                        size_choices(spec), value=size_of(spec), allow_custom_value=True, label=label("height", " (宽x高 WxH)")
                     )
-                    super_resolution = gr.Checkbox(value=spec.super_resolution if spec else False, label="超分辨率 x4 / Super-resolution")
+                    super_resolution = gr.Checkbox(value=spec.super_resolution if spec else False, label=label("super_resolution"))
                     optimization = gr.Dropdown(
                         list(OPTIMIZATION_LEVELS),
                         value=spec.optimization if spec else "none",
@@ -264,18 +285,9 @@ def make_ui_generate(ctx: UiContext):
     ):
         """A generator: with ``live_preview``, the gallery shows each preview as it comes, then the images."""
         spec = ctx.spec(domain_id)
-        width, height = parse_size(size)
-        gen_request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt or "",
-            num_inference_steps=as_int(num_inference_steps),
-            guidance_scale=guidance_scale,
-            seed=None if seed is None or seed == -1 else as_int(seed),
-            num_images=as_int(num_images),
-            height=height,
-            width=width,
-            sampler=sampler,
-            super_resolution=bool(super_resolution),
+        gen_request = request_from_inputs(
+            prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            seed=seed, num_images=num_images, size=size, sampler=sampler, super_resolution=super_resolution,
         )
         level = optimization if torch.cuda.is_available() else None
         if ctx.service.state(spec) != "loaded":
@@ -332,11 +344,13 @@ def stream_previews(run: Callable[[PreviewCallback], GenerationResult]):
 
 
 def generate_on_gpu(
-    service: AppService, request: GenerationRequest, domain_id: str, optimization: str | None, progress, should_stop, preview=None
+    service: AppService, request: GenerationRequest, domain_id: str, optimization: str | None, progress, should_stop, preview=None,
+    field_names=LABELS,
 ) -> GenerationResult:
     """The GPU part of a UI request (wrapped with ``spaces.GPU`` on ZeroGPU); errors -> ``gr.Error``."""
     try:
-        return service.generate(request, domain_id, optimization=optimization, progress=progress, should_stop=should_stop, preview=preview)
+        return service.generate(request, domain_id, optimization=optimization, progress=progress, should_stop=should_stop,
+                                preview=preview, field_names=field_names)
     except UserFacingError as exc:
         log.info("generation refused for domain %s: %s", domain_id, exc.message)
         raise ui_error(exc.message) from exc
@@ -367,26 +381,6 @@ def timings_markdown(result: GenerationResult) -> str:
     stages = " · ".join(f"{name} {seconds:.2f}s" for name, seconds in result.timings.items())
     device = f"{result.settings['device']} / {result.settings['dtype']}"
     return f"**耗时 / Timings** ({device}): {stages}"
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """``"WxH"`` -> (width, height); empty -> the domain default. Ranges are the core's business."""
-    if not size:
-        return None, None
-    parts = size.lower().replace("×", "x").replace("*", "x").split("x")
-    try:
-        width, height = (int(p.strip()) for p in parts)
-    except ValueError:
-        log.info("refused size %r", size)
-        raise ui_error(say("bad_size", size=size)) from None
-    return width, height
-
-
-def as_int(value: float | int | None) -> int | None:
-    """Gradio numbers arrive as floats; whole ones become ints, others stay for the core to reject."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
 
 
 def size_of(spec: DomainSpec | None) -> str:
@@ -587,12 +581,12 @@ def build_named_api(ctx: UiContext) -> None:
     with gr.Column(visible=False):
         inputs = [
             gr.Textbox(label="prompt"),
-            gr.Textbox(label="negative_prompt"),
+            gr.Textbox(label="negative_prompt", value=None),
             gr.Textbox(label="domain"),
-            gr.Number(label="num_inference_steps", precision=0),
-            gr.Number(label="guidance_scale"),
-            gr.Number(label="seed", precision=0),
-            gr.Number(label="num_images", precision=0),
+            RawNumber(label="num_inference_steps", precision=0),
+            RawNumber(label="guidance_scale"),
+            RawNumber(label="seed", precision=0),
+            RawNumber(label="num_images", precision=0),
             gr.Textbox(label="sampler"),
             gr.Radio([True, False], value=None, label="super_resolution"),
         ]
@@ -606,6 +600,24 @@ def build_named_api(ctx: UiContext) -> None:
         concurrency_id=GPU_GROUP,
         concurrency_limit=ctx.service.gate.slots,
     )
+
+
+NAMED_API_FIELDS = {name: (name, name) for name in LABELS}
+
+
+class RawNumber(gr.Number):
+    """A number input of the named API that hands its value on unconverted.
+
+    ``gr.Number`` rounds to its precision (1.5 became 2) and fails without a message on NaN or
+    text; the core instead refuses such a value with the same bilingual reason the UI gives.
+    Rendered as a plain number field.
+    """
+
+    def preprocess(self, payload):
+        return payload
+
+    def get_block_name(self) -> str:
+        return "number"
 
 
 def make_api_generate(ctx: UiContext):
@@ -624,17 +636,11 @@ def make_api_generate(ctx: UiContext):
     ):
         """Generate images; any parameter left empty takes the domain's default."""
         spec = ctx.spec(domain)
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt or None,
-            num_inference_steps=as_int(num_inference_steps),
-            guidance_scale=guidance_scale,
-            seed=as_int(seed),
-            num_images=1 if num_images is None else as_int(num_images),
-            sampler=sampler or None,
-            super_resolution=super_resolution,
+        request = request_from_inputs(
+            prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            seed=seed, num_images=num_images, sampler=sampler, super_resolution=super_resolution,
         )
-        result = gpu_generate(ctx.service, request, spec.id, None, None, None)
+        result = gpu_generate(ctx.service, request, spec.id, None, None, None, None, NAMED_API_FIELDS)
         paths = save_pngs(result)
         info = {"seeds": result.seeds, "timings": result.timings, "notes": result.notes, "settings": result.settings}
         return [(str(p), f"seed {s}") for p, s in zip(paths, result.seeds)], json.loads(json.dumps(info, default=str))

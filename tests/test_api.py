@@ -84,6 +84,7 @@ def test_malformed_json_is_400(client):
         ({"text": "猫", "super_resolution": "yes"}, "super_resolution"),
         ({"text": "猫", "steps": 20}, "steps"),
         ({"num_images": 1}, "text"),
+        ({"prompt": "猫"}, "prompt"),
     ],
 )
 def test_wrong_types_missing_and_unknown_fields_name_the_field(client, body, field):
@@ -108,7 +109,7 @@ def test_out_of_range_and_too_long_are_rejected_by_the_core_rules(client, body, 
     assert response.status_code == 422
     error = response.json()
     assert error["field"] == field
-    assert {"text": "prompt"}.get(field, field) in error["error"], "the core's message names its own field"
+    assert f"Invalid {field}:" in error["error"], "the message names the field as the client sent it"
 
 
 def test_invalid_input_is_rejected_before_any_model_is_loaded(client, registry):
@@ -244,7 +245,7 @@ def test_gate_rejects_when_too_many_wait():
     waiter = threading.Thread(target=wait_for_slot)
     waiter.start()
     deadline = time.time() + 5
-    while gate._waiting < 1 and time.time() < deadline:
+    while gate.waiting < 1 and time.time() < deadline:
         time.sleep(0.01)
     with pytest.raises(QueueFullError):
         with gate.slot():
@@ -254,3 +255,36 @@ def test_gate_rejects_when_too_many_wait():
     waiter.join()
     with gate.slot():
         pass
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        ({"content-type": "text/plain"}, 415),
+        ({"content-type": "application/x-www-form-urlencoded"}, 415),
+        ({"content-type": "multipart/form-data; boundary=x"}, 415),
+        ({}, 415),
+        ({"content-type": "application/json", "origin": "https://evil.example"}, 403),
+        ({"content-type": "text/plain", "origin": "null"}, 415),
+    ],
+)
+def test_what_a_page_on_another_site_can_send_is_refused_before_anything_runs(client, monkeypatch, headers, status):
+    """Any web page could make its visitors' browsers spend the host's compute with a simple POST."""
+    runs = []
+    monkeypatch.setattr(service, "generate", lambda *args, **kwargs: runs.append(1))
+    response = client.post("/api/predict/tiny", content='{"text": "猫", "num_inference_steps": 1}'.encode(), headers=headers)
+    assert response.status_code == status and " / " in response.json()["error"]
+    assert runs == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"content-type": "application/json"},
+        {"content-type": "application/octet-stream"},  # the PAI-EAS client's default
+        {"content-type": "application/json", "origin": "http://testserver"},  # a page of this host
+    ],
+)
+def test_json_clients_and_this_hosts_own_pages_are_served(client, headers):
+    response = client.post("/api/predict/tiny", content='{"text": "猫", "num_inference_steps": 1}'.encode(), headers=headers)
+    assert response.status_code == 200, response.text

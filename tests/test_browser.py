@@ -40,7 +40,7 @@ def test_generate_in_the_browser(registry):
     ARTIFACTS.mkdir(exist_ok=True)
     with running_server(registry) as url, browser_page(url) as page:
         page.get_by_role("button", name="生成 / Generate").click()
-        expect(page.get_by_text("参数 prompt 无效")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("「提示词」无效")).to_be_visible(timeout=60_000)
         page.locator("#prompt textarea").fill("一碗热气腾腾的兰州牛肉拉面")
         expect(page.locator("#token-info")).to_contain_text("Token: 15 / 32", timeout=30_000)
         generate(page, "一碗热气腾腾的兰州牛肉拉面")

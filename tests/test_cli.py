@@ -55,7 +55,7 @@ def test_generate_with_model_folder_is_deterministic(unseen_model, tmp_path):
 def test_generate_reports_bad_input_in_one_line(unseen_model, tmp_path):
     out = cli("generate", "--model", str(unseen_model), "--prompt", "猫", "--steps", "0", "--out", str(tmp_path))
     assert out.returncode == 2
-    assert "num_inference_steps" in out.stderr and "Traceback" not in out.stderr
+    assert "Invalid --steps: must be between 1 and 150" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_generate_offline_unknown_hub_model_is_clear(tmp_path):

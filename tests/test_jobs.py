@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from rapid_diffusion import finetune_service, finetune_ui
-from rapid_diffusion.finetune_service import FinetuneService
+from rapid_diffusion.finetune_service import FinetuneService, job_view
 from rapid_diffusion.jobs import DeleteRefused, Job, JobBusyError, JobManager, delete_finetuned
 from rapid_diffusion.messages import say
 from rapid_diffusion.run_files import complete_checkpoints
@@ -160,6 +161,35 @@ def test_a_job_whose_process_died_reads_as_failed(tmp_path):
     status = Job(folder).status()
     assert status["state"] == "failed" and "Killed" in status["message"]
     assert JobManager(tmp_path / "jobs").active() is None
+
+
+def test_a_job_that_reported_its_end_does_not_block_the_next_while_its_process_exits(tmp_path):
+    """Start once answered "a job is already training" right after a job finished: its process was
+    still exiting (a zombie until reaped)."""
+    manager = JobManager(tmp_path / "jobs")
+    folder = manager.new_job_folder()
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)  # rapid_diffusion trainer stand-in"])
+    try:
+        (folder / "job.json").write_text(json.dumps({"pid": exiting.pid}))
+        (folder / "status.json").write_text(json.dumps({"state": "running", "step": 5, "max_steps": 10}))
+        assert manager.active() is not None and manager.active().id == folder.name
+        (folder / "status.json").write_text(json.dumps({"state": "done", "step": 10, "max_steps": 10}))
+        assert Job(folder).is_alive(), "the process is still there"
+        assert manager.active() is None, "but it no longer trains"
+    finally:
+        exiting.kill()
+        exiting.wait()
+
+
+def test_a_job_message_shows_no_server_path(tmp_path):
+    folder = tmp_path / "jobs" / "20260101-000000-abcdef"
+    folder.mkdir(parents=True)
+    (folder / "job.json").write_text(json.dumps({"pid": 2**22 + 12345}))
+    (folder / "status.json").write_text(json.dumps({"state": "running", "step": 5, "max_steps": 10}))
+    (folder / "log.txt").write_text(f'  File "{tmp_path}/site-packages/torch/x.py", line 3\nKilled\n')
+    view = job_view(Job(folder))
+    assert str(tmp_path) not in view.status_markdown and "…/x.py" in view.status_markdown
+    assert "训练进程已退出" in view.status_markdown
 
 
 @pytest.mark.parametrize(

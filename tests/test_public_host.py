@@ -190,9 +190,9 @@ def test_a_client_that_disconnects_gives_up_its_place_in_the_queue(registry, mon
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{url}/api/predict/tiny", json={"text": "猫", "seed": 1}, timeout=1.0)
             deadline = time.monotonic() + 5
-            while gate._waiting and time.monotonic() < deadline:
+            while gate.waiting and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert gate._waiting == 0, "the abandoned request left the queue while the GPU was busy"
+            assert gate.waiting == 0, "the abandoned request left the queue while the GPU was busy"
         time.sleep(0.5)
         assert runs == [], "and never ran"
         response = httpx.post(f"{url}/api/predict/tiny", json={"text": "猫", "seed": 1}, timeout=60)
@@ -211,3 +211,33 @@ def test_a_running_generation_stops_when_asked(registry):
     with pytest.raises(service.GenerationCancelled):
         AppService(registry, GpuGate()).generate(request, "tiny", should_stop=stop_after_first_step)
     assert 1 < len(calls) <= 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "field, value, reason",
+    [
+        ("seed", 1.5, "「seed」无效：须为 0 到 4294967295 之间的整数"),
+        ("num_inference_steps", 4.6, "「num_inference_steps」无效"),
+        ("num_images", 1.7, "「num_images」无效"),
+        ("num_inference_steps", "abc", "「num_inference_steps」无效"),
+        ("guidance_scale", float("nan"), "「guidance_scale」无效"),
+        ("num_inference_steps", float("inf"), "「num_inference_steps」无效"),
+    ],
+)
+def test_the_named_api_refuses_what_the_ui_refuses_with_the_same_reasons(registry, field, value, reason):
+    """/generate used to round 1.5 to 2 and answer NaN or "abc" with {"error": null} (a raw client:
+    gradio_client cannot even send NaN)."""
+    names = ["prompt", "negative_prompt", "domain", "num_inference_steps", "guidance_scale", "seed", "num_images",
+             "sampler", "super_resolution"]
+    data = ["猫", None, "tiny", None, None, None, None, None, None]
+    data[names.index(field)] = value
+    with running_server(registry) as url:
+        posted = httpx.post(f"{url}/gradio_api/call/generate", content=json.dumps({"data": data}),
+                            headers={"content-type": "application/json"})
+        assert posted.status_code == 200, posted.text
+        answer = httpx.get(f"{url}/gradio_api/call/generate/{posted.json()['event_id']}", timeout=60).text
+    event, data_line = answer.strip().split("\n")[:2]
+    error = json.loads(data_line.removeprefix("data:"))["error"]
+    assert event == "event: error" and reason in error and " / Invalid " in error, answer
+    assert registry.loaded() == [], "refused before any model was loaded"

@@ -225,3 +225,20 @@ def test_a_model_unloaded_before_its_lock_is_unavailable_and_says_try_again(regi
     with pytest.raises(ModelUnavailableError, match="请重试.*try again"):
         generate(GenerationRequest(prompt="红色圆形", seed=0, num_inference_steps=1), spec, registry=StaleRegistry())
     assert ModelUnavailableError is errors.ModelUnavailableError
+
+
+def test_a_domain_file_written_after_start_is_served_at_once_and_a_removed_one_is_gone(test_domains, tiny_model_dir, tmp_path):
+    """A finished fine-tune registers itself by writing a YAML file; every face sees it without a poll or a reload."""
+    from rapid_diffusion.domains import user_domains_dir
+
+    registry = ModelRegistry(device=torch.device("cpu"), dtype=torch.float32)
+    assert "new-model" not in registry.domains
+    user_domains_dir().mkdir(parents=True, exist_ok=True)
+    written = write_domain(user_domains_dir(), "new-model", tiny_model_dir)
+    assert registry.spec("new-model").id == "new-model"
+    written.unlink()
+    with pytest.raises(KeyError):
+        registry.spec("new-model")
+    fixed = ModelRegistry(domains=load_domains([test_domains]), device=torch.device("cpu"))
+    write_domain(user_domains_dir(), "other", tiny_model_dir)
+    assert "other" not in fixed.domains, "a registry given its domains keeps them"

@@ -146,18 +146,19 @@ def test_live_preview_streams_projections_then_the_images(ui_updates):
 def test_live_preview_errors_reach_the_page_as_one_sentence(ui_updates):
     with pytest.raises(gr.Error) as error:
         ui_updates(**ui_args(prompt="  ", live_preview=True), progress=lambda *a, **k: None)
-    assert "prompt" in error.value.message
+    assert error.value.message == "「提示词」无效：不能为空 / Invalid Prompt: must not be empty"
 
 
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        ({"num_inference_steps": 0.0}, "num_inference_steps"),
-        ({"prompt": "  "}, "prompt"),
-        ({"size": "65x64"}, "width"),
-        ({"size": "big"}, "512x512"),
-        ({"seed": -7.0}, "seed"),
-        ({"seed": 1.5}, "参数 seed 无效"),
+        ({"num_inference_steps": 0.0}, "「步数」无效"),
+        ({"prompt": "  "}, "「提示词」无效"),
+        ({"size": "65x64"}, "Invalid Size: must be a multiple of 8"),
+        ({"size": "big"}, "「尺寸」无效"),
+        ({"seed": -7.0}, "「种子」无效"),
+        ({"seed": 1.5}, "「种子」无效：须为 0 到 4294967295 之间的整数"),
+        ({"seed": float("nan")}, "Invalid Seed: must be an integer"),
         ({"domain_id": "nope"}, "nope"),
     ],
 )

@@ -66,7 +66,7 @@ def toast(page, text: str):
 def test_an_error_toast_is_chinese_first_with_a_chinese_title(url):
     with browser_page(url) as page:
         page.get_by_role("button", name=GENERATE).click()
-        body = toast(page, "参数 prompt 无效：不能为空 / Invalid prompt: must not be empty")
+        body = toast(page, "「提示词」无效：不能为空 / Invalid Prompt: must not be empty")
         title = body.locator(".toast-title").evaluate(
             "e => [getComputedStyle(e, '::before').content, getComputedStyle(e).fontSize, getComputedStyle(e, '::before').fontSize]"
         )
