@@ -96,7 +96,7 @@ def model_fields(model_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_names_match_specs() -> None:
-    from .domains import SAMPLER_NAMES
+    from ..domains import SAMPLER_NAMES
 
     if tuple(SAMPLERS) != SAMPLER_NAMES:
         raise RuntimeError("samplers.SAMPLERS and domains.SAMPLER_NAMES disagree")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .domains import ModelSource
-from .settings import settings
+from ..domains import ModelSource
+from ..settings import settings
 
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from .acceleration import Acceleration, build_optimised, outcome, warmer_for
-from .domains import DomainSpec, ModelSource, load_domains
-from .errors import ModelUnavailableError
+from ..speed.warmup import Acceleration, build_optimised, outcome, warmer_for
+from ..domains import DomainSpec, ModelSource, load_domains
+from ..errors import ModelUnavailableError
 from .hub import (  # noqa: F401  (re-exported: callers import these from the registry)
     _progress_tqdm,
     cached_snapshot,
@@ -31,7 +31,7 @@ from .hub import (  # noqa: F401  (re-exported: callers import these from the re
     hub_offline,
     incomplete_message,
 )
-from .settings import settings
+from ..settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +190,12 @@ class ModelRegistry:
         acceleration = self._accelerate_now(pipe, spec)
         seconds = time.perf_counter() - start
         self.progress(f"loaded domain '{spec.id}' in {seconds:.1f}s")
-        from .upscale import upscaler_for
+        from ..upscaling.esrgan import upscaler_for
 
         upscaler = upscaler_for(spec, self.device, self.dtype, log=self.progress)
         encode_prompt = None
         if spec.knowledge_graph is not None:
-            from .knowledge import load_prompt_encoder
+            from ..knowledge import load_prompt_encoder
 
             encode_prompt = load_prompt_encoder(pipe, folder, spec.knowledge_graph, log=self.progress)
         return LoadedModel(
@@ -207,7 +207,7 @@ class ModelRegistry:
         """Quick levels are applied here; slow ones (compile, openvino, auto) are left ``compiling``
         for the background warm-up, unless it is off (``RAPID_DIFFUSION_BACKGROUND_WARMUP=0``, or a
         one-shot command that would otherwise wait for it at exit)."""
-        from .optimize import SLOW_LEVELS
+        from ..speed.levels import SLOW_LEVELS
 
         if spec.optimization == "none":
             return Acceleration("eager", "none")
@@ -224,7 +224,7 @@ class ModelRegistry:
     @staticmethod
     def _optimiser(spec: DomainSpec) -> Callable[[object, Callable[[str], None]], str]:
         def optimise(pipe, log_line: Callable[[str], None]) -> str:
-            from .optimize import apply_optimization
+            from ..speed.levels import apply_optimization
 
             return apply_optimization(pipe, spec.optimization, log=log_line, height=spec.height, width=spec.width)
 

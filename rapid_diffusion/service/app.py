@@ -2,10 +2,10 @@
 
 :class:`AppService` owns the model registry and the GPU gate and offers what a person can do:
 pick a domain, count a prompt's tokens, generate, load or unload a model, ask for the
-server's health; its ``finetune`` (:mod:`.finetune_service`) starts and watches fine-tuning
+server's health; its ``finetune`` (:mod:`.finetune`) starts and watches fine-tuning
 jobs, answering refusals with the sentence to show. Every other failure leaves here as a
 :class:`UserFacingError` (an HTTP status, the field at fault, one bilingual sentence from
-:mod:`.messages`); faces only translate
+:mod:`rapid_diffusion.messages`); faces only translate
 widgets, JSON or flags into these calls, and errors into their own form (a toast, a JSON
 body, a line on stderr). No web framework is imported here.
 """
@@ -23,15 +23,16 @@ from typing import Any, Callable
 import torch
 
 from .batching import Batcher, Member
-from .domains import DomainSpec, ModelSource
-from .finetune_service import FinetuneService
-from .jobs import DeleteRefused, JobManager
-from .messages import say
-from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult, PromptReport, RequestError, inspect_prompt
-from .pipeline import ProgressCallback, batch_key, generate, generate_batch
-from .preview import PreviewCallback
-from .registry import LoadedModel, ModelRegistry, ModelUnavailableError, adhoc_spec, default_registry, native_size
-from .settings import settings
+from ..domains import DomainSpec, ModelSource
+from .finetune import FinetuneService
+from ..training.jobs import DeleteRefused, JobManager
+from ..messages import say
+from ..generation.pipeline import GenerationCancelled, GenerationResult
+from ..generation.request import GenerationRequest, PromptReport, RequestError, inspect_prompt
+from ..generation.pipeline import ProgressCallback, batch_key, generate, generate_batch
+from ..generation.preview import PreviewCallback
+from ..models.registry import LoadedModel, ModelRegistry, ModelUnavailableError, adhoc_spec, default_registry, native_size
+from ..settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class AppService:
         ``domain`` is a domain id (empty: the default domain) or a spec from :meth:`model_spec`.
         ``optimization`` picks another level than the domain's: the registry keys loaded
         pipelines by level, so requests on the domain's own level are never disturbed.
-        ``preview(step, images)`` gets live previews (see :mod:`.preview`); such a request runs
+        ``preview(step, images)`` gets live previews (see :mod:`rapid_diffusion.generation.preview`); such a request runs
         on its own rather than in a shared batch, whose previews would mix several users' images.
         """
         spec = domain if isinstance(domain, DomainSpec) else self.spec(domain)

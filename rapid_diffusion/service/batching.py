@@ -1,4 +1,4 @@
-"""Batching of concurrent requests: same domain and :func:`~.pipeline.batch_key` within a window.
+"""Batching of concurrent requests: same domain and :func:`~rapid_diffusion.generation.pipeline.batch_key` within a window.
 
 The first request of a group waits ``RAPID_DIFFUSION_BATCH_WINDOW_MS`` (default 30 ms; 0 turns
 batching off) for others with the same key, then runs the whole group as one UNet batch through
@@ -18,7 +18,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
-from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult
+from ..generation.pipeline import GenerationCancelled, GenerationResult
+from ..generation.request import GenerationRequest
 
 POLL_SECONDS = 0.05
 

@@ -2,9 +2,9 @@
 
 :class:`FinetuneService` is what the "微调 / Fine-tune" tab's events call (``AppService.finetune``
 holds one). Plain values in (file paths, caption rows, a :class:`Form` of what the browser sent),
-plain values and dataclasses out; the sentences come from :mod:`.messages`, Chinese first. All job
-state lives on disk (:mod:`.jobs`), so :meth:`FinetuneService.view` shows a running job again after
-a browser refresh. The defaults come from ``train_options`` (the schema the trainer and the CLI use),
+plain values and dataclasses out; the sentences come from :mod:`rapid_diffusion.messages`, Chinese first. All job
+state lives on disk (:mod:`rapid_diffusion.training.jobs`), so :meth:`FinetuneService.view` shows a running job again after
+a browser refresh. The defaults come from ``training.options`` (the schema the trainer and the CLI use),
 and the presets replace steps and learning rate for most people.
 
 Access: on a public host (``settings().is_public``) fine-tuning is off unless a password is
@@ -20,12 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from .data import IMAGE_SUFFIXES, DataReport, check_uploads, write_pairs_folder
-from .domains import user_domains_dir
-from .jobs import ACTIVE_STATES, DeleteRefused, Job, JobBusyError, JobManager, delete_finetuned
-from .messages import say
-from .settings import settings
-from .train_options import (
+from ..domains import user_domains_dir
+from ..messages import say
+from ..settings import settings
+from ..training.data import IMAGE_SUFFIXES, DataReport, check_uploads, write_pairs_folder
+from ..training.jobs import ACTIVE_STATES, DeleteRefused, Job, JobBusyError, JobManager, delete_finetuned
+from ..training.options import (
     DEFAULT_PRESET,
     Preset,
     TrainConfig,
@@ -37,7 +37,7 @@ from .train_options import (
 )
 
 if TYPE_CHECKING:
-    from .registry import ModelRegistry
+    from ..models.registry import ModelRegistry
 
 STATE_NAMES = {
     "starting": "启动中 / starting",

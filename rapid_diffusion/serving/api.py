@@ -18,9 +18,10 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from .messages import say
-from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult
-from .service import AppService, UserFacingError, zero_gpu
+from ..messages import say
+from ..generation.pipeline import GenerationCancelled, GenerationResult
+from ..generation.request import GenerationRequest
+from ..service.app import AppService, UserFacingError, zero_gpu
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def build_api_router(service: AppService) -> APIRouter:
 
 
 def create_api_app(service: AppService) -> FastAPI:
-    """A FastAPI app with the JSON routes; :mod:`rapid_diffusion.server` mounts the UI on it."""
+    """A FastAPI app with the JSON routes; :mod:`rapid_diffusion.serving.server` mounts the UI on it."""
     app = FastAPI(title="Rapid Diffusion", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
     app.include_router(build_api_router(service))
     return app

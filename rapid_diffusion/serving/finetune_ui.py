@@ -9,8 +9,8 @@ tab's events is in the public API.
 
 from __future__ import annotations
 
-from .finetune_service import FinetuneService, Form, JobView, format_seconds
-from .train_options import DEFAULT_PRESET, PRESET_LABELS, defaults
+from ..service.finetune import FinetuneService, Form, JobView, format_seconds
+from ..training.options import DEFAULT_PRESET, PRESET_LABELS, defaults
 
 POLL_SECONDS = 2.0
 STEP_AXIS, LOSS_AXIS, SERIES = "步数", "损失", "曲线"

@@ -13,10 +13,10 @@ import logging
 from fastapi import FastAPI
 
 from .api import create_api_app
-from .messages import say
-from .registry import ModelRegistry
-from .service import AppService, GpuGate
-from .settings import settings
+from ..messages import say
+from ..models.registry import ModelRegistry
+from ..service.app import AppService, GpuGate
+from ..settings import settings
 
 DEFAULT_PORT = 7860
 UPLOAD_PATH = "/gradio_api/upload"

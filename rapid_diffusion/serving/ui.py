@@ -1,6 +1,6 @@
 """Gradio Blocks web UI: Generate, Models and Fine-tune tabs, plus the named ``/generate`` API.
 
-A thin face over :class:`rapid_diffusion.service.AppService`: each event converts widgets to
+A thin face over :class:`rapid_diffusion.service.app.AppService`: each event converts widgets to
 one service call, shows the result, and turns the service's errors into one curated sentence
 (``gr.Error``). It validates nothing itself.
 Images are served as the PNG files ``GenerationResult.png_bytes`` writes, settings embedded.
@@ -20,13 +20,14 @@ import gradio as gr
 import torch
 from gradio import processing_utils
 
-from .domains import OPTIMIZATION_LEVELS, DomainSpec
-from .messages import say
-from .pipeline import GenerationCancelled, GenerationRequest, GenerationResult
-from .preview import PreviewCallback
-from .samplers import SAMPLER_LABELS
-from .service import AppService, UserFacingError, zero_gpu
-from .settings import settings
+from ..domains import OPTIMIZATION_LEVELS, DomainSpec
+from ..messages import say
+from ..generation.pipeline import GenerationCancelled, GenerationResult
+from ..generation.request import GenerationRequest
+from ..generation.preview import PreviewCallback
+from ..generation.samplers import SAMPLER_LABELS
+from ..service.app import AppService, UserFacingError, zero_gpu
+from ..settings import settings
 
 log = logging.getLogger(__name__)
 

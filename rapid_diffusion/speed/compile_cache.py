@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .settings import settings
+from ..settings import settings
 
 log = logging.getLogger(__name__)
 

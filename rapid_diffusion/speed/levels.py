@@ -1,7 +1,7 @@
 """Optimisation levels for a loaded ``StableDiffusionPipeline``: ``none``, ``flash``, ``compile``,
 ``openvino`` and ``auto``.
 
-* ``flash``: the UNet's attention runs through :mod:`rapid_diffusion.attention` with the best
+* ``flash``: the UNet's attention runs through :mod:`rapid_diffusion.speed.attention` with the best
   backend for the device (flash-attn / FlashAttention-3 on CUDA, else PyTorch SDPA); on CUDA
   an fp32 pipeline is moved to bf16 (fp16 where bf16 is unsupported).
 * ``compile``: ``flash`` plus fused QKV projections, channels-last memory format and
@@ -9,7 +9,7 @@
   C++/OpenMP on CPU with weight freezing), then a warm-up of every batch bucket at each serving
   size so a user's request never waits for a compilation. Compiled artifacts are saved under
   ``HOME/cache/torch-compile`` and loaded back by the next process.
-* ``openvino``: :mod:`rapid_diffusion.openvino_backend` (CPU only, when OpenVINO is importable).
+* ``openvino``: :mod:`rapid_diffusion.speed.openvino` (CPU only, when OpenVINO is importable).
 * ``auto``: what measured fastest on the device: ``compile`` on CUDA; on CPU ``openvino`` when
   importable (2.4-3.0x plain and 1.8-2.0x ``compile`` on the demo model, benchmarks/README.md),
   else ``compile`` when a C++ compiler exists, else ``none``. ``flash`` is never chosen: on the
@@ -33,9 +33,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..settings import settings
 from .attention import best_backend, set_attention_backend
-from .openvino_backend import BATCH_BUCKETS, bucket_for, openvino_missing, pad_batch
-from .settings import settings
+from .openvino import BATCH_BUCKETS, bucket_for, openvino_missing, pad_batch
 
 LEVELS = ("none", "flash", "compile", "openvino", "auto")
 SLOW_LEVELS = ("compile", "openvino", "auto")
@@ -113,7 +113,7 @@ def keeping_locale():
 
 
 def apply_openvino(pipe, sizes, max_images: int, log: Callable[[str], None], precision: str | None) -> str:
-    from . import openvino_backend
+    from . import openvino as openvino_backend
 
     missing = openvino_missing(pipe.device)
     if missing:
@@ -294,10 +294,10 @@ def warm_up(pipe, sizes: Sequence[tuple[int, int]], max_images: int) -> None:
     """Short generations that reach every batch bucket at every serving size, so every graph
     compiles before a user waits: with CFG (UNet batch 2n) and without (UNet batch n).
 
-    ``pipe(...)`` decodes under ``no_grad``, :func:`rapid_diffusion.pipeline.decode_latents`
+    ``pipe(...)`` decodes under ``no_grad``, :func:`rapid_diffusion.generation.pipeline.decode_latents`
     under ``inference_mode``: dynamo guards on the difference, so both are warmed.
     """
-    from .pipeline import decode_latents
+    from ..generation.pipeline import decode_latents
 
     image_counts = sorted({min(b, max_images) for b in BATCH_BUCKETS})
     for height, width in sizes:

@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..settings import settings
 from .compile_cache import cache_key, cache_root, module_fingerprint, write_atomically
-from .settings import settings
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 STATES = ("eager", "compiling", "compiled", "failed")
-FAILURE_MARKERS = ("failed", "; using level", "; plain diffusers")  # fallbacks logged by optimize.py
+FAILURE_MARKERS = ("failed", "; using level", "; plain diffusers")  # fallbacks logged by levels.py
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Acceleration:
 
 
 def outcome(level: str, applied: str, messages: list[str]) -> Acceleration:
-    """The state after :func:`~rapid_diffusion.optimize.apply_optimization` logged ``messages``."""
+    """The state after :func:`~rapid_diffusion.speed.levels.apply_optimization` logged ``messages``."""
     failures = [m for m in messages if any(marker in m for marker in FAILURE_MARKERS)]
     if applied == "none":
         state = "failed" if level != "none" and failures else "eager"

@@ -1,8 +1,9 @@
 """What every diffusion training loop here shares: tokenisation, the denoising loss, the domain YAML.
 
-Used by the fine-tuner (``train.py``), the demo model's recipe (``demo/train_demo.py``) and the
-knowledge demo (``knowledge/finetune_demo.py``), so that a fix to the loss or to the way a new
-model registers itself reaches all three.
+Used by the fine-tuner (``train.py``), the demo model's recipe
+(``rapid_diffusion_dev/recipes/train_demo.py``) and the knowledge demo
+(``rapid_diffusion_dev/knowledge_demo/finetune_demo.py``), so that a fix to the loss or to the way a
+new model registers itself reaches all three.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .paths import home_dir
+from ..paths import home_dir
 
 
 def load_base_pipeline(folder: Path):

@@ -35,7 +35,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from .settings import settings
+from ..settings import settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TSV_SUFFIXES = (".tsv",)

@@ -1,4 +1,4 @@
-"""Training jobs: one at a time per device, each a separate ``python -m rapid_diffusion.train`` process.
+"""Training jobs: one at a time per device, each a separate ``python -m rapid_diffusion.training.train`` process.
 
 A job lives in ``$RAPID_DIFFUSION_HOME/jobs/<id>/``, which is also the trainer's ``--output``:
 ``run.json`` (its TrainConfig, read by ``train --config``), ``job.json`` (pid, command), ``data/``
@@ -28,10 +28,10 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from .domains import load_domains, user_domains_dir
-from .paths import home_dir
+from ..domains import load_domains, user_domains_dir
+from ..paths import home_dir
 from .run_files import ACTIVE_STATES, CONFIG_FILE, STOP_FILE, read_losses, read_status, read_validation_losses, write_json_atomic
-from .train_options import TrainConfig
+from .options import TrainConfig
 
 STOP_GRACE_SECONDS = 60.0
 TRAINER_NICENESS = 10
@@ -186,7 +186,7 @@ class JobManager:
             raise JobBusyError("已有训练任务在运行，请等待或停止它 / a job is already training on this device")
 
     def _launch(self, folder: Path) -> Job:
-        command = [self.python, "-m", "rapid_diffusion.train", "--config", str(folder / CONFIG_FILE)]
+        command = [self.python, "-m", "rapid_diffusion.training.train", "--config", str(folder / CONFIG_FILE)]
         if shutil.which("nice"):
             command = ["nice", "-n", str(TRAINER_NICENESS), *command]
         with (folder / "log.txt").open("ab") as log:

@@ -7,7 +7,7 @@ its defaults from here. No torch import: the CLI parser and the web UI load this
 
 Presets replace steps / learning rate / batch for people who do not want to choose them. They
 depend on the base model's size: the demo model (64x64) learns a new shape in a few hundred
-large-batch steps at a high rate (measured by ``benchmarks/finetune_new_concept.py``), while a
+large-batch steps at a high rate (measured by ``rapid_diffusion_dev/bench/finetune_concept.py``), while a
 512x512 PAI model needs a small rate (1e-5 .. 2e-6) and batch 1 with gradient accumulation.
 """
 
@@ -282,7 +282,7 @@ def preset_for(key: str, native_side: int) -> Preset:
 
 
 # Seconds per step of a whole quick-preset run (loading, validation, saving included), measured by
-# ``benchmarks/finetune_new_concept.py --preset quick --threads 2`` on the 2-core CPU machine with the
+# ``python -m rapid_diffusion_dev.bench.finetune_concept --preset quick --threads 2`` on the 2-core CPU machine with the
 # demo model v3: 111 s (pink) and 137 s (half disc) for 300 steps, 0.41 s on average; v4 (the
 # same architecture) 150 s and 138 s, 0.48 s, on a day the same machine ran 1.2x slower throughout;
 # v5 106 s and 104 s, 0.35 s, on a faster day (benchmarks/README.md). Large bases have no

@@ -3,12 +3,12 @@
 The UNet is trained, the text encoder too by default (as in the PAI-Diffusion paper), the VAE
 stays frozen. ``--output DIR`` becomes the new model's diffusers pipeline folder, as in diffusers'
 own training scripts (``StableDiffusionPipeline.from_pretrained(DIR)``), with the run files and
-``checkpoints/`` beside the model (layout: :mod:`rapid_diffusion.run_files`). The tokenizer is
+``checkpoints/`` beside the model (layout: :mod:`rapid_diffusion.training.run_files`). The tokenizer is
 saved with ``vocab.txt`` and ``special_tokens_map.json`` too, which transformers 4.x needs.
 
-The options are :class:`rapid_diffusion.train_options.TrainConfig` (one schema: flags, job JSON
+The options are :class:`rapid_diffusion.training.options.TrainConfig` (one schema: flags, job JSON
 and UI defaults). The result is registered as a domain (``$RAPID_DIFFUSION_HOME/domains/<id>.yaml``).
-Runs under ``accelerate launch`` with any number of processes: ``python -m rapid_diffusion.train ARGS``.
+Runs under ``accelerate launch`` with any number of processes: ``python -m rapid_diffusion.training.train ARGS``.
 A ``STOP`` file in the run folder, or SIGTERM, saves a checkpoint and the model so far, then ends.
 A full disk ends the run ``failed`` with partial files removed; ``--resume`` continues later.
 """
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..domains import DomainSpec, ModelSource
 from .data import DataReport, Pair, check_path
-from .domains import DomainSpec, ModelSource
 from .run_files import (
     CHECKPOINT_PREFIX,
     MODEL_TMP,
@@ -45,8 +45,8 @@ from .run_files import (
     complete_checkpoints,
     read_losses,
 )
-from .train_options import TrainConfig, TrainingError, add_arguments, config_from_args, derived_domain_id, embedding_lr_scale, unet_timestep_limit
-from .training_core import denoising_loss, load_base_pipeline, tokenize, write_domain_yaml
+from .core import denoising_loss, load_base_pipeline, tokenize, write_domain_yaml
+from .options import TrainConfig, TrainingError, add_arguments, config_from_args, derived_domain_id, embedding_lr_scale, unet_timestep_limit
 
 __all__ = ["TrainConfig", "TrainingError", "TrainResult", "train", "main", "parse_args", "complete_checkpoints", "read_losses"]
 
@@ -112,7 +112,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 def resolve_base(base: str) -> tuple[Path, DomainSpec | None]:
     """A domain id, a local diffusers folder or a hub id -> the local folder (+ the domain, if any)."""
-    from .registry import ModelRegistry, adhoc_spec
+    from ..models.registry import ModelRegistry, adhoc_spec
 
     registry = ModelRegistry(device=torch.device("cpu"), dtype=torch.float32)
     if base in registry.domains:
@@ -128,7 +128,7 @@ def prepare_knowledge(config: TrainConfig, base_folder: Path, hidden_size: int, 
     """The entity knowledge a ``--knowledge`` run trains: the run's own (on resume), else the
     base model's ``knowledge/`` (continued), else TransE trained now on the graph with a zero
     projection. Saved in the run folder so that a resumed run uses the very same vectors."""
-    from .knowledge import KNOWLEDGE_DIR, EntityEmbeddings, GraphError, Knowledge, KnowledgeGraph, TransEConfig, has_knowledge, train_transe
+    from ..knowledge import KNOWLEDGE_DIR, EntityEmbeddings, GraphError, Knowledge, KnowledgeGraph, TransEConfig, has_knowledge, train_transe
 
     try:
         graph = KnowledgeGraph.load(config.knowledge)
@@ -147,7 +147,7 @@ def prepare_knowledge(config: TrainConfig, base_folder: Path, hidden_size: int, 
 
 def plain_text_encoder(module):
     """The ``CLIPTextModel`` inside a knowledge wrapper (or the module itself)."""
-    from .knowledge import KnowledgeTextEncoder
+    from ..knowledge import KnowledgeTextEncoder
 
     return module.text_encoder if isinstance(module, KnowledgeTextEncoder) else module
 
@@ -425,7 +425,7 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
     text_encoder.train(config.train_text_encoder)
     knowledge = None
     if config.knowledge is not None:
-        from .knowledge import KNOWLEDGE_DIR, KnowledgeTextEncoder
+        from ..knowledge import KNOWLEDGE_DIR, KnowledgeTextEncoder
 
         knowledge = prepare_knowledge(config, folder, text_encoder.config.hidden_size, say)
         knowledge.injector.to(accelerator.device)
@@ -565,7 +565,7 @@ def main_should_log(step: int, max_steps: int) -> bool:
 
 def parameter_groups(unet, text_encoder, config: TrainConfig, embedding_scale: float) -> list[dict]:
     """The UNet and (if trained) the text encoder at ``config.learning_rate``; the text encoder's
-    token embeddings at ``embedding_scale`` times that (``train_options.EMBEDDING_LR_SCALE``), in a
+    token embeddings at ``embedding_scale`` times that (``training.options.EMBEDDING_LR_SCALE``), in a
     group of their own only when the factor is not 1 (so checkpoints of earlier runs still resume)."""
     if not config.train_text_encoder:
         return [{"params": list(unet.parameters())}]
@@ -734,7 +734,7 @@ class Validator:
         """The prompt as text, or as embeddings with the entities injected (the way generation does)."""
         if self.knowledge is None:
             return {"prompt": prompt, "negative_prompt": self.negative_prompt or None}
-        from .knowledge import KnowledgeTextEncoder
+        from ..knowledge import KnowledgeTextEncoder
 
         encoder = KnowledgeTextEncoder(pipe.text_encoder, self.knowledge.injector)
 
@@ -773,7 +773,7 @@ def save_result(config, accelerator, base_folder: Path, unet, text_encoder, ema,
         result.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer_for_transformers_4(result.tokenizer, tmp / "tokenizer")
         if knowledge is not None:
-            from .knowledge import KNOWLEDGE_DIR
+            from ..knowledge import KNOWLEDGE_DIR
 
             knowledge.save(tmp / KNOWLEDGE_DIR)
         publish_pipeline(tmp, output)
@@ -810,7 +810,7 @@ def claim_domain_id(config: TrainConfig) -> str:
     is refused; a derived id (from the model's name) gets a numeric suffix. Re-running or
     resuming the same output folder keeps the id its own earlier run registered.
     """
-    from .domains import load_domains, user_domains_dir
+    from ..domains import load_domains, user_domains_dir
 
     taken = {
         spec.id for spec in load_domains().values()
@@ -900,7 +900,7 @@ def run(config: TrainConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .registry import ModelUnavailableError
+    from ..models.registry import ModelUnavailableError
 
     try:
         return run(parse_args(argv))

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .domains import DomainSpec, SuperResolutionWeights
-from .paths import ASSETS_DIR
+from ..domains import DomainSpec, SuperResolutionWeights
+from ..paths import ASSETS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +377,7 @@ def sr_cache_dir() -> Path:
 
 def fetch_sr_weights(weights: SuperResolutionWeights, offline: bool | None = None) -> Path:
     """The local file of ``weights``, downloading it once if allowed, verified by sha256."""
-    from .settings import settings
+    from ..settings import settings
 
     offline = settings().hub_offline if offline is None else offline
     if weights.path is not None:

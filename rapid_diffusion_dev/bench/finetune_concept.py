@@ -10,14 +10,14 @@ Two concepts (``--concept``):
   one of the world's eight colours.
 
 24 pairs of the new concept (in the world's own phrasings) plus 24 pairs of the old world go
-through ``rapid_diffusion.train`` (the code path of ``rapid-diffusion train`` and the Fine-tune
+through ``rapid_diffusion.training.train`` (the code path of ``rapid-diffusion train`` and the Fine-tune
 tab). Before and after, through ``generate()`` with the domain's defaults (2 seeds per prompt):
 the new-concept rate on 12 prompts naming it, and the judge's colour / shape / position scores on
 12 ordinary world prompts (every palette colour at least once).
 
-    python benchmarks/finetune_new_concept.py --concept colour --out runs/pink --preset quick --threads 2
-    python benchmarks/finetune_new_concept.py --concept shape --out runs/half-disc --preset quick --threads 2
-    python benchmarks/finetune_new_concept.py --concept shape --out runs/custom --steps 300 --lr 2e-4
+    python -m rapid_diffusion_dev.bench.finetune_concept --concept colour --out runs/pink --preset quick --threads 2
+    python -m rapid_diffusion_dev.bench.finetune_concept --concept shape --out runs/half-disc --preset quick --threads 2
+    python -m rapid_diffusion_dev.bench.finetune_concept --concept shape --out runs/custom --steps 300 --lr 2e-4
 
 Every image measured lands in ``before.png`` and ``after.png`` (a column per prompt, a row per
 seed, the world's prompts in the upper block). ``--grey-world-pairs`` draws the mixed-in world pairs
@@ -27,7 +27,7 @@ and guidance amplifies them, see benchmarks/README.md), not the measurement. ``-
 
 ``--preset`` trains exactly what the Fine-tune tab starts on its defaults (the preset's steps, rate
 and batch, pairs held out for validation, samples and a checkpoint every fifth of the run); the
-wall time it prints is what ``train_options.SECONDS_PER_STEP`` stores for the tab's estimate.
+wall time it prints is what ``training.options.SECONDS_PER_STEP`` stores for the tab's estimate.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def contact_sheet(per_prompt: list[list[Image.Image]], rows_per_block: int, colu
 
 def vae_round_trips(judge, world, vae) -> dict:
     """What the frozen VAE makes of the new concepts: a half disc (still fits one?) and a pink object (still pink?)."""
-    from rapid_diffusion.demo.train_demo import to_tensor
+    from ..recipes.train_demo import to_tensor
 
     def round_trip(image: Image.Image) -> Image.Image:
         with torch.no_grad():
@@ -236,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from rapid_diffusion.demo import judge, world
-    from rapid_diffusion.pipeline import GenerationRequest, generate
-    from rapid_diffusion.registry import ModelRegistry
-    from rapid_diffusion.train import TrainConfig, train
-    from rapid_diffusion.train_options import preset_config, preset_for
+    from rapid_diffusion.generation.pipeline import generate
+    from rapid_diffusion.generation.request import GenerationRequest
+    from rapid_diffusion.models.registry import ModelRegistry
+    from rapid_diffusion.training.options import preset_config, preset_for
+    from rapid_diffusion.training.train import TrainConfig, train
 
     cpu = dict(device=torch.device("cpu"), dtype=torch.float32)
     registry = ModelRegistry(**cpu)

@@ -2,7 +2,7 @@
 and steady latency through the JSON API of a running server (``--api``).
 
 Both need the faces' layer (the service, a server), so they live above it, apart from
-:mod:`rapid_diffusion.bench`, which times pipelines directly.
+:mod:`rapid_diffusion_dev.bench.speed`, which times pipelines directly.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from typing import Callable
 
 import torch
 
-from .batching import Batcher
-from .bench import machine_info, spread
-from .pipeline import GenerationRequest
-from .settings import settings
+from rapid_diffusion.generation.request import GenerationRequest
+from rapid_diffusion.service.batching import Batcher
+from rapid_diffusion.settings import settings
+
+from .speed import machine_info, spread
 
 PROMPTS = ("左边有一个大的红色圆形", "中间有一个蓝色的正方形", "上面有一个小的黄色三角形", "右边是一个绿色的星形")
 
@@ -34,10 +35,9 @@ PROMPTS = ("左边有一个大的红色圆形", "中间有一个蓝色的正方�
 def run_concurrency(domain: str, level: str, clients: int, per_client: int, log: Callable[[str], None] = print) -> dict:
     """``clients`` threads each send ``per_client`` one-image requests through :class:`AppService`,
     with batching off and on (``RAPID_DIFFUSION_BATCH_WINDOW_MS``, 30 ms if it is 0)."""
-    from .registry import ModelRegistry
-    from .service import AppService, GpuGate
-
-    from .domains import load_domains
+    from rapid_diffusion.domains import load_domains
+    from rapid_diffusion.models.registry import ModelRegistry
+    from rapid_diffusion.service.app import AppService, GpuGate
 
     spec = replace(load_domains()[domain], optimization=level)
     registry = ModelRegistry(domains={domain: spec}, max_models=1)
@@ -141,7 +141,7 @@ def run_api_latency(domain: str, runs: int, port: int = 7871, log: Callable[[str
 
 def write_plain_copy(domain: str, folder: Path) -> str:
     """A domain file like ``domain``'s, at ``optimization: none``, with an absolute model path."""
-    from .domains import load_domains
+    from rapid_diffusion.domains import load_domains
 
     spec = load_domains()[domain]
     source = spec.model

@@ -3,7 +3,7 @@
 Every level gets its own copy of one set of weights. Runs are interleaved (one run of every
 level per round) so that load from other processes on a shared machine hits all levels alike.
 Each round times the plain call ``pipe(prompt, ...)`` end to end, as a user of diffusers would
-call it, and the project's staged path (:func:`rapid_diffusion.pipeline.run_pipeline`) for the
+call it, and the project's staged path (:func:`rapid_diffusion.generation.pipeline.run_pipeline`) for the
 per-stage figures. ``speedup`` is the plain median end-to-end latency over the best level's.
 """
 
@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .optimize import LEVELS, apply_optimization
+from rapid_diffusion.speed.levels import LEVELS, apply_optimization
 
 DEMO_DOMAIN = "demo"
 OPENVINO_BF16 = "openvino-bf16"
@@ -117,7 +117,7 @@ def max_abs_diff(images: np.ndarray, reference: np.ndarray) -> float:
 
 def load_bench_model(name: str, log: Callable[[str], None], device=torch.device("cpu"), dtype=torch.float32) -> BenchModel:
     """``demo`` (the trained demo domain), ``sd15-random``, ``tiny-random`` or a pipeline folder."""
-    from .factory import assemble_pipeline, build_tokenizer, sd15_components, tiny_components
+    from rapid_diffusion.models.factory import assemble_pipeline, build_tokenizer, sd15_components, tiny_components
 
     if name in ("tiny-random", "sd15-random"):
         components = tiny_components(seed=0) if name == "tiny-random" else sd15_components(seed=0)
@@ -131,7 +131,7 @@ def load_bench_model(name: str, log: Callable[[str], None], device=torch.device(
 
 
 def load_demo_model(log: Callable[[str], None], device, dtype) -> BenchModel:
-    from .domains import load_domains
+    from rapid_diffusion.domains import load_domains
 
     spec = load_domains().get(DEMO_DOMAIN)
     if spec is None or not spec.model.is_local or not (spec.model.path / "model_index.json").is_file():
@@ -146,7 +146,7 @@ def load_demo_model(log: Callable[[str], None], device, dtype) -> BenchModel:
 
 
 def load_folder_model(folder: Path, name: str) -> BenchModel:
-    from .registry import load_pipeline
+    from rapid_diffusion.models.registry import load_pipeline
 
     return BenchModel(load_pipeline(folder, torch.device("cpu"), torch.float32), name)
 
@@ -154,7 +154,7 @@ def load_folder_model(folder: Path, name: str) -> BenchModel:
 def bench_upscaler(sr: str, device, dtype, tile: int | None = 256) -> Callable:
     """``rrdb23``: the paper's ESRGAN shape (RealESRGAN_x4plus, random weights: time does not depend
     on their values); anything else: an ESRGAN checkpoint path."""
-    from .upscale import RRDBNet, Upscaler, load_sr_model
+    from rapid_diffusion.upscaling.esrgan import RRDBNet, Upscaler, load_sr_model
 
     model = RRDBNet(num_feat=64, num_block=23, num_grow_ch=32) if sr == "rrdb23" else load_sr_model(Path(sr))
     return Upscaler(model.eval(), device, dtype, tile=tile)
@@ -163,7 +163,7 @@ def bench_upscaler(sr: str, device, dtype, tile: int | None = 256) -> Callable:
 def demo_upscaler(spec, device, dtype, log: Callable[[str], None]) -> Callable | None:
     """The domain's ESRGAN upscaler when the upscale module and its weights are available."""
     try:
-        from .upscale import upscaler_for
+        from rapid_diffusion.upscaling.esrgan import upscaler_for
     except ImportError:
         return None
     return upscaler_for(spec, device, dtype, log=log)
@@ -176,8 +176,8 @@ def native_side(pipe) -> int:
 def bench_spec(model: BenchModel, height: int, width: int, config: BenchConfig):
     from dataclasses import replace
 
-    from .domains import ModelSource
-    from .registry import adhoc_spec
+    from rapid_diffusion.domains import ModelSource
+    from rapid_diffusion.models.registry import adhoc_spec
 
     spec = model.spec or adhoc_spec(ModelSource(path=Path(model.name)))
     return replace(spec, height=height, width=width, num_inference_steps=config.steps, guidance_scale=config.guidance_scale)
@@ -220,7 +220,8 @@ def plain_call(pipe, config: BenchConfig, height: int, width: int, count: int = 
 
 
 def time_round(pipe, record: LevelRecord, config, height, width, spec, upscaler, device) -> np.ndarray:
-    from .pipeline import GenerationRequest, run_pipeline
+    from rapid_diffusion.generation.pipeline import run_pipeline
+    from rapid_diffusion.generation.request import GenerationRequest
 
     start = time.perf_counter()
     images = plain_call(pipe, config, height, width)
@@ -388,7 +389,7 @@ def head_dim_padding_bench(device, dtype, pad_multiple: int = 32, repeats: int =
 
     On CPU the token counts are divided by 4 (a 256x256 image) to keep the run short.
     """
-    from .attention import DispatchAttnProcessor, best_backend
+    from rapid_diffusion.speed.attention import DispatchAttnProcessor, best_backend
 
     processor = DispatchAttnProcessor(best_backend(device, dtype))
     padded = DispatchAttnProcessor(processor.backend, pad_multiple)
@@ -534,7 +535,7 @@ def shapes_table(result: dict) -> str:
 RESTART_CHILD = """
 import json, sys, time
 start = time.perf_counter()
-from rapid_diffusion.bench import restart_setup
+from rapid_diffusion_dev.bench.speed import restart_setup
 print("RESULT " + json.dumps(restart_setup(*json.loads(sys.argv[1]), process_start=start)))
 """
 

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..demo import judge, world
-from ..paths import ASSETS_DIR
-from .graph import KnowledgeGraph
-from .transe import EntityEmbeddings
+from rapid_diffusion.demo import judge, world
+from rapid_diffusion.knowledge.graph import KnowledgeGraph
+from rapid_diffusion.knowledge.transe import EntityEmbeddings
+from rapid_diffusion.paths import ASSETS_DIR
 
 DEMO_GRAPH = ASSETS_DIR / "demo-kg"
 SPLIT_FILE = "split.tsv"

@@ -9,8 +9,8 @@ draws for them comes from their TransE vectors. ``with_knowledge=False`` is the 
 training entities are no better known than those of graph-only ones: the only thing that sets
 them apart is having been seen in captions.
 
-    rapid-diffusion kg demo-finetune --out runs/demo-kg
-    rapid-diffusion kg demo-eval --domain demo-kg
+    rapid-diffusion dev kg demo-finetune --out runs/demo-kg
+    rapid-diffusion dev kg demo-eval --domain demo-kg
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ import numpy as np
 import torch
 import yaml
 
-from ..demo import train_demo, world
-from ..paths import ASSETS_DIR, PROJECT_ROOT
-from ..training_core import denoising_loss, load_base_pipeline, make_ema, write_domain_yaml
+from rapid_diffusion.demo import world
+from rapid_diffusion.knowledge.graph import KnowledgeGraph
+from rapid_diffusion.knowledge.injection import KNOWLEDGE_DIR, Knowledge, KnowledgeTextEncoder
+from rapid_diffusion.knowledge.transe import EntityEmbeddings, TransEConfig, train_transe
+from rapid_diffusion.paths import ASSETS_DIR, PROJECT_ROOT
+from rapid_diffusion.training.core import denoising_loss, load_base_pipeline, make_ema, write_domain_yaml
+
+from ..recipes import train_demo
 from .demo import DEMO_GRAPH, EntityCaptioner, load_split
-from .graph import KnowledgeGraph
-from .injection import KNOWLEDGE_DIR, Knowledge, KnowledgeTextEncoder
-from .transe import EntityEmbeddings, TransEConfig, train_transe
 
 
 @dataclass

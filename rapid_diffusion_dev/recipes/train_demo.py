@@ -21,7 +21,7 @@ such a model never learns 左/右 either. The v loss weighs it by SNR + 1 >= 1.
 The result is saved with ``StableDiffusionPipeline.save_pretrained(..., safe_serialization=True)``
 in fp32 with the PAI tokenizer (``factory.chinese_vocab()``).
 
-    rapid-diffusion train-demo --out assets/demo-model --seed 0
+    rapid-diffusion dev train-demo --out assets/demo-model --seed 0
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from PIL import Image
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..factory import assemble_pipeline, build_tokenizer, chinese_vocab, pndm_scheduler
-from ..paths import ASSETS_DIR
-from ..training_core import averaged_copy, cosine_schedule, denoising_loss, make_ema, tokenize
-from . import judge, world
-from .evaluate import split_prompts, vae_colour_error
+from rapid_diffusion.demo import judge, world
+from rapid_diffusion.demo.evaluate import split_prompts, vae_colour_error
+from rapid_diffusion.models.factory import assemble_pipeline, build_tokenizer, chinese_vocab, pndm_scheduler
+from rapid_diffusion.paths import ASSETS_DIR
+from rapid_diffusion.training.core import averaged_copy, cosine_schedule, denoising_loss, make_ema, tokenize
 
 MODEL_MAX_LENGTH = 32
 

@@ -6,7 +6,7 @@ images for the demo diffusion model. The loss is MSE: PSNR is the target, and an
 model draws sharp edges that are sometimes a pixel off, which costs more than Lanczos' blur.
 Everything is seeded.
 
-    rapid-diffusion train-sr --out assets/demo-sr.safetensors --steps 2000 --seed 0
+    rapid-diffusion dev train-sr --out assets/demo-sr.safetensors --steps 2000 --seed 0
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..upscale import SRVGGNetCompact, Upscaler
+from rapid_diffusion.upscaling.esrgan import SRVGGNetCompact, Upscaler
 
 SCALE = 4
 HR_SIZE = 256
@@ -45,7 +45,7 @@ class SRTrainConfig:
 
 def render_world(count: int, seed: int, split: str) -> list[Image.Image]:
     """``count`` 256x256 world scenes (``split``: "train" or "test")."""
-    from . import world
+    from rapid_diffusion.demo import world
 
     images, _, _ = world.sample_batch(np.random.default_rng(seed), count, size=HR_SIZE, split=split)
     return [Image.fromarray(a) for a in images]
