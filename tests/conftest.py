@@ -50,7 +50,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny StableDiffusionPipeline folder (CLIPTextModel + BertTokenizer + ...), safetensors."""
     from diffusers.utils import logging as diffusers_logging
 
-    from rapid_diffusion.factory import build_pipeline
+    from rapid_diffusion.models.factory import build_pipeline
 
     diffusers_logging.disable_progress_bar()
     folder = tmp_path_factory.mktemp("tiny-pai-model")
@@ -70,16 +70,16 @@ def test_domains(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     monkeypatch.setenv("RAPID_DIFFUSION_DOMAINS", str(folder))
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
     # The process-wide registry reads the domains when it is created: start a fresh one here.
-    import rapid_diffusion.registry
+    import rapid_diffusion.models.registry
 
-    monkeypatch.setattr(rapid_diffusion.registry, "_default_registry", None)
+    monkeypatch.setattr(rapid_diffusion.models.registry, "_default_registry", None)
     return folder
 
 
 @pytest.fixture()
 def registry(test_domains):
     """A fresh registry on CPU/fp32 that sees the test domains."""
-    from rapid_diffusion.registry import ModelRegistry
+    from rapid_diffusion.models.registry import ModelRegistry
 
     return ModelRegistry(device=torch.device("cpu"), dtype=torch.float32)
 

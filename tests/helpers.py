@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from rapid_diffusion.models.registry import ModelRegistry
 from rapid_diffusion.paths import PROJECT_ROOT
-from rapid_diffusion.registry import ModelRegistry
-from rapid_diffusion.service import GpuGate
+from rapid_diffusion.service.app import GpuGate
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
@@ -75,7 +75,7 @@ def running_server(registry: ModelRegistry, gate: GpuGate | None = None):
     """The real app (JSON API + mounted UI) served by uvicorn on a free localhost port."""
     import uvicorn
 
-    from rapid_diffusion.server import create_app
+    from rapid_diffusion.serving.server import create_app
 
     app = create_app(registry, gate or GpuGate(1, 4))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))

@@ -10,9 +10,11 @@ import time
 import pytest
 import torch
 
-from rapid_diffusion import compile_cache, optimize, pipeline
-from rapid_diffusion.pipeline import GenerationRequest, generate
-from rapid_diffusion.registry import ModelRegistry
+from rapid_diffusion.generation import pipeline
+from rapid_diffusion.generation.pipeline import generate
+from rapid_diffusion.generation.request import GenerationRequest
+from rapid_diffusion.models.registry import ModelRegistry
+from rapid_diffusion.speed import compile_cache, levels as optimize
 
 from helpers import write_domain
 
@@ -120,7 +122,7 @@ def test_a_domain_not_loaded_reports_eager(compiling_registry):
 
 
 def test_compile_cache_is_keyed_by_torch_weights_and_device(tiny_model_dir, monkeypatch, tmp_path):
-    from rapid_diffusion.registry import load_pipeline
+    from rapid_diffusion.models.registry import load_pipeline
 
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path))
     pipe = load_pipeline(tiny_model_dir, torch.device("cpu"), torch.float32)
@@ -136,7 +138,7 @@ def test_compile_cache_is_keyed_by_torch_weights_and_device(tiny_model_dir, monk
 
 
 def test_corrupt_compile_cache_is_ignored_with_a_log_line(tiny_model_dir, monkeypatch, tmp_path):
-    from rapid_diffusion.registry import load_pipeline
+    from rapid_diffusion.models.registry import load_pipeline
 
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path))
     pipe = load_pipeline(tiny_model_dir, torch.device("cpu"), torch.float32)
@@ -155,7 +157,7 @@ def test_cache_writes_are_atomic(tmp_path):
 
 
 def test_health_shows_what_each_domain_runs_on(compiling_registry, monkeypatch):
-    from rapid_diffusion.service import AppService, GpuGate
+    from rapid_diffusion.service.app import AppService, GpuGate
 
     monkeypatch.setattr(optimize, "apply_optimization", slow_optimiser(threading.Event(), seconds=0))
     service = AppService(compiling_registry, GpuGate())
@@ -167,7 +169,7 @@ def test_health_shows_what_each_domain_runs_on(compiling_registry, monkeypatch):
 
 
 def test_the_background_warm_up_setting_is_read_when_the_registry_is_made(monkeypatch):
-    from rapid_diffusion.registry import ModelRegistry
+    from rapid_diffusion.models.registry import ModelRegistry
 
     monkeypatch.setenv("RAPID_DIFFUSION_BACKGROUND_WARMUP", "0")
     assert ModelRegistry(domains={}).background_warmup is False

@@ -10,7 +10,7 @@ import pytest
 
 from rapid_diffusion import access, settings
 from rapid_diffusion.access import PasswordCheck, hash_password, parse_hash, verify_password
-from rapid_diffusion.service import AppService, UserFacingError
+from rapid_diffusion.service.app import AppService, UserFacingError
 
 
 def test_a_hash_verifies_its_password_only_and_matches_scrypt_computed_independently():

@@ -12,12 +12,13 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from rapid_diffusion import service
-from rapid_diffusion.api import MAX_BODY_BYTES, create_api_app
-from rapid_diffusion.service import AppService, GpuGate, QueueFullError
+from rapid_diffusion.service import app as service
+from rapid_diffusion.serving.api import MAX_BODY_BYTES, create_api_app
+from rapid_diffusion.service.app import AppService, GpuGate, QueueFullError
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.pipeline import RequestError, read_png_settings
-from rapid_diffusion.registry import ModelRegistry
+from rapid_diffusion.generation.pipeline import read_png_settings
+from rapid_diffusion.generation.request import RequestError
+from rapid_diffusion.models.registry import ModelRegistry
 
 from helpers import write_domain
 
@@ -142,7 +143,7 @@ def test_pathological_json_is_400_not_500(client, raw, caplog):
     response = client.post("/api/predict/tiny", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     assert response.json()["field"] is None and "JSON" in response.json()["error"]
-    rejections = [r for r in caplog.records if r.name == "rapid_diffusion.api"]
+    rejections = [r for r in caplog.records if r.name == "rapid_diffusion.serving.api"]
     assert len(rejections) == 1 and rejections[0].exc_info is None, "one log line, no traceback"
 
 

@@ -7,8 +7,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from rapid_diffusion import attention
-from rapid_diffusion.attention import DispatchAttnProcessor, best_backend, padded_head_dim, set_attention_backend
+from rapid_diffusion.speed import attention
+from rapid_diffusion.speed.attention import DispatchAttnProcessor, best_backend, padded_head_dim, set_attention_backend
 
 CPU_BACKENDS = ["native", "_native_math", "_native_flash"]
 TOLERANCE = 1e-5

@@ -9,10 +9,12 @@ import time
 import numpy as np
 import pytest
 
-from rapid_diffusion import pipeline, service
-from rapid_diffusion.batching import GpuGate, Member, QueueFullError
-from rapid_diffusion.pipeline import GenerationCancelled, GenerationRequest, run_batch, run_pipeline
-from rapid_diffusion.service import AppService, UserFacingError
+from rapid_diffusion.generation import pipeline
+from rapid_diffusion.service import app as service
+from rapid_diffusion.service.batching import GpuGate, Member, QueueFullError
+from rapid_diffusion.generation.pipeline import GenerationCancelled, run_batch, run_pipeline
+from rapid_diffusion.generation.request import GenerationRequest
+from rapid_diffusion.service.app import AppService, UserFacingError
 
 
 def pixels(result) -> list[np.ndarray]:

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from rapid_diffusion.bench import BenchConfig, load_bench_model, markdown_table, rss_peak_mb, unet_profile
-from rapid_diffusion.cli import main
+from rapid_diffusion.serving.cli import main
+from rapid_diffusion_dev.bench.speed import BenchConfig, load_bench_model, markdown_table, rss_peak_mb, unet_profile
 
 LEVEL_KEYS = {
     "requested",
@@ -34,7 +34,7 @@ def restore_threads():
 
 def test_bench_cli_writes_json_with_speedup(tmp_path, capsys, restore_threads):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--model", "tiny-random", "--steps", "2", "--runs", "1", "--levels", "none,flash", "--threads", "1"]
+    argv = ["dev", "bench", "--model", "tiny-random", "--steps", "2", "--runs", "1", "--levels", "none,flash", "--threads", "1"]
     argv += ["--json", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text(encoding="utf-8"))
@@ -60,25 +60,25 @@ def test_bench_cli_writes_json_with_speedup(tmp_path, capsys, restore_threads):
 
 
 def test_bench_sr_adds_a_timed_x4_stage(tmp_path, capsys, restore_threads):
-    from rapid_diffusion.upscale import DEMO_SR_WEIGHTS
+    from rapid_diffusion.upscaling.esrgan import DEMO_SR_WEIGHTS
 
     out = tmp_path / "bench.json"
-    argv = ["bench", "--model", "tiny-random", "--steps", "2", "--runs", "1", "--levels", "none", "--threads", "1"]
+    argv = ["dev", "bench", "--model", "tiny-random", "--steps", "2", "--runs", "1", "--levels", "none", "--threads", "1"]
     assert main(argv + ["--sr", str(DEMO_SR_WEIGHTS), "--json", str(out)]) == 0
     plain = json.loads(out.read_text(encoding="utf-8"))["levels"]["none"]
     assert plain["stages_s"]["super_resolution"]["median"] > 0
 
 
 def test_bench_cli_rejects_unknown_level(capsys):
-    assert main(["bench", "--model", "tiny-random", "--levels", "none,warp"]) == 2
+    assert main(["dev", "bench", "--model", "tiny-random", "--levels", "none,warp"]) == 2
     assert "unknown warp" in capsys.readouterr().err
 
 
 def test_bench_default_levels_include_openvino_when_installed():
     import argparse
 
-    from rapid_diffusion.cli import bench_levels
-    from rapid_diffusion.openvino_backend import openvino_missing
+    from rapid_diffusion.speed.openvino import openvino_missing
+    from rapid_diffusion_dev.cli import bench_levels
 
     args = argparse.Namespace(levels=None, shapes=False, restart=False, concurrency=None, api=False, device="cpu")
     expected = ("none", "flash", "compile", "openvino", "auto") if openvino_missing("cpu") is None else ("none", "flash", "compile", "auto")
@@ -119,7 +119,7 @@ def test_rss_peak_follows_an_allocation():
 
 
 def test_shapes_reports_first_and_steady_per_shape(restore_threads):
-    from rapid_diffusion.bench import run_shapes, shapes_table
+    from rapid_diffusion_dev.bench.speed import run_shapes, shapes_table
 
     config = BenchConfig(model="tiny-random", steps=1, runs=2, levels=("none",))
     result = run_shapes(config, log=lambda message: None, max_images=2, sizes=((64, 64),))
@@ -133,7 +133,7 @@ def test_shapes_reports_first_and_steady_per_shape(restore_threads):
 
 
 def test_concurrency_runs_through_the_service_with_batching_off_and_on(test_domains):
-    from rapid_diffusion.bench_serving import concurrency_table, run_concurrency
+    from rapid_diffusion_dev.bench.serving import concurrency_table, run_concurrency
 
     result = run_concurrency("tiny", "none", clients=2, per_client=2, log=lambda message: None)
     assert list(result["modes"]) == ["batching off", "batching 30 ms"]
@@ -147,7 +147,7 @@ def test_concurrency_runs_through_the_service_with_batching_off_and_on(test_doma
 @pytest.mark.slow
 def test_restart_reads_the_cache_the_cold_process_left(restore_threads):
     """Two fresh processes: the first converts (cold), the second reads its cache (warm)."""
-    from rapid_diffusion.bench import restart_table, run_restart
+    from rapid_diffusion_dev.bench.speed import restart_table, run_restart
 
     result = run_restart(BenchConfig(model="tiny-random", runs=1, levels=("openvino",)), log=lambda message: None, threads=1)
     entry = result["levels"]["openvino"]
@@ -159,7 +159,7 @@ def test_restart_reads_the_cache_the_cold_process_left(restore_threads):
 def test_a_nan_image_is_an_infinite_difference():
     import numpy as np
 
-    from rapid_diffusion.bench import max_abs_diff
+    from rapid_diffusion_dev.bench.speed import max_abs_diff
 
     reference = np.zeros((1, 2, 2, 3))
     assert max_abs_diff(np.full_like(reference, np.nan), reference) == float("inf")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rapid_diffusion.cli import main
-from rapid_diffusion.pipeline import read_png_settings
+from rapid_diffusion.serving.cli import main
+from rapid_diffusion.generation.pipeline import read_png_settings
 
 
 def cli(*args, env_extra=None):
@@ -30,7 +30,7 @@ def test_domains_lists_ids_first():
 @pytest.fixture(scope="module")
 def unseen_model(tmp_path_factory):
     """A diffusers folder with the PAI classes that no domain YAML mentions."""
-    from rapid_diffusion.factory import build_pipeline
+    from rapid_diffusion.models.factory import build_pipeline
 
     folder = tmp_path_factory.mktemp("never-seen")
     build_pipeline(folder, size="tiny", seed=123)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from rapid_diffusion.cli import main as cli_main
+from rapid_diffusion.serving.cli import main as cli_main
 from helpers import bomb_png, png_bytes
-from rapid_diffusion.data import DataLimits, check_path, check_uploads, decode_text, write_pairs_folder
+from rapid_diffusion.training.data import DataLimits, check_path, check_uploads, decode_text, write_pairs_folder
 
 
 def truncated_png(seed: int = 99) -> bytes:

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from rapid_diffusion.domains import load_domains
+from rapid_diffusion.models.registry import ModelRegistry
 from rapid_diffusion.paths import PROJECT_ROOT
-from rapid_diffusion.registry import ModelRegistry
 
 from helpers import DEMO_ADHERENCE_FLOOR, DEMO_MODEL
 
@@ -75,7 +75,7 @@ def test_generate_cli_works_offline(tmp_path):
 
 
 def test_eval_cli_writes_report_and_contact_sheet(tmp_path, monkeypatch):
-    from rapid_diffusion import cli
+    from rapid_diffusion.serving import cli
 
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RAPID_DIFFUSION_DOMAINS", raising=False)
@@ -89,7 +89,7 @@ def test_eval_cli_writes_report_and_contact_sheet(tmp_path, monkeypatch):
 def test_train_demo_runs_end_to_end_with_tiny_settings(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from rapid_diffusion.demo.train_demo import TrainConfig, train_demo
+    from rapid_diffusion_dev.recipes.train_demo import TrainConfig, train_demo
 
     config = TrainConfig(out=tmp_path / "model", num_scenes=32, vae_steps=2, vae_batch_size=2, unet_steps=2, batch_size=4, log_every=1, validate_every=0, validation_steps=1, guidance_choices=(5.0,))
     lines: list[str] = []
@@ -114,7 +114,7 @@ def test_train_demo_runs_end_to_end_with_tiny_settings(tmp_path):
 def test_train_demo_cli_trains_and_saves_a_pipeline(tmp_path):
     """The command as a user runs it, with tiny settings (and v3's VAE loss, ``--vae-edge-weight 0``)."""
     out = tmp_path / "model"
-    command = [sys.executable, "-m", "rapid_diffusion", "train-demo", "--out", str(out), "--vae-steps", "1", "--vae-edge-weight", "0",
+    command = [sys.executable, "-m", "rapid_diffusion", "dev", "train-demo", "--out", str(out), "--vae-steps", "1", "--vae-edge-weight", "0",
                "--steps", "1", "--batch-size", "2", "--num-scenes", "16", "--threads", "1"]
     done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stderr
@@ -127,7 +127,7 @@ def test_train_demo_cli_trains_and_saves_a_pipeline(tmp_path):
 def test_train_demo_can_keep_a_trained_vae(tmp_path):
     from safetensors.torch import load_file
 
-    from rapid_diffusion.demo.train_demo import TrainConfig, train_demo
+    from rapid_diffusion_dev.recipes.train_demo import TrainConfig, train_demo
 
     tiny = dict(num_scenes=16, vae_steps=1, vae_batch_size=2, unet_steps=1, batch_size=2, validate_every=0, validation_steps=1, guidance_choices=())
     first = train_demo(TrainConfig(out=tmp_path / "a", **tiny), log=lambda line: None)
@@ -142,7 +142,7 @@ def test_train_demo_can_keep_a_trained_vae(tmp_path):
 def test_vae_training_starts_with_a_narrow_posterior():
     """The decoder must not learn to decode through noise as large as the latents (see
     ``start_posterior_narrow``): at the start the posterior's std is exp(-5), not about 1."""
-    from rapid_diffusion.demo.train_demo import build_vae, start_posterior_narrow
+    from rapid_diffusion_dev.recipes.train_demo import build_vae, start_posterior_narrow
 
     torch.manual_seed(0)
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -160,7 +160,7 @@ def test_vae_loss_weighs_objects_and_both_sides_of_their_outlines():
     """A 2x2 square on a dark ground: its pixels get the foreground weight plus the outline
     weight; the ground pixels next to it (not diagonal) the outline weight; a faint step (0.05,
     below the 0.1 threshold) and everything else nothing extra."""
-    from rapid_diffusion.demo.train_demo import reconstruction_weight
+    from rapid_diffusion_dev.recipes.train_demo import reconstruction_weight
 
     x = torch.full((1, 3, 6, 6), -1.0)
     x[..., 2:4, 2:4] = 0.8
@@ -179,7 +179,7 @@ def test_diffusion_loss_weighs_the_latent_cells_on_and_around_objects():
     16x16 grid, and nothing else. An empty scene has no weighted cell."""
     import numpy as np
 
-    from rapid_diffusion.demo.train_demo import diffusion_weight, latent_object_masks
+    from rapid_diffusion_dev.recipes.train_demo import diffusion_weight, latent_object_masks
 
     images = np.full((2, 64, 64, 3), 90, dtype=np.uint8)
     images[0, 20:23, 42:45] = (230, 40, 40)
@@ -197,7 +197,7 @@ def test_weighted_denoising_loss_is_the_weighted_mean_of_squared_errors():
     broadcast over the 4 latent channels; weight 1 everywhere is the plain MSE."""
     from diffusers import DDPMScheduler
 
-    from rapid_diffusion.training_core import denoising_loss
+    from rapid_diffusion.training.core import denoising_loss
 
     torch.manual_seed(0)
     latents, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
@@ -219,8 +219,9 @@ def test_weighted_denoising_loss_is_the_weighted_mean_of_squared_errors():
 
 def test_training_steps_are_chosen_on_the_validation_split_only(monkeypatch):
     """Checkpoints are judged from ``select_from`` on and at the end, on validation prompts only."""
-    from rapid_diffusion.demo import evaluate, train_demo
-    from rapid_diffusion.demo.train_demo import TrainConfig, is_validation_step
+    from rapid_diffusion.demo import evaluate
+    from rapid_diffusion_dev.recipes import train_demo
+    from rapid_diffusion_dev.recipes.train_demo import TrainConfig, is_validation_step
 
     config = TrainConfig(unet_steps=10000, validate_every=1000, select_from=5000)
     chosen = [step for step in range(1, 10001) if is_validation_step(step, config)]

@@ -140,7 +140,7 @@ def test_bad_user_file_is_skipped_and_cannot_replace_an_owner_domain(tmp_path, m
 
 
 def test_registry_exposes_domain_errors(tmp_path, monkeypatch):
-    from rapid_diffusion.registry import ModelRegistry
+    from rapid_diffusion.models.registry import ModelRegistry
 
     write_domain(tmp_path, "fine", Path("m"))
     (tmp_path / "bad.yaml").write_text("id: bad\n", encoding="utf-8")
@@ -184,6 +184,6 @@ def test_cli_domains_fails_only_when_no_domain_is_valid(tmp_path, monkeypatch):
     (tmp_path / "domains").mkdir()
     (tmp_path / "domains" / "bad.yaml").write_text("id: x\n", encoding="utf-8")
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
-    from rapid_diffusion.cli import main
+    from rapid_diffusion.serving.cli import main
 
     assert main(["domains"]) == 2

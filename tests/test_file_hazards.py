@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.guards import UploadLedger, file_paths
-from rapid_diffusion.registry import ModelRegistry
+from rapid_diffusion.serving.guards import UploadLedger, file_paths
+from rapid_diffusion.models.registry import ModelRegistry
 
 from helpers import running_server, write_domain
 

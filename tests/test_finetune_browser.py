@@ -7,7 +7,7 @@
 
 The browser run caps the quick preset with the host setting ``RAPID_DIFFUSION_FINETUNE_MAX_STEPS``
 (300 steps take minutes on an idle CPU, far more on a shared one); the uncapped preset itself runs
-in ``benchmarks/finetune_new_concept.py --concept shape --preset quick``, which is where it is measured.
+in ``python -m rapid_diffusion_dev.bench.finetune_concept --concept shape --preset quick``, which is where it is measured.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from rapid_diffusion.registry import ModelRegistry
+from rapid_diffusion.models.registry import ModelRegistry
 
 from helpers import ARTIFACTS, CHROMIUM, DEMO_MODEL, browser_page
 from helpers import running_server

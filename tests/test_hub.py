@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.hub import IncompleteSnapshotError, cached_snapshot, download_snapshot, find_cached_snapshot
+from rapid_diffusion.models.hub import IncompleteSnapshotError, cached_snapshot, download_snapshot, find_cached_snapshot
+from rapid_diffusion.models.registry import ModelRegistry, ModelUnavailableError
 from rapid_diffusion.paths import PROJECT_ROOT
-from rapid_diffusion.registry import ModelRegistry, ModelUnavailableError
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"

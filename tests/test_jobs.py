@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rapid_diffusion import finetune_service, finetune_ui
-from rapid_diffusion.finetune_service import FinetuneService, job_view
-from rapid_diffusion.jobs import DeleteRefused, Job, JobBusyError, JobManager, delete_finetuned
+from rapid_diffusion.service import finetune as finetune_service
+from rapid_diffusion.serving import finetune_ui
+from rapid_diffusion.service.finetune import FinetuneService, job_view
+from rapid_diffusion.training.jobs import DeleteRefused, Job, JobBusyError, JobManager, delete_finetuned
 from rapid_diffusion.messages import say
-from rapid_diffusion.run_files import complete_checkpoints
-from rapid_diffusion.train_options import PRESETS, TrainConfig, defaults
+from rapid_diffusion.training.run_files import complete_checkpoints
+from rapid_diffusion.training.options import PRESETS, TrainConfig, defaults
 
 
 def square_png(path: Path, colour: tuple[int, int, int]) -> Path:
@@ -254,7 +255,7 @@ def test_cli_job_and_tab_defaults_are_the_train_config_defaults(service, tmp_pat
     """Training defaults are defined once, in TrainConfig."""
     import gradio as gr
 
-    from rapid_diffusion.train import parse_args
+    from rapid_diffusion.training.train import parse_args
 
     schema = defaults()
     parsed = parse_args(["--base", "b", "--data", "d", "--output", "o"])

@@ -48,7 +48,7 @@ def graph(graph_dir):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir):
-    from rapid_diffusion.registry import load_pipeline
+    from rapid_diffusion.models.registry import load_pipeline
 
     return load_pipeline(tiny_model_dir, torch.device("cpu"), torch.float32)
 
@@ -253,8 +253,9 @@ def test_describe_entities_says_what_the_graph_knows(graph, pipe):
 def test_registry_uses_the_knowledge_encoder_only_when_the_model_has_it(
     graph, graph_dir, pipe, copy_model, test_domains, tiny_model_dir
 ):
-    from rapid_diffusion.pipeline import GenerationRequest, generate
-    from rapid_diffusion.registry import ModelRegistry
+    from rapid_diffusion.generation.pipeline import generate
+    from rapid_diffusion.generation.request import GenerationRequest
+    from rapid_diffusion.models.registry import ModelRegistry
 
     with_knowledge = copy_model("with-knowledge")
     knowledge_for(graph, pipe, projection_seed=3).save(with_knowledge / KNOWLEDGE_DIR)
@@ -285,8 +286,8 @@ def test_registry_uses_the_knowledge_encoder_only_when_the_model_has_it(
 
 
 def test_cli_kg_train_and_attach(graph_dir, copy_model, tmp_path, capsys):
-    from rapid_diffusion.cli import main
     from rapid_diffusion.knowledge import has_knowledge
+    from rapid_diffusion.serving.cli import main
 
     out = tmp_path / "emb" / "kg.safetensors"
     assert main(["kg", "train", "--graph", str(graph_dir), "--out", str(out), "--dim", "16", "--epochs", "20"]) == 0
@@ -305,7 +306,7 @@ def test_cli_kg_train_and_attach(graph_dir, copy_model, tmp_path, capsys):
 
 def test_demo_graph_uses_world_attributes_and_leaks_no_attribute_characters():
     from rapid_diffusion.demo import world
-    from rapid_diffusion.knowledge.demo import DEMO_GRAPH, attributes, load_split
+    from rapid_diffusion_dev.knowledge_demo.demo import DEMO_GRAPH, attributes, load_split
 
     graph, split = KnowledgeGraph.load(DEMO_GRAPH), load_split()
     assert len(split["train"]) == 16 and len(split["graph_only"]) == 10
@@ -322,7 +323,7 @@ def test_entity_captions_name_training_entities_in_place_of_attributes():
     import numpy as np
 
     from rapid_diffusion.demo import world
-    from rapid_diffusion.knowledge.demo import DEMO_GRAPH, EntityCaptioner, load_split
+    from rapid_diffusion_dev.knowledge_demo.demo import DEMO_GRAPH, EntityCaptioner, load_split
 
     graph = KnowledgeGraph.load(DEMO_GRAPH)
     captioner = EntityCaptioner(graph, load_split()["train"], probability=1.0)
@@ -336,7 +337,7 @@ def test_entity_captions_name_training_entities_in_place_of_attributes():
 
 def test_entity_attribute_measurement_against_the_judge():
     from rapid_diffusion.demo import world
-    from rapid_diffusion.knowledge.demo import DEMO_GRAPH, attributes, measure_entity_attributes
+    from rapid_diffusion_dev.knowledge_demo.demo import DEMO_GRAPH, attributes, measure_entity_attributes
 
     graph = KnowledgeGraph.load(DEMO_GRAPH)
     entities = ["樱桃", "骰子", "钻石"]
@@ -356,8 +357,8 @@ def test_entity_attribute_measurement_against_the_judge():
 
 def test_demo_finetune_trains_the_projection_and_registers_a_knowledge_domain(copy_model, tmp_path, monkeypatch):
     from rapid_diffusion.domains import load_domains
-    from rapid_diffusion.knowledge.finetune_demo import DemoFinetuneConfig, finetune_demo
-    from rapid_diffusion.registry import ModelRegistry
+    from rapid_diffusion.models.registry import ModelRegistry
+    from rapid_diffusion_dev.knowledge_demo.finetune_demo import DemoFinetuneConfig, finetune_demo
 
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
     config = DemoFinetuneConfig(
@@ -373,7 +374,7 @@ def test_demo_finetune_trains_the_projection_and_registers_a_knowledge_domain(co
 
 
 def test_demo_transe_vectors_carry_graph_only_attributes_linearly():
-    from rapid_diffusion.knowledge.demo import DEMO_GRAPH, linear_probe_accuracy, load_split
+    from rapid_diffusion_dev.knowledge_demo.demo import DEMO_GRAPH, linear_probe_accuracy, load_split
 
     graph, split = KnowledgeGraph.load(DEMO_GRAPH), load_split()
     trained = EntityEmbeddings.from_model(train_transe(graph, TransEConfig(dim=64, epochs=1000, seed=0))[0], graph)

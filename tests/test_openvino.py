@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from rapid_diffusion import openvino_backend, optimize
-from rapid_diffusion.optimize import apply_optimization, auto_level
-from rapid_diffusion.registry import load_pipeline
+from rapid_diffusion.models.registry import load_pipeline
+from rapid_diffusion.speed import openvino as openvino_backend, levels as optimize
+from rapid_diffusion.speed.levels import apply_optimization, auto_level
 
 pytest.importorskip("openvino")
 
@@ -37,7 +37,7 @@ def converted(tiny_model_dir, tmp_path_factory):
 
     Background warm-ups that earlier tests' registries started read the process's settings too:
     they finish first, so that none converts into this module's cache folder meanwhile."""
-    from rapid_diffusion.acceleration import warmer_for
+    from rapid_diffusion.speed.warmup import warmer_for
 
     warmer_for(torch.device("cpu")).wait()
     mp = pytest.MonkeyPatch()

@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from rapid_diffusion import optimize
-from rapid_diffusion.attention import DispatchAttnProcessor
-from rapid_diffusion.optimize import apply_optimization, compiler_missing, is_compiled
-from rapid_diffusion.registry import load_pipeline
+from rapid_diffusion.models.registry import load_pipeline
+from rapid_diffusion.speed import levels as optimize
+from rapid_diffusion.speed.attention import DispatchAttnProcessor
+from rapid_diffusion.speed.levels import apply_optimization, compiler_missing, is_compiled
 
 
 @pytest.fixture()
@@ -98,8 +98,9 @@ def test_compile_failing_at_warm_up_falls_back_and_still_matches(pipe, tiny_mode
 
 def test_registry_applies_the_domain_level(tmp_path, tiny_model_dir, monkeypatch):
     from helpers import write_domain
-    from rapid_diffusion.pipeline import GenerationRequest, generate
-    from rapid_diffusion.registry import ModelRegistry
+    from rapid_diffusion.generation.pipeline import generate
+    from rapid_diffusion.generation.request import GenerationRequest
+    from rapid_diffusion.models.registry import ModelRegistry
 
     folder = tmp_path / "domains"
     folder.mkdir()

@@ -4,18 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rapid_diffusion import pipeline
-from rapid_diffusion.pipeline import (
-    MAX_SEED,
-    GenerationCancelled,
-    GenerationRequest,
-    Limits,
-    RequestError,
-    generate,
-    inspect_prompt,
-    read_png_settings,
-)
-from rapid_diffusion.samplers import SAMPLERS
+from rapid_diffusion.generation import request
+from rapid_diffusion.generation.pipeline import GenerationCancelled, generate, read_png_settings
+from rapid_diffusion.generation.request import MAX_SEED, GenerationRequest, Limits, RequestError, inspect_prompt
+from rapid_diffusion.generation.samplers import SAMPLERS
 
 
 def pixels(result, i=0):
@@ -110,7 +102,7 @@ def test_the_last_image_of_a_request_keeps_a_valid_seed(spec, monkeypatch):
     GenerationRequest(prompt="红色", seed=MAX_SEED - 7, num_images=8).resolve(spec, Limits())
     with pytest.raises(RequestError, match=f"between 0 and {MAX_SEED - 7} for 8 images"):
         GenerationRequest(prompt="红色", seed=MAX_SEED, num_images=8).resolve(spec, Limits())
-    monkeypatch.setattr(pipeline.random, "randint", lambda low, high: high)  # the largest seed it may pick
+    monkeypatch.setattr(request.random, "randint", lambda low, high: high)  # the largest seed it may pick
     picked = GenerationRequest(prompt="红色", num_images=1).resolve(spec, Limits(max_images=8))
     assert picked.seed + 8 - 1 == MAX_SEED
 
@@ -119,7 +111,7 @@ def test_validation_happens_before_loading(test_domains):
     """A bad request is refused without loading a model."""
     import torch
 
-    from rapid_diffusion.registry import ModelRegistry
+    from rapid_diffusion.models.registry import ModelRegistry
 
     registry = ModelRegistry(device=torch.device("cpu"), loader=lambda *a: pytest.fail("must not load"))
     spec = registry.spec("tiny")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rapid_diffusion import preview
 from rapid_diffusion.domains import load_domains
+from rapid_diffusion.generation import preview
+from rapid_diffusion.generation.pipeline import generate
+from rapid_diffusion.generation.request import GenerationRequest
 from rapid_diffusion.paths import PROJECT_ROOT
-from rapid_diffusion.pipeline import GenerationRequest, generate
 
 DEMO_MODEL = PROJECT_ROOT / "assets" / "demo-model"
 needs_model = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="assets/demo-model not trained yet")
@@ -28,7 +29,7 @@ def test_previews_every_five_steps_show_the_object_where_and_as_the_image_has_it
     absolute) from the decoded image on the v5 demo model, seeds 0-4 of this prompt (v4: 18-20):
     v5 draws this prompt on saturated green grounds, where the linear map is roughest. Where the
     object is and its colour are checked on their own below."""
-    from rapid_diffusion.registry import ModelRegistry
+    from rapid_diffusion.models.registry import ModelRegistry
 
     spec = load_domains([PROJECT_ROOT / "domains"])["demo"]
     registry = ModelRegistry(domains={"demo": spec})

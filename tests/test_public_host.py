@@ -9,10 +9,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from rapid_diffusion import pipeline, service
+from rapid_diffusion.generation import pipeline
+from rapid_diffusion.service import app as service
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.registry import ModelRegistry
-from rapid_diffusion.service import AppService, GpuGate, UserFacingError
+from rapid_diffusion.models.registry import ModelRegistry
+from rapid_diffusion.service.app import AppService, GpuGate, UserFacingError
 
 from helpers import write_domain
 from helpers import running_server
@@ -107,7 +108,7 @@ def test_a_stranger_on_a_public_host_can_only_generate(registry, monkeypatch, tm
 
 @pytest.fixture()
 def app_client(registry):
-    from rapid_diffusion.server import create_app
+    from rapid_diffusion.serving.server import create_app
 
     with TestClient(create_app(registry, GpuGate(1, 4))) as client:
         yield client
@@ -140,7 +141,7 @@ def multipart(files: int, size: int) -> tuple[bytes, str]:
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["declared", "streamed"])
 def test_an_upload_over_the_total_budget_is_413(registry, monkeypatch, streamed):
-    from rapid_diffusion.server import create_app
+    from rapid_diffusion.serving.server import create_app
 
     monkeypatch.setenv("RAPID_DIFFUSION_MAX_UPLOAD_TOTAL", str(3 * 2**20))
     body, content_type = multipart(files=5, size=900 * 1024)  # each under the per-file cap, 4.4 MB in all

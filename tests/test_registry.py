@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.registry import ModelRegistry, ModelUnavailableError, choose_weight_files, load_pipeline
+from rapid_diffusion.models.registry import ModelRegistry, ModelUnavailableError, choose_weight_files, load_pipeline
 
 from helpers import write_domain
 
 
 def test_importing_the_package_loads_no_model_library():
-    code = "import rapid_diffusion, rapid_diffusion.domains, rapid_diffusion.cli, sys; print('diffusers' in sys.modules)"
+    code = "import rapid_diffusion, rapid_diffusion.domains, rapid_diffusion.serving.cli, sys; print('diffusers' in sys.modules)"
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -160,7 +160,7 @@ def test_shipped_domains_need_download_offline(monkeypatch, tmp_path):
 def test_download_progress_is_reported_in_steps():
     import io
 
-    from rapid_diffusion.registry import _progress_tqdm
+    from rapid_diffusion.models.registry import _progress_tqdm
 
     messages = []
     bar = _progress_tqdm(messages.append)(total=1000, desc="unet/diffusion_pytorch_model.safetensors", file=io.StringIO())
@@ -212,7 +212,8 @@ def test_eviction_releases_outside_the_registry_lock(test_domains, copy_model):
 
 def test_a_model_unloaded_before_its_lock_is_unavailable_and_says_try_again(registry):
     from rapid_diffusion import errors
-    from rapid_diffusion.pipeline import GenerationRequest, generate
+    from rapid_diffusion.generation.pipeline import generate
+    from rapid_diffusion.generation.request import GenerationRequest
 
     spec = registry.spec("tiny")
     model = registry.get(spec)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import PNDMScheduler
 
+from rapid_diffusion.generation.samplers import SAMPLERS, make_scheduler
 from rapid_diffusion.paths import PROJECT_ROOT
-from rapid_diffusion.samplers import SAMPLERS, make_scheduler
 
 from helpers import DEMO_ADHERENCE_FLOOR, DEMO_MODEL
 
@@ -93,7 +93,7 @@ def test_ddim_step_matches_the_v_prediction_formula_on_large_latents(demo_config
 @pytest.fixture(scope="module")
 def demo():
     from rapid_diffusion.domains import load_domains
-    from rapid_diffusion.registry import ModelRegistry
+    from rapid_diffusion.models.registry import ModelRegistry
 
     spec = load_domains([PROJECT_ROOT / "domains"])["demo"]
     registry = ModelRegistry(domains={"demo": spec})

@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-import rapid_diffusion.train as train_module
-from rapid_diffusion.cli import main as cli_main
+import rapid_diffusion.training.train as train_module
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.paths import PROJECT_ROOT
-from rapid_diffusion.run_files import read_validation_losses
-from rapid_diffusion.training_core import load_base_pipeline
-from rapid_diffusion.train import TrainConfig, TrainingError, complete_checkpoints, read_losses, train
+from rapid_diffusion.serving.cli import main as cli_main
+from rapid_diffusion.training.core import load_base_pipeline
+from rapid_diffusion.training.run_files import read_validation_losses
+from rapid_diffusion.training.train import TrainConfig, TrainingError, complete_checkpoints, read_losses, train
 
 SQUARES = {"红色的方块": (230, 30, 30), "蓝色的方块": (30, 30, 230)}
 
@@ -76,7 +76,7 @@ def pairs(tmp_path) -> Path:
 def test_cli_training_lowers_the_loss_and_registers_a_loadable_model(test_domains, tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
-    from rapid_diffusion.registry import ModelRegistry
+    from rapid_diffusion.models.registry import ModelRegistry
 
     data = write_pairs(tmp_path / "pairs", [{"file_name": "missing.png", "text": "缺失"}])
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
@@ -234,7 +234,7 @@ def test_two_process_accelerate_launch_on_cpu(tiny_model_dir, pairs, tmp_path):
     )
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rapid_diffusion.train",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rapid_diffusion.training.train",
         "--base", str(tiny_model_dir), "--data", str(pairs), "--output", str(run), "--max-steps", "4",
         "--lr", "1e-3", "--resolution", "32", "--checkpoint-every", "2", "--domain-id", "two-proc",
     ]
@@ -256,8 +256,9 @@ def test_knowledge_run_trains_the_projection_and_the_new_domain_injects_entities
     from safetensors.torch import load_file
 
     from rapid_diffusion.domains import load_domains
-    from rapid_diffusion.pipeline import GenerationRequest, generate
-    from rapid_diffusion.registry import ModelRegistry
+    from rapid_diffusion.generation.pipeline import generate
+    from rapid_diffusion.generation.request import GenerationRequest
+    from rapid_diffusion.models.registry import ModelRegistry
 
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
     graph = tmp_path / "graph"
@@ -307,7 +308,7 @@ KILL_DURING_SAVE = """
 import os, signal, sys
 from pathlib import Path
 from accelerate import Accelerator
-from rapid_diffusion.train import TrainConfig, train
+from rapid_diffusion.training.train import TrainConfig, train
 
 real_save_state = Accelerator.save_state
 
@@ -517,7 +518,7 @@ def test_min_snr_weights_the_loss_per_sample_by_its_timestep():
     epsilon), the loss the mean of weight x each sample's MSE; without gamma the plain MSE."""
     from diffusers import DDPMScheduler
 
-    from rapid_diffusion.training_core import denoising_loss
+    from rapid_diffusion.training.core import denoising_loss
 
     torch.manual_seed(0)
     latents, noise, prediction = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
@@ -571,7 +572,7 @@ def test_the_noisiest_timesteps_teach_the_text_but_not_the_unet():
     negative control)."""
     from diffusers import DDPMScheduler
 
-    from rapid_diffusion.training_core import denoising_loss
+    from rapid_diffusion.training.core import denoising_loss
 
     class Unet(torch.nn.Module):
         def __init__(self):
@@ -608,7 +609,7 @@ def test_the_noisiest_timesteps_teach_the_text_but_not_the_unet():
 def test_the_unet_of_a_small_base_leaves_the_noisiest_timesteps_alone(tiny_model_dir, pairs, tmp_path, monkeypatch):
     """Small bases default to a UNet that learns below timestep 700, large ones from all;
     ``--unet-max-timestep`` overrides either; the validation loss is measured the plain way."""
-    from rapid_diffusion.train_options import unet_timestep_limit
+    from rapid_diffusion.training.options import unet_timestep_limit
 
     config = TrainConfig(base="b", data=Path("d"), output=Path("o"))
     assert (unet_timestep_limit(config, 64), unet_timestep_limit(config, 512)) == (700, None)

@@ -8,12 +8,12 @@ import httpx
 import pytest
 import torch
 
-from rapid_diffusion import service
+from rapid_diffusion.service import app as service
 from rapid_diffusion.domains import DomainSpec, ModelSource, load_domains
-from rapid_diffusion.pipeline import read_png_settings
-from rapid_diffusion.registry import ModelRegistry
-from rapid_diffusion.service import AppService, GpuGate
-from rapid_diffusion.ui import (
+from rapid_diffusion.generation.pipeline import read_png_settings
+from rapid_diffusion.models.registry import ModelRegistry
+from rapid_diffusion.service.app import AppService, GpuGate
+from rapid_diffusion.serving.ui import (
     UiContext,
     build_ui,
     domain_defaults,
@@ -231,7 +231,7 @@ def test_a_failed_load_keeps_the_table_and_says_why_without_a_path(ctx, registry
 
 
 def test_the_domain_card_says_before_generating_when_a_model_cannot_work(monkeypatch, registry):
-    from rapid_diffusion.ui import domain_markdown
+    from rapid_diffusion.serving.ui import domain_markdown
 
     service = AppService(ModelRegistry(domains={"hub": spec("hub", repo_id="nobody/not-cached")}), GpuGate())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -264,7 +264,7 @@ def test_gradio_client_calls_generate_on_a_real_server(registry):
 
 
 def test_the_models_tab_lists_skipped_domain_files_by_name(tmp_path, tiny_model_dir):
-    from rapid_diffusion.ui import domain_errors_markdown
+    from rapid_diffusion.serving.ui import domain_errors_markdown
 
     write_domain(tmp_path, "tiny", tiny_model_dir)
     (tmp_path / "bad.yaml").write_text("id: bad\nheight: tall\n", encoding="utf-8")
@@ -276,7 +276,7 @@ def test_the_models_tab_lists_skipped_domain_files_by_name(tmp_path, tiny_model_
 
 def test_models_tab_deletes_a_fine_tuned_model_and_refuses_a_configured_one(test_domains, copy_model, tmp_path):
     from rapid_diffusion.domains import user_domains_dir
-    from rapid_diffusion.ui import delete_action
+    from rapid_diffusion.serving.ui import delete_action
 
     model = copy_model("run")
     (model / "status.json").write_text('{"state": "done"}', encoding="utf-8")

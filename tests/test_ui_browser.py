@@ -8,7 +8,7 @@ import torch
 
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.paths import PROJECT_ROOT
-from rapid_diffusion.registry import ModelRegistry
+from rapid_diffusion.models.registry import ModelRegistry
 
 from helpers import write_domain
 from helpers import ARTIFACTS, CHROMIUM, browser_page

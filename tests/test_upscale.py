@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from rapid_diffusion.domains import SuperResolutionWeights
-from rapid_diffusion.upscale import (
+from rapid_diffusion.upscaling.esrgan import (
     DEMO_SR_WEIGHTS,
     RRDBNet,
     SRVGGNetCompact,
@@ -29,7 +29,7 @@ from rapid_diffusion.upscale import (
     tiled_forward,
     upscaler_for,
 )
-from rapid_diffusion.sr_bench import time_upscaler
+from rapid_diffusion_dev.bench.sr import time_upscaler
 from helpers import write_domain
 
 CPU = torch.device("cpu")
@@ -216,7 +216,7 @@ def test_tiled_output_equals_untiled():
 
 
 def load_state(state):
-    from rapid_diffusion.upscale import model_from_state_dict
+    from rapid_diffusion.upscaling.esrgan import model_from_state_dict
 
     return model_from_state_dict(state)
 
@@ -254,7 +254,7 @@ def test_local_weights_sha256_mismatch_is_refused(tmp_path):
 
 
 def test_url_weights_download_once_into_cache_and_verify(tmp_path, monkeypatch):
-    import rapid_diffusion.upscale as upscale
+    import rapid_diffusion.upscaling.esrgan as upscale
 
     buffer = io.BytesIO()
     torch.save({"params": random_srvgg_state(8, 2)}, buffer)
@@ -287,7 +287,8 @@ def test_offline_without_weights_is_unavailable(tmp_path, monkeypatch):
 
 
 def test_generation_uses_esrgan_or_labels_the_lanczos_fallback(tmp_path, registry, test_domains, tiny_model_dir, copy_model, monkeypatch):
-    from rapid_diffusion.pipeline import GenerationRequest, generate
+    from rapid_diffusion.generation.pipeline import generate
+    from rapid_diffusion.generation.request import GenerationRequest
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     weights = tmp_path / "sr.safetensors"
@@ -314,7 +315,7 @@ def test_upscaler_for_without_sr_weights_is_none(registry, test_domains):
 
 
 def test_upscale_cli_round_trip(tmp_path, capsys):
-    from rapid_diffusion.cli import main
+    from rapid_diffusion.serving.cli import main
 
     weights = tmp_path / "sr.safetensors"
     state = random_srvgg_state(8, 2, seed=7)
@@ -336,7 +337,7 @@ def test_upscale_cli_round_trip(tmp_path, capsys):
 
 
 def test_demo_sr_beats_lanczos_on_held_out_world_images():
-    from rapid_diffusion.demo.train_sr import evaluate, render_world
+    from rapid_diffusion_dev.recipes.train_sr import evaluate, render_world
 
     model = load_sr_model(DEMO_SR_WEIGHTS)
     assert isinstance(model, SRVGGNetCompact) and DEMO_SR_WEIGHTS.stat().st_size < 4 * 2**20
@@ -345,7 +346,7 @@ def test_demo_sr_beats_lanczos_on_held_out_world_images():
 
 
 def test_benchmark_sr_times_the_demo_model_and_lanczos():
-    from rapid_diffusion.sr_bench import benchmark_sr
+    from rapid_diffusion_dev.bench.sr import benchmark_sr
 
     esrgan, lanczos = benchmark_sr(size=16, runs=1, device="cpu")
     assert (esrgan["method"], lanczos["method"]) == ("esrgan", "lanczos")
@@ -355,7 +356,7 @@ def test_benchmark_sr_times_the_demo_model_and_lanczos():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16 ESRGAN 256->1024)")
 def test_fp16_cuda_rrdb_matches_fp32_at_the_paper_setting():
-    from rapid_diffusion.sr_bench import benchmark_image
+    from rapid_diffusion_dev.bench.sr import benchmark_image
 
     cuda = torch.device("cuda")
     state = random_rrdb_state(BASICSR_NAMES, num_feat=64, num_block=23, grow=32)
@@ -371,7 +372,7 @@ def test_fp16_cuda_rrdb_matches_fp32_at_the_paper_setting():
 def test_train_sr_recipe_writes_a_loadable_model_and_reports_psnr(tmp_path):
     from safetensors import safe_open
 
-    from rapid_diffusion.demo.train_sr import SRTrainConfig, train_sr
+    from rapid_diffusion_dev.recipes.train_sr import SRTrainConfig, train_sr
 
     out = tmp_path / "sr.safetensors"
     lines = []

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..pipeline import GenerationRequest, generate
+from ..generation.pipeline import generate
+from ..generation.request import GenerationRequest
 from . import judge, world
 
 CJK_FONT_DIRS = (Path("/usr/share/fonts/opentype/noto"), Path("/usr/share/fonts/truetype/noto"), Path("/usr/share/fonts"))

@@ -1,4 +1,11 @@
-"""Knowledge-enhanced text encoding: entity linking, TransE, injection into the text encoder."""
+"""Knowledge-enhanced text encoding: entity linking, TransE, injection into the text encoder.
+
+``graph`` reads a domain's knowledge graph, ``linking`` finds entity mentions in a prompt,
+``transe`` trains and stores entity embeddings, ``injection`` adds them to the text encoder's input
+embeddings. A room of its own: it imports nothing else of the package, so the registry, the
+trainer and the demo tools can all use it. The knowledge-graph demo's evaluation and fine-tune
+live in the dev package (``rapid_diffusion_dev.knowledge_demo``).
+"""
 
 from .graph import GraphError, KnowledgeGraph, Triple
 from .injection import (

@@ -1,0 +1,303 @@
+"""The service layer: the one place the faces (``ui.py``, ``api.py``, ``cli.py``) call.
+
+:class:`AppService` owns the model registry and the GPU gate and offers what a person can do:
+pick a domain, count a prompt's tokens, generate, load or unload a model, ask for the
+server's health; its ``finetune`` (:mod:`.finetune`) starts and watches fine-tuning
+jobs, answering refusals with the sentence to show. Every other failure leaves here as a
+:class:`UserFacingError` (an HTTP status, the field at fault, one bilingual sentence from
+:mod:`rapid_diffusion.messages`); faces only translate
+widgets, JSON or flags into these calls, and errors into their own form (a toast, a JSON
+body, a line on stderr). No web framework is imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .batching import GpuGate, Member, QueueFullError
+from ..domains import DomainSpec, ModelSource
+from .finetune import FinetuneService
+from ..training.jobs import DeleteRefused, JobManager
+from ..messages import say
+from ..generation.pipeline import GenerationCancelled, GenerationResult
+from ..generation.request import GenerationRequest, PromptReport, RequestError, inspect_prompt
+from ..generation.pipeline import ProgressCallback, batch_key, generate, generate_batch
+from ..generation.preview import PreviewCallback
+from ..models.registry import LoadedModel, ModelRegistry, ModelUnavailableError, adhoc_spec, default_registry, native_size
+from ..settings import settings
+
+log = logging.getLogger(__name__)
+
+READY_STATES = ("loaded", "offline-ready", "cached")
+
+__all__ = ["AppService", "GenerationCancelled", "GpuGate", "QueueFullError", "UserFacingError", "zero_gpu"]
+
+
+@dataclass
+class UserFacingError(Exception):
+    """What a user is told: an HTTP status, the request field at fault (if any), a sentence."""
+
+    status: int
+    message: str
+    field: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "field": self.field}
+
+
+def zero_gpu(fn: Callable, duration: int = 120) -> Callable:
+    """``spaces.GPU(fn)`` on Hugging Face ZeroGPU hardware; ``fn`` itself everywhere else."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=duration)(fn)
+
+
+def release_gpu_memory() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class Availability:
+    """What pressing Generate on a domain will do, said before it is pressed."""
+
+    state: str
+    usable: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One line of the Models tab: a domain and, when loaded, what its model costs."""
+
+    domain: str
+    state: str
+    device: str = ""
+    dtype: str = ""
+    memory_mb: float | None = None
+    load_seconds: float | None = None
+    optimization: str = ""
+    acceleration: str = "eager"
+
+
+class AppService:
+    """What the faces can ask of the product; one instance per server (or CLI run)."""
+
+    def __init__(self, registry: ModelRegistry | None = None, gate: GpuGate | None = None):
+        self.registry = registry or default_registry()
+        self.gate = gate or GpuGate.from_settings()
+        self.finetune = FinetuneService(self.registry, JobManager())
+
+    # ------------------------------------------------------------------ domains
+
+    @property
+    def domains(self) -> dict[str, DomainSpec]:
+        return self.registry.domains
+
+    def default_domain(self) -> str | None:
+        """``demo`` if it works offline, else the first domain that does, else ``demo`` or the first one."""
+        specs = self.domains
+        ready = [d for d in specs.values() if self.state(d) in READY_STATES]
+        if "demo" in specs and specs["demo"] in ready:
+            return "demo"
+        if ready:
+            return ready[0].id
+        return "demo" if "demo" in specs else next(iter(specs), None)
+
+    def spec(self, domain_id: str | None) -> DomainSpec:
+        """The domain named ``domain_id`` (the default one when empty); unknown -> 404."""
+        domain_id = domain_id or self.default_domain()
+        if domain_id is None:
+            raise UserFacingError(404, say("no_domain"), "domain")
+        try:
+            return self.registry.spec(domain_id)
+        except KeyError:
+            known = ", ".join(self.domains)
+            raise UserFacingError(404, say("unknown_domain", domain=domain_id, known=known), "domain") from None
+
+    def state(self, spec: DomainSpec) -> str:
+        return self.registry.state(spec)
+
+    def availability(self, spec: DomainSpec) -> Availability:
+        """Whether generation can work now, and what it will do first (download) or why not."""
+        state = self.state(spec)
+        if state == "missing":
+            return Availability(state, False, say("model_missing"))
+        if state in ("needs-download", "incomplete"):
+            if settings().hub_offline:
+                return Availability(state, False, say("offline_unavailable" if state == "needs-download" else "offline_incomplete"))
+            return Availability(state, True, say("will_download", model=spec.model.name))
+        return Availability(state, True)
+
+    def model_spec(self, source: str) -> DomainSpec:
+        """A domain for a model named directly (a diffusers folder or ``owner/name[@rev]``), at its native size."""
+        try:
+            spec = adhoc_spec(ModelSource.parse(source))
+            side = native_size(self.registry.get(spec).pipe)
+        except ValueError as exc:
+            raise UserFacingError(422, str(exc), "model") from exc
+        except ModelUnavailableError as exc:
+            raise UserFacingError(503, str(exc), "model") from exc
+        return replace(spec, height=side, width=side)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        domain: str | DomainSpec | None,
+        *,
+        optimization: str | None = None,
+        progress: ProgressCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        preview: PreviewCallback | None = None,
+        field_names: Mapping[str, tuple[str, str]] | None = None,
+    ) -> GenerationResult:
+        """Validate (the core's rules), wait for a GPU slot, generate; errors become user-facing.
+
+        ``field_names`` maps a request field to the (Chinese, English) name the caller's face
+        shows for it (a widget label, a JSON key, a flag), so a refusal names what the user sees.
+
+        ``domain`` is a domain id (empty: the default domain) or a spec from :meth:`model_spec`.
+        ``optimization`` picks another level than the domain's: the registry keys loaded
+        pipelines by level, so requests on the domain's own level are never disturbed.
+        ``preview(step, images)`` gets live previews (see :mod:`rapid_diffusion.generation.preview`); such a request runs
+        on its own rather than in a shared batch, whose previews would mix several users' images.
+        """
+        spec = domain if isinstance(domain, DomainSpec) else self.spec(domain)
+        if optimization:
+            spec = replace(spec, optimization=optimization)
+        try:
+            resolved = request.resolve(spec)
+            return self._run_on_gpu(resolved, spec, progress, should_stop, preview)
+        except RequestError as exc:
+            name_zh, name_en = (field_names or {}).get(exc.field, (exc.field, exc.field))
+            message = say("invalid_field", field_zh=name_zh, field_en=name_en, reason_zh=exc.reason_zh, reason_en=exc.reason)
+            raise UserFacingError(422, message, name_en) from exc
+        except QueueFullError as exc:
+            raise UserFacingError(503, say("queue_full")) from exc
+        except ModelUnavailableError as exc:
+            raise UserFacingError(503, str(exc), "domain") from exc
+        except torch.cuda.OutOfMemoryError as exc:
+            release_gpu_memory()
+            raise UserFacingError(503, say("out_of_memory")) from exc
+
+    def _run_on_gpu(self, request, spec, progress, should_stop, preview) -> GenerationResult:
+        """Through the GPU gate: concurrent same-shape requests of this domain share one UNet batch
+        (a request with live previews runs alone: a shared batch's previews would mix users' images)."""
+
+        def execute(requests, batch_progress, batch_should_stop):
+            if len(requests) == 1:
+                return [generate(requests[0], spec, registry=self.registry, progress=batch_progress,
+                                 should_stop=batch_should_stop, preview=preview)]
+            return generate_batch(requests, spec, registry=self.registry, progress=batch_progress, should_stop=batch_should_stop)
+
+        key = None if preview is not None else (spec.id, self.registry.key_for(spec), batch_key(request))
+        return self.gate.run(key, Member(request, progress, should_stop), execute)
+
+    def inspect_prompt(self, domain_id: str | None, prompt: str) -> PromptReport | None:
+        """How ``prompt`` fits the domain's text encoder; ``None`` while its tokenizer is not on disk."""
+        spec = self.spec(domain_id)
+        try:
+            tokenizer = self.registry.tokenizer(spec)
+        except (OSError, ValueError) as exc:
+            log.warning("no tokenizer for %s: %s", spec.id, exc)
+            return None
+        return None if tokenizer is None else inspect_prompt(tokenizer, prompt)
+
+    # ------------------------------------------------------------------ models
+
+    def admin_access(self) -> str:
+        """Who may load or unload models: ``open`` (anyone), ``password``, or ``off`` (public host, no password)."""
+        current = settings()
+        if current.password_required:
+            return "password"
+        return "off" if current.is_public else "open"
+
+    def authorize(self, password: str | None) -> None:
+        """Refuse a model action the host does not allow this caller (403)."""
+        access = self.admin_access()
+        if access == "off":
+            raise UserFacingError(403, say("admin_off"))
+        if access == "password" and not settings().password_check(password):
+            raise UserFacingError(403, say("wrong_password"), "password")
+
+    def load(self, domain_id: str | None, password: str | None = None) -> str:
+        """Load a domain's model now (behind the GPU gate); returns the sentence to show."""
+        self.authorize(password)
+        spec = self.spec(domain_id)
+        try:
+            with self.gate.slot():
+                model = self.registry.get(spec)
+        except QueueFullError as exc:
+            raise UserFacingError(503, say("queue_full")) from exc
+        except ModelUnavailableError as exc:
+            raise UserFacingError(503, str(exc), "domain") from exc
+        return say("loaded", domain=spec.id, seconds=model.load_seconds)
+
+    def unload(self, domain_id: str | None, password: str | None = None) -> str:
+        self.authorize(password)
+        spec = self.spec(domain_id)
+        done = self.registry.unload(self.registry.key_for(spec))
+        return say("unloaded" if done else "not_loaded", domain=spec.id)
+
+    def delete(self, domain_id: str | None, password: str | None = None) -> str:
+        """Remove a fine-tuned model (its registration and the folder its job wrote); others are refused."""
+        self.authorize(password)
+        spec = self.spec(domain_id)
+        try:
+            return self.finetune.remove(spec.id)
+        except DeleteRefused as exc:
+            raise UserFacingError(409, str(exc), "domain") from exc
+
+    def models(self) -> list[ModelRow]:
+        loaded: dict[str, LoadedModel] = {m.key: m for m in self.registry.loaded()}
+        rows = []
+        for spec in self.domains.values():
+            model = loaded.get(self.registry.key_for(spec))
+            if model is None:
+                rows.append(ModelRow(spec.id, self.state(spec), optimization=spec.optimization))
+                continue
+            acceleration = self.registry.acceleration(spec)
+            rows.append(
+                ModelRow(
+                    spec.id, "loaded", str(model.device), str(model.dtype).replace("torch.", ""),
+                    round(model.nbytes / 2**20, 1), round(model.load_seconds, 2),
+                    f"{acceleration.level} → {acceleration.applied}", acceleration.state,
+                )
+            )
+        return rows
+
+    # ------------------------------------------------------------------ health
+
+    def health(self) -> dict[str, Any]:
+        """Liveness (answering at all), readiness (which domains can serve without a download) and
+        what each domain runs on (``acceleration``: eager / compiling / compiled / failed, and why)."""
+        states = {spec.id: self.state(spec) for spec in self.domains.values()}
+        ready = [d for d, state in states.items() if state in READY_STATES]
+        loaded = [d for d, state in states.items() if state == "loaded"]
+        acceleration = {spec.id: self.registry.acceleration(spec).as_dict() for spec in self.domains.values()}
+        return {
+            "status": "ok", "ready": bool(ready), "domains": states, "loaded": loaded,
+            "acceleration": acceleration, "domain_errors": self.skipped_domain_files(),
+        }
+
+    def skipped_domain_files(self) -> list[dict[str, str]]:
+        """The domain files skipped at the last load, as a stranger may see them."""
+        return [self.describe_domain_error(e) for e in self.registry.domain_errors]
+
+    @staticmethod
+    def describe_domain_error(error) -> dict[str, str]:
+        """A skipped domain file for a stranger's eyes: the file's name, never the server's path."""
+        return {"file": Path(error.source).name, "field": error.field_name, "problem": error.problem}

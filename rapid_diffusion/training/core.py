@@ -1,0 +1,144 @@
+"""What every diffusion training loop here shares: tokenisation, the denoising loss, the domain YAML.
+
+Used by the fine-tuner (``train.py``), the demo model's recipe
+(``rapid_diffusion_dev/recipes/train_demo.py``) and the knowledge demo
+(``rapid_diffusion_dev/knowledge_demo/finetune_demo.py``), so that a fix to the loss or to the way a
+new model registers itself reaches all three.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..paths import home_dir
+
+
+def load_base_pipeline(folder: Path):
+    """A local diffusers folder with fp32 master weights whatever the checkpoint's dtype
+    (fp16 checkpoints are common); safetensors or ``weights_only`` loading, no remote code."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder,
+        dtype=torch.float32,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        local_files_only=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """The same padding and truncation the pipeline uses at inference."""
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def denoising_loss(
+    unet, noise_scheduler, latents, hidden, noise=None, timesteps=None, generator=None, weight=None, snr_gamma: float | None = None,
+    unet_max_timestep: int | None = None,
+) -> torch.Tensor:
+    """MSE between the UNet's prediction and its target (noise, or v for v-prediction schedulers)
+    at random timesteps, or at the given ``noise`` and ``timesteps`` (a comparable validation loss).
+
+    ``weight`` (broadcastable to the latents, e.g. (B, 1, h, w)) makes it a weighted mean.
+    ``snr_gamma`` instead weighs each sample by its timestep (:func:`min_snr_weights`).
+    ``unet_max_timestep``: the samples at or above it train the text only (:func:`predict`)."""
+    if weight is not None and snr_gamma is not None:
+        raise ValueError("weight and snr_gamma are alternatives")
+    latents = latents.float()
+    if noise is None:  # drawn on the CPU (seeded runs repeat on any device), then moved
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    if timesteps is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    prediction = predict(unet, noisy, timesteps, hidden.to(noisy.dtype), unet_max_timestep)
+    errors = (prediction.float() - target.float()) ** 2
+    if snr_gamma is not None:
+        return (min_snr_weights(noise_scheduler, timesteps, snr_gamma) * errors.mean(dim=(1, 2, 3))).mean()
+    if weight is None:
+        return errors.mean()
+    weight = weight.to(latents.device, torch.float32).expand_as(latents)
+    return (weight * errors).sum() / weight.sum()
+
+
+def predict(unet, noisy, timesteps, hidden, unet_max_timestep: int | None = None) -> torch.Tensor:
+    """The UNet's prediction; samples at timesteps >= ``unet_max_timestep`` go through the UNet
+    with its weights detached, so that they teach the text encoder (through the prompt) but not
+    the UNet. Why: a fine-tune on a few dozen pictures memorises, at the noisiest timesteps, where
+    each picture's ground colour is decided, the grounds of its few coloured pictures, and guidance
+    amplifies them (benchmarks/README.md); a new word still has to work there too. One process
+    only: the trainer does not apply the limit under DistributedDataParallel."""
+    if unet_max_timestep is None:
+        return unet(noisy, timesteps, hidden, return_dict=False)[0]
+    noisiest = timesteps >= unet_max_timestep
+    order = torch.argsort(noisiest.to(torch.int8), stable=True)
+    trained = int((~noisiest).sum())
+    parts = []
+    if trained:
+        first = order[:trained]
+        parts.append(unet(noisy[first], timesteps[first], hidden[first], return_dict=False)[0])
+    if trained < len(order):
+        rest = order[trained:]
+        detached = {name: parameter.detach() for name, parameter in unet.named_parameters()}
+        parts.append(torch.func.functional_call(unet, detached, (noisy[rest], timesteps[rest], hidden[rest]), {"return_dict": False})[0])
+    return torch.cat(parts)[torch.argsort(order)]
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023; diffusers' ``--snr_gamma``): min(SNR, gamma)
+    divided by SNR + 1 for v-prediction, by SNR for epsilon. With v-prediction the noisiest
+    timesteps, where a sample's global colour (its background) is decided, get almost no weight:
+    a fine-tune on a few dozen pictures then hardly memorises their backgrounds (benchmarks/README.md)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
+
+
+def make_ema(module: torch.nn.Module, decay: float):
+    """diffusers' EMAModel with the usual warm-up: the decay grows as (1 + step) / (10 + step) up to ``decay``."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(module.parameters(), decay=decay)
+
+
+def averaged_copy(module: torch.nn.Module, ema) -> torch.nn.Module:
+    """A frozen copy of ``module`` holding the EMA weights (the module itself keeps training)."""
+    average = copy.deepcopy(module).requires_grad_(False)
+    ema.copy_to(average.parameters())
+    return average
+
+
+def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up, then a half cosine to zero at ``total_steps`` (diffusers' get_scheduler)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def write_domain_yaml(domain_id: str, data: dict) -> Path:
+    """``$RAPID_DIFFUSION_HOME/domains/<id>.yaml`` (written whole, then renamed): the picker lists it."""
+    folder = home_dir() / "domains"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{domain_id}.yaml"
+    tmp = folder / f".{domain_id}.yaml.tmp"
+    try:
+        tmp.write_text(yaml.safe_dump({"id": domain_id, **data}, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

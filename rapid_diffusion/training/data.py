@@ -1,0 +1,682 @@
+"""Image-text pairs for fine-tuning, and the checker that says which items are usable and why.
+
+Three formats are read:
+
+* uploaded images with captions (typed per image, or a ``.txt`` beside each image),
+* a folder or a zip with ``metadata.jsonl`` (one ``{"file_name": ..., "text": ...}`` per line),
+* EasyNLP TSV rows ``idx<TAB>text<TAB>imgbase64``.
+
+Everything is checked before it is decoded: file and field sizes, the image header's pixel
+count (decompression bombs), zip entry names (absolute, ``..``, ``.``, symlinks, duplicates),
+encryption, compression methods and ratios (zip bombs). Zip entries are read one by one into
+memory; nothing is extracted. Captions are UTF-8 (with or without a BOM), else UTF-16 with a
+BOM or GB18030/GBK, decoded and noted per file; anything else is rejected. Every problem of
+an item is reported by name (file name, or TSV row and idx) with a Chinese and an English
+reason; nothing in a file raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import hashlib
+import io
+import json
+import lzma
+import stat
+import unicodedata
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Iterable, Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from ..settings import settings
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TSV_SUFFIXES = (".tsv",)
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
+METADATA_NAME = "metadata.jsonl"
+# Methods this Python can inflate; any other raises NotImplementedError on read.
+ZIP_METHODS = {zipfile.ZIP_STORED: "store", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
+# What reading a hostile zip entry can raise besides OSError (corrupt streams, lying headers).
+ZIP_READ_ERRORS = (zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError, RuntimeError, NotImplementedError, ValueError)
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """What the checker accepts; a public host can tighten these through the environment."""
+
+    max_pixels: int = 4096 * 4096
+    min_side: int = 64
+    max_file_bytes: int = 20 * 2**20
+    max_caption_chars: int = 200
+    max_items: int = 10_000
+    max_zip_total_bytes: int = 2 * 2**30
+    max_zip_ratio: float = 100.0
+
+    @classmethod
+    def from_env(cls) -> "DataLimits":
+        current = settings()
+        return cls(max_pixels=current.max_pixels, max_file_bytes=current.max_file_bytes, max_items=current.max_items)
+
+    @property
+    def max_base64_chars(self) -> int:
+        return (self.max_file_bytes + 2) // 3 * 4
+
+
+# Pillow's own bomb check (warning above the cap, error above twice the cap) agrees with ours.
+Image.MAX_IMAGE_PIXELS = min(Image.MAX_IMAGE_PIXELS or DataLimits.max_pixels, DataLimits.max_pixels)
+
+REASONS = {
+    "missing_file": ("文件不存在", "file not found"),
+    "unsafe_path": ("路径不安全（绝对路径或包含 ..）", "unsafe path (absolute or containing ..)"),
+    "symlink": ("符号链接，已拒绝", "symbolic link, refused"),
+    "undecodable": ("无法解码的图片", "not a decodable image"),
+    "truncated": ("图片文件不完整（被截断）", "truncated image file"),
+    "bomb": ("图片像素过多（解压炸弹）", "too many pixels (decompression bomb)"),
+    "zip_bomb": ("压缩比异常（压缩炸弹）", "suspicious compression ratio (zip bomb)"),
+    "too_small": ("图片太小", "image too small"),
+    "oversized": ("文件或字段过大", "file or field too large"),
+    "missing_caption": ("缺少描述文字", "missing caption"),
+    "caption_too_long": ("描述文字过长", "caption too long"),
+    "bad_base64": ("base64 编码无效", "invalid base64"),
+    "bad_row": ("格式错误的行", "malformed row"),
+    "duplicate_image": ("重复的图片", "duplicate image"),
+    "duplicate_pair": ("重复的图文对", "duplicate image-text pair"),
+    "too_many": ("条目过多，其余已忽略", "too many items, the rest is ignored"),
+    "unsupported": ("不支持的文件类型", "unsupported file type"),
+    "empty_file": ("空文件", "empty file"),
+    "bad_name": ("文件名为空或只有“.”", "empty file name or '.'"),
+    "is_directory": ("这是文件夹，不是图片", "a folder, not an image"),
+    "duplicate_name": ("压缩包内文件名重复", "duplicate name in the archive"),
+    "encrypted": ("压缩包条目已加密", "encrypted zip entry"),
+    "bad_archive": ("压缩包损坏或无法读取", "corrupt or unreadable zip archive"),
+    "bad_compression": ("不支持的压缩方式", "unsupported compression method"),
+    "nested_archive": ("压缩包内的压缩包不会被打开", "nested archive, not opened"),
+    "bad_encoding": ("文字编码无法识别（请用 UTF-8）", "unknown text encoding (use UTF-8)"),
+    "decoded_gb18030": ("按 GB18030 解码", "decoded as GB18030"),
+    "decoded_utf16": ("按 UTF-16 解码", "decoded as UTF-16"),
+}
+# Codes that describe how a file was read, not why it was skipped.
+NOTE_CODES = {"gb18030": "decoded_gb18030", "utf-16": "decoded_utf16"}
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One rejected item: ``item`` names it (file name, or ``row 3 (idx 17)``)."""
+
+    item: str
+    code: str
+    detail: str = ""
+
+    @property
+    def message(self) -> str:
+        zh, en = REASONS[self.code]
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"{self.item}: {zh} / {en}{detail}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A usable image-text pair; ``image_bytes`` is the original encoded file."""
+
+    item: str
+    text: str
+    image_bytes: bytes = field(repr=False)
+    size: tuple[int, int]
+    sha256: str
+
+    def image(self) -> Image.Image:
+        with Image.open(io.BytesIO(self.image_bytes)) as img:
+            return img.convert("RGB")
+
+    @property
+    def format(self) -> str:
+        """The file suffix of the encoded image (``png``, ``jpeg``...), read from its header."""
+        with Image.open(io.BytesIO(self.image_bytes)) as img:
+            return (img.format or "img").lower()
+
+
+@dataclass
+class DataReport:
+    """Usable pairs, every problem (an item may have several), and notes on how files were read."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+    notes: list[Issue] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.pairs)
+
+    @property
+    def skipped(self) -> int:
+        return len({issue.item for issue in self.issues})
+
+    def summary(self) -> str:
+        return (
+            f"可用 {len(self.pairs)} 对，跳过 {self.skipped} 项 / "
+            f"{len(self.pairs)} usable pairs, {self.skipped} items skipped"
+        )
+
+    def lines(self) -> list[str]:
+        notes = [f"  * {note.message}" for note in self.notes]
+        return [self.summary()] + notes + [f"  - {issue.message}" for issue in self.issues]
+
+
+class _Checker:
+    """Accumulates pairs, issues and notes, rejecting duplicates as it goes."""
+
+    def __init__(self, limits: DataLimits):
+        self.limits = limits
+        self.report = DataReport()
+        self._first_by_hash: dict[str, str] = {}
+        self._pairs_seen: set[tuple[str, str]] = set()
+        self._seen = 0
+
+    def reject(self, item: str, code: str, detail: str = "") -> None:
+        self.report.issues.append(Issue(item, code, detail))
+
+    def note(self, item: str, encoding: str) -> None:
+        if encoding in NOTE_CODES:
+            self.report.notes.append(Issue(item, NOTE_CODES[encoding]))
+
+    def room_left(self, item: str) -> bool:
+        self._seen += 1
+        if self._seen > self.limits.max_items:
+            if self._seen == self.limits.max_items + 1:
+                self.reject(item, "too_many", f"max {self.limits.max_items}")
+            return False
+        return True
+
+    def add(self, item: str, text: str | None, data: bytes) -> None:
+        """Add a pair, or report every problem of its caption and its image."""
+        caption = (text or "").strip()
+        size, image_problem = self._inspect_image(data)
+        problems = self._caption_problems(caption) + ([image_problem] if image_problem else [])
+        for code, detail in problems:
+            self.reject(item, code, detail)
+        if problems:
+            return
+        digest = hashlib.sha256(data).hexdigest()
+        if (digest, caption) in self._pairs_seen:
+            return self.reject(item, "duplicate_pair", f"same as {self._first_by_hash[digest]}")
+        if digest in self._first_by_hash:
+            return self.reject(item, "duplicate_image", f"same as {self._first_by_hash[digest]}")
+        self._first_by_hash[digest] = item
+        self._pairs_seen.add((digest, caption))
+        self.report.pairs.append(Pair(item, caption, data, size, digest))
+
+    def _caption_problems(self, caption: str) -> list[tuple[str, str]]:
+        if not caption:
+            return [("missing_caption", "")]
+        if len(caption) > self.limits.max_caption_chars:
+            return [("caption_too_long", f"{len(caption)} > {self.limits.max_caption_chars} chars")]
+        return []
+
+    def _inspect_image(self, data: bytes) -> tuple[tuple[int, int] | None, tuple[str, str] | None]:
+        """``(size, None)`` for a usable image, else ``(None, (code, detail))``; decodes only within limits."""
+        limits = self.limits
+        if not data:
+            return None, ("empty_file", "")
+        if len(data) > limits.max_file_bytes:
+            return None, ("oversized", f"{len(data)} bytes > {limits.max_file_bytes}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as img:
+                    width, height = img.size
+                    if width * height > limits.max_pixels:
+                        return None, ("bomb", f"{width}x{height} > {limits.max_pixels} pixels")
+                    img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            return None, ("bomb", str(exc)[:80])
+        except UnidentifiedImageError:
+            return None, ("undecodable", "")
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            return None, ("truncated" if "truncated" in str(exc).lower() else "undecodable", str(exc)[:80])
+        if min(width, height) < limits.min_side:
+            return None, ("too_small", f"{width}x{height} < {limits.min_side} px")
+        return (width, height), None
+
+
+def decode_text(data: bytes, complete: bool = True) -> tuple[str, str] | None:
+    """``(text, encoding)`` of caption bytes, or None when no supported encoding fits.
+
+    UTF-8 (a BOM is dropped), UTF-16 with a BOM, else GB18030 (a superset of GBK) when the
+    result is printable text: GB18030 decodes many byte strings, so garbage must not pass.
+    ``complete=False`` tolerates a character cut at the end (a bounded read).
+    """
+    if data.startswith(codecs.BOM_UTF8):
+        candidates = ("utf-8-sig",)
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        candidates = ("utf-16",)
+    else:
+        candidates = ("utf-8", "gb18030")
+    for encoding in candidates:
+        try:
+            text = codecs.getincrementaldecoder(encoding)().decode(data, final=complete)
+        except UnicodeDecodeError:
+            continue
+        if encoding != "gb18030" or _plausible_text(text):
+            return text, encoding.removesuffix("-sig")
+    return None
+
+
+def _plausible_text(text: str) -> bool:
+    """Printable characters only: no controls, private-use or unassigned code points."""
+    return all(ch in "\t\r\n" or unicodedata.category(ch) not in ("Cc", "Co", "Cn", "Cs") for ch in text)
+
+
+class _TextLines:
+    """Bounded lines of one text file, decoded with one encoding for the whole file.
+
+    Yields ``(line number, text, too_long)``; ``text`` is None for a line that does not
+    decode. The encoding is fixed by a BOM, else by the first non-ASCII line (UTF-8, else
+    GB18030); ``encoding`` tells which, after iteration.
+    """
+
+    def __init__(self, stream: BinaryIO, limit: int):
+        self.stream = stream
+        self.limit = limit
+        self.encoding: str | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, str | None, bool]]:
+        if _head(self.stream, 2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            self.encoding = "utf-16"
+            yield from self._utf16_lines()
+            return
+        for number, raw, too_long in _bounded_lines(self.stream, self.limit):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, self.encoding = raw[len(codecs.BOM_UTF8):], "utf-8"
+            yield number, self._decode(raw), too_long
+
+    def _decode(self, raw: bytes) -> str | None:
+        if self.encoding is None:
+            if raw.isascii():
+                return raw.decode("ascii")
+            decoded = decode_text(raw)
+            if decoded is None:
+                return None
+            self.encoding = decoded[1]
+            return decoded[0]
+        try:
+            return raw.decode(self.encoding)
+        except UnicodeDecodeError:
+            return None
+
+    def _utf16_lines(self) -> Iterator[tuple[int, str | None, bool]]:
+        reader = io.TextIOWrapper(self.stream, encoding="utf-16")
+        number = 0
+        try:
+            while line := reader.readline(self.limit + 1):
+                number += 1
+                too_long = len(line) > self.limit and not line.endswith("\n")
+                while too_long and line and not line.endswith("\n"):
+                    line = reader.readline(1 << 20)
+                yield number, "" if too_long else line, too_long
+        except UnicodeDecodeError:
+            yield number + 1, None, False
+        finally:
+            reader.detach()
+
+
+def _head(stream: BinaryIO, size: int) -> bytes:
+    """The stream's first bytes, left unread."""
+    if hasattr(stream, "peek"):
+        return stream.peek(size)[:size]
+    head = stream.read(size)
+    stream.seek(0)
+    return head
+
+
+def check_path(path: Path, limits: DataLimits | None = None) -> DataReport:
+    """Check a dataset given as a folder, a zip, a TSV, or a single image; dispatch on its kind."""
+    path = Path(path)
+    checker = _Checker(limits or DataLimits.from_env())
+    if path.is_symlink():
+        checker.reject(path.name, "symlink")
+    elif path.is_dir():
+        _check_folder(checker, path)
+    elif not path.is_file():
+        checker.reject(str(path), "missing_file")
+    elif path.stat().st_size == 0:
+        checker.reject(path.name, "empty_file")
+    elif path.suffix.lower() == ".zip":
+        _check_zip(checker, path)
+    elif path.suffix.lower() in TSV_SUFFIXES:
+        with path.open("rb") as stream:
+            _check_tsv(checker, stream, path.name)
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        _check_uploaded_image(checker, path, _sidecar_caption(checker, path))
+    else:
+        checker.reject(path.name, "unsupported", path.suffix or "no suffix")
+    return checker.report
+
+
+def check_uploads(files: Iterable[Path], captions: dict[str, str] | None = None, limits: DataLimits | None = None) -> DataReport:
+    """Uploaded files: images (captioned by ``captions[file name]`` or a ``.txt`` beside them), zips, TSVs.
+
+    ``.txt`` files among the uploads caption the image with the same stem.
+    """
+    files = [Path(f) for f in files]
+    checker = _Checker(limits or DataLimits.from_env())
+    sidecars = {f.stem: f for f in files if f.suffix.lower() == ".txt"}
+    captions = captions or {}
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            continue
+        if suffix in IMAGE_SUFFIXES:
+            text = captions.get(path.name)
+            if text is None and path.stem in sidecars:
+                text = _read_caption_file(checker, sidecars[path.stem])
+            _check_uploaded_image(checker, path, text)
+        else:
+            sub = check_path(path, checker.limits)
+            for pair in sub.pairs:
+                checker.add(pair.item, pair.text, pair.image_bytes)
+            checker.report.issues.extend(sub.issues)
+            checker.report.notes.extend(sub.notes)
+    return checker.report
+
+
+def _check_uploaded_image(checker: _Checker, path: Path, text: str | None) -> None:
+    if not checker.room_left(path.name):
+        return
+    if path.stat().st_size > checker.limits.max_file_bytes:
+        return checker.reject(path.name, "oversized", f"{path.stat().st_size} bytes")
+    checker.add(path.name, text, path.read_bytes())
+
+
+def _sidecar_caption(checker: _Checker, image: Path) -> str | None:
+    sidecar = image.with_suffix(".txt")
+    return _read_caption_file(checker, sidecar) if sidecar.is_file() and not sidecar.is_symlink() else None
+
+
+def _read_caption_file(checker: _Checker, path: Path) -> str | None:
+    with path.open("rb") as stream:
+        data = stream.read(_caption_read_limit(checker.limits) + 1)
+    return _caption_from_bytes(checker, path.name, data)
+
+
+def _caption_read_limit(limits: DataLimits) -> int:
+    """Enough bytes to tell a caption is too long, in any supported encoding."""
+    return limits.max_caption_chars * 4 + 4
+
+
+def _caption_from_bytes(checker: _Checker, name: str, data: bytes) -> str | None:
+    """A sidecar's caption; an empty or undecodable sidecar is reported by its own name."""
+    if not data:
+        return checker.reject(name, "empty_file")
+    decoded = decode_text(data, complete=len(data) <= _caption_read_limit(checker.limits))
+    if decoded is None:
+        return checker.reject(name, "bad_encoding")
+    checker.note(name, decoded[1])
+    return decoded[0]
+
+
+def _check_folder(checker: _Checker, root: Path) -> None:
+    root = root.resolve()
+    metadata = root / METADATA_NAME
+    if metadata.is_file():
+        if metadata.stat().st_size == 0:
+            return checker.reject(METADATA_NAME, "empty_file")
+        with metadata.open("rb") as stream:
+            for item, name, text in _metadata_rows(checker, stream):
+                _check_folder_member(checker, root, name, text)
+        return
+    for path in sorted(root.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            _check_folder_member(checker, root, path.name, _sidecar_caption(checker, path) if path.is_file() else None)
+
+
+def _check_folder_member(checker: _Checker, root: Path, name: str, text: str | None) -> None:
+    if not checker.room_left(name):
+        return
+    problem = _name_problem(name)
+    if problem:
+        return checker.reject(name, problem)
+    path = root / name
+    if path.is_symlink() or not path.resolve().is_relative_to(root):
+        return checker.reject(name, "symlink")
+    if path.is_dir():
+        return checker.reject(name, "is_directory")
+    if not path.is_file():
+        return checker.reject(name, "missing_file")
+    _check_uploaded_image(_NamedChecker(checker, name), path, text)
+
+
+class _NamedChecker:
+    """Reports a folder member by its relative name rather than its base name."""
+
+    def __init__(self, checker: _Checker, name: str):
+        self._checker = checker
+        self._name = name
+        self.limits = checker.limits
+
+    def room_left(self, item: str) -> bool:
+        return True
+
+    def reject(self, item: str, code: str, detail: str = "") -> None:
+        self._checker.reject(self._name, code, detail)
+
+    def add(self, item: str, text: str | None, data: bytes) -> None:
+        self._checker.add(self._name, text, data)
+
+
+def _metadata_rows(checker: _Checker, stream: BinaryIO) -> Iterator[tuple[str, str, str | None]]:
+    """``(item, file_name, text)`` per valid ``metadata.jsonl`` line; bad lines are reported."""
+    lines = _TextLines(stream, checker.limits.max_caption_chars * 8 + 4096)
+    for number, line, too_long in lines:
+        item = f"{METADATA_NAME} line {number}"
+        if too_long:
+            checker.reject(item, "oversized")
+            continue
+        if line is None:
+            checker.reject(item, "bad_encoding")
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            checker.reject(item, "bad_row", "not JSON")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            checker.reject(item, "bad_row", 'needs {"file_name": ..., "text": ...}')
+            continue
+        text = row.get("text")
+        yield item, row["file_name"], text if isinstance(text, str) else None
+    checker.note(METADATA_NAME, lines.encoding or "utf-8")
+
+
+def _name_problem(name: str) -> str | None:
+    """``bad_name`` (empty, ``.``), ``unsafe_path`` (absolute, ``..``, a drive), else None."""
+    posix = PurePosixPath(name.replace("\\", "/"))
+    if not posix.parts:
+        return "bad_name"
+    if posix.is_absolute() or ".." in posix.parts or ":" in posix.parts[0]:
+        return "unsafe_path"
+    return None
+
+
+def _normal_name(name: str) -> str:
+    """``./a.png`` and ``a.png`` name the same entry."""
+    return PurePosixPath(name.replace("\\", "/")).as_posix()
+
+
+def _check_zip(checker: _Checker, path: Path) -> None:
+    try:
+        archive = zipfile.ZipFile(path)
+    except ZIP_READ_ERRORS as exc:
+        return checker.reject(path.name, "bad_archive", str(exc)[:80])
+    with archive:
+        members = _safe_zip_members(checker, archive, path.name)
+        if METADATA_NAME in members:
+            try:
+                with archive.open(members.pop(METADATA_NAME)) as stream:
+                    rows = list(_metadata_rows(checker, stream))
+            except ZIP_READ_ERRORS as exc:
+                return checker.reject(METADATA_NAME, "bad_archive", str(exc)[:80])
+            for item, name, text in rows:
+                _check_zip_member(checker, archive, members, name, text)
+            return
+        for name in sorted(members):
+            if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
+                text = _zip_sidecar_caption(checker, archive, members, name)
+                _check_zip_member(checker, archive, members, name, text)
+
+
+def _safe_zip_members(checker: _Checker, archive: zipfile.ZipFile, zip_name: str) -> dict[str, zipfile.ZipInfo]:
+    """The zip's readable, safely named, plausibly sized entries by normalised name; every other one is reported."""
+    members: dict[str, zipfile.ZipInfo] = {}
+    duplicates: set[str] = set()
+    total = 0
+    for info in archive.infolist():
+        name = _normal_name(info.filename)
+        if info.is_dir():
+            if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
+                checker.reject(info.filename, "is_directory", f"in {zip_name}")
+            continue
+        problem = _zip_entry_problem(checker.limits, info, total)
+        if problem is None and (name in members or name in duplicates):
+            problem = ("duplicate_name", f"in {zip_name}")
+            duplicates.add(name)
+            members.pop(name, None)
+        if problem is not None:
+            checker.reject(info.filename, problem[0], problem[1] or f"in {zip_name}")
+            continue
+        total += info.file_size
+        members[name] = info
+    return members
+
+
+def _zip_entry_problem(limits: DataLimits, info: zipfile.ZipInfo, total: int) -> tuple[str, str] | None:
+    """Why an entry cannot be read safely, from its header alone."""
+    name = info.filename
+    problem = _name_problem(name)
+    if problem:
+        return problem, ""
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "symlink", ""
+    if info.flag_bits & 0x1:
+        return "encrypted", ""
+    if info.compress_type not in ZIP_METHODS:
+        method = zipfile.compressor_names.get(info.compress_type, "unknown")
+        return "bad_compression", f"method {info.compress_type} ({method})"
+    if PurePosixPath(name).suffix.lower() in ARCHIVE_SUFFIXES:
+        return "nested_archive", ""
+    if info.file_size > limits.max_file_bytes:
+        return "oversized", f"declares {info.file_size} bytes"
+    if info.file_size > 1024 and info.file_size > limits.max_zip_ratio * max(info.compress_size, 1):
+        return "zip_bomb", f"{info.file_size} bytes from {info.compress_size}"
+    if total + info.file_size > limits.max_zip_total_bytes:
+        return "oversized", f"archive exceeds {limits.max_zip_total_bytes} bytes"
+    return None
+
+
+def _read_zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes | None:
+    """The entry's bytes, or None when it inflates past ``limit`` (its header lied)."""
+    with archive.open(info) as stream:
+        data = stream.read(limit + 1)
+    return None if len(data) > limit else data
+
+
+def _zip_sidecar_caption(checker: _Checker, archive: zipfile.ZipFile, members: dict, name: str) -> str | None:
+    sidecar = str(PurePosixPath(name).with_suffix(".txt"))
+    if sidecar not in members:
+        return None
+    limit = _caption_read_limit(checker.limits)
+    try:
+        with archive.open(members[sidecar]) as stream:
+            data = stream.read(limit + 1)
+    except ZIP_READ_ERRORS as exc:
+        return checker.reject(sidecar, "bad_archive", str(exc)[:80])
+    return _caption_from_bytes(checker, sidecar, data)
+
+
+def _check_zip_member(checker: _Checker, archive: zipfile.ZipFile, members: dict, name: str, text: str | None) -> None:
+    if not checker.room_left(name):
+        return
+    problem = _name_problem(name)
+    if problem:
+        return checker.reject(name, problem)
+    info = members.get(_normal_name(name))
+    if info is None:
+        if not any(issue.item == name for issue in checker.report.issues):
+            checker.reject(name, "missing_file")
+        return
+    try:
+        data = _read_zip_entry(archive, info, checker.limits.max_file_bytes)
+    except ZIP_READ_ERRORS as exc:
+        return checker.reject(name, "bad_archive", str(exc)[:80])
+    if data is None:
+        return checker.reject(name, "zip_bomb", "inflates past its declared size")
+    checker.add(name, text, data)
+
+
+def _check_tsv(checker: _Checker, stream: BinaryIO, name: str = "") -> None:
+    """EasyNLP rows ``idx<TAB>text<TAB>imgbase64``; field sizes are checked before decoding."""
+    line_limit = checker.limits.max_base64_chars + checker.limits.max_caption_chars * 4 + 1024
+    lines = _TextLines(stream, line_limit)
+    for number, line, too_long in lines:
+        item = f"row {number}"
+        if too_long:
+            checker.reject(item, "oversized", f"line longer than {line_limit} bytes")
+            continue
+        if line is None:
+            checker.reject(item, "bad_encoding")
+            continue
+        if not line.strip():
+            continue
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) != 3:
+            checker.reject(item, "bad_row", f"expected idx<TAB>text<TAB>imgbase64, got {len(parts)} fields")
+            continue
+        idx, text, encoded = parts
+        item = f"row {number} (idx {idx.strip()})"
+        if not checker.room_left(item):
+            continue
+        if len(encoded) > checker.limits.max_base64_chars:
+            checker.reject(item, "oversized", f"image field {len(encoded)} chars")
+            continue
+        try:
+            data = base64.b64decode(encoded.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            checker.reject(item, "bad_base64")
+            continue
+        checker.add(item, text, data)
+    checker.note(name or "TSV", lines.encoding or "utf-8")
+
+
+def _bounded_lines(stream: BinaryIO, limit: int) -> Iterator[tuple[int, bytes, bool]]:
+    """``(line number, raw bytes, too_long)``; a line over ``limit`` bytes is skipped without being held."""
+    number = 0
+    while True:
+        raw = stream.readline(limit + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = stream.readline(1 << 20)
+            yield number, b"", True
+            continue
+        yield number, raw, False
+
+
+def write_pairs_folder(pairs: Iterable[Pair], folder: Path) -> Path:
+    """Write checked pairs as ``00000.png``... plus ``metadata.jsonl``: the only data a job reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / METADATA_NAME).open("w", encoding="utf-8") as metadata:
+        for number, pair in enumerate(pairs):
+            name = f"{number:05d}.{pair.format}"
+            (folder / name).write_bytes(pair.image_bytes)
+            metadata.write(json.dumps({"file_name": name, "text": pair.text, "source": pair.item}, ensure_ascii=False) + "\n")
+    return folder
