@@ -1,0 +1,1 @@
+"""Models: where checkpoints come from and how they become loadable diffusers folders."""
