@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import ldm_layouts
 from helpers import write_domain
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.models.importing import ImportFailed, import_checkpoint, imported_models_dir
+from rapid_diffusion.paths import PROJECT_ROOT
 from rapid_diffusion.pipeline import GenerationRequest, generate, run_pipeline
 from rapid_diffusion.registry import ModelRegistry
 from rapid_diffusion.upscale import load_sr_model
@@ -80,6 +83,25 @@ def leftovers(home: Path, name: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- round trips
+
+
+def test_single_file_safetensors_round_trip_through_the_command(original, config_only, home, tmp_path):
+    """The CLI as a subprocess: SD single-file keys + a weightless config folder -> the same pixels."""
+    pipe, _ = original
+    checkpoint = tmp_path / "pai-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm_layouts.single_file_state(pipe).items()}, str(checkpoint))
+    env = {**os.environ, "RAPID_DIFFUSION_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "rapid_diffusion", "import", str(checkpoint), "--name", "sd-single", "--config", str(config_only)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"model: {home / 'models' / 'sd-single'}" in done.stdout and "domain: sd-single" in done.stdout
+    assert "converting the UNet" in done.stderr  # progress is reported
+    spec = load_domains()["sd-single"]
+    assert spec.model.path == (home / "models" / "sd-single").resolve() and (spec.height, spec.width) == (64, 64)
+    difference = np.abs(imported_image("sd-single") - original_image(pipe, "sd-single")).max()
+    assert difference <= 1, f"imported model differs from the original by {difference}/255"
 
 
 def test_ckpt_with_state_dict_wrapper_round_trip(original, config_only, home, tmp_path, monkeypatch):
