@@ -109,6 +109,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "import_note_from": ("{component} 取自 {file}", "{component} from {file}"),
     "import_note_no_sr": ("没有超分辨率权重 {file}", "no super-resolution weights {file}"),
     "import_note_sr_unread": ("超分辨率权重 {file} 的格式不能读取，未导入", "the super-resolution weights {file} are in a format not read; not imported"),
+    "finetune_pooled_base": (
+        "「{base}」以单个句向量为条件（从 EasyNLP 悟空潜扩散模型导入），暂不支持在其上微调",
+        "'{base}' conditions on one sentence vector (imported from EasyNLP's Wukong latent diffusion); fine-tuning it is not supported yet",
+    ),
     "import_not_a_config": ("{path} 不是 diffusers 模型文件夹（缺少 {missing}）", "{path} is not a diffusers model folder (it lacks {missing})"),
 }
 

@@ -35,6 +35,8 @@ from PIL import Image
 
 from .data import DataReport, Pair, check_path
 from .domains import DomainSpec, ModelSource
+from .messages import say as message
+from .models.conditioning import own_conditioning
 from .run_files import (
     CHECKPOINT_PREFIX,
     MODEL_TMP,
@@ -396,6 +398,8 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
     config.domain_id = claim_domain_id(config)
     folder, base_spec = resolve_base(config.base)
     pipe = load_base_pipeline(folder)
+    if own_conditioning(pipe.text_encoder) is not None:
+        raise TrainingError(message("finetune_pooled_base", base=config.base))
     native_side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     resolution = config.resolution or native_side
     check = preflight(pipe, config, resolution, accelerator.device, accelerator.num_processes if accelerator.device.type == "cpu" else 1)

@@ -12,6 +12,7 @@ computed by ``ldm_layouts.WukongReference`` from the written Wukong weights, as 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import ldm_layouts
@@ -30,6 +32,7 @@ from rapid_diffusion.models.importing import ImportFailed, import_checkpoint, im
 from rapid_diffusion.paths import PROJECT_ROOT
 from rapid_diffusion.pipeline import GenerationRequest, generate, run_pipeline
 from rapid_diffusion.registry import ModelRegistry
+from rapid_diffusion.train import TrainConfig, TrainingError, train
 from rapid_diffusion.upscale import load_sr_model
 
 PROMPT = "左边有一个红色的圆形"
@@ -156,6 +159,25 @@ def test_easynlp_sr_weights_are_converted_to_rgb(original, home, tmp_path):
         imported = load_sr_model(result.sr_weights)(image)
         assert torch.allclose(imported, easynlp, atol=1e-5)
         assert not torch.allclose(bgr_model(image), easynlp, atol=1e-2)  # the channel order matters
+
+
+def test_fine_tuning_an_imported_wukong_model_is_refused_with_the_reason(original, home, tmp_path):
+    """The trainer conditions on per-token states; on a pooled-conditioning base it would train
+    something else than the model generates with, so it stops before the first step."""
+    from accelerate.state import AcceleratorState
+
+    pipe, _ = original
+    ldm_layouts.write_easynlp_folder(pipe, tmp_path / "easynlp", torch.eye(32), split=False)
+    import_checkpoint(tmp_path / "easynlp", "easy-base")
+    data = tmp_path / "pairs"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(data / "0.png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "红色"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        with pytest.raises(TrainingError, match="暂不支持在其上微调"):
+            train(TrainConfig(base="easy-base", data=data, output=tmp_path / "run", max_steps=1), log=lambda *_: None)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # ----------------------------------------------------------------------------- what is found, what is expected
