@@ -9,6 +9,7 @@ folder listed in ``RAPID_DIFFUSION_DOMAINS`` (``os.pathsep``-separated), or into
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,7 +23,8 @@ from .settings import settings
 SAMPLER_NAMES = ("pndm", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "euler", "euler_a", "unipc")
 OPTIMIZATION_LEVELS = ("none", "flash", "compile", "openvino", "auto")
 log = logging.getLogger(__name__)
-_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DOMAIN_ID_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"
+_ID_PATTERN = re.compile(f"^{DOMAIN_ID_PATTERN}$")
 
 
 class DomainSpecError(ValueError):
@@ -344,3 +346,17 @@ class _Validator:
         if value not in allowed:
             raise self._fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
         return value
+
+
+def write_domain_yaml(domain_id: str, data: dict) -> Path:
+    """``$RAPID_DIFFUSION_HOME/domains/<id>.yaml`` (written whole, then renamed): the picker lists it."""
+    folder = user_domains_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{domain_id}.yaml"
+    tmp = folder / f".{domain_id}.yaml.tmp"
+    try:
+        tmp.write_text(yaml.safe_dump({"id": domain_id, **data}, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

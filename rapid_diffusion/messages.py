@@ -70,6 +70,59 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "bad_whole_number": ("「{field}」须为整数（收到 {value}）", "'{field}' must be a whole number, got {value}"),
     "duration_measured": ("预计用时约 {time}（本机实测）", "about {time} on this machine (measured)"),
+    "import_no_such_path": ("找不到 {path}", "{path} does not exist"),
+    "import_bad_name": (
+        "名称只能用小写字母、数字、- 或 _（最多 64 个，字母或数字开头）：「{name}」",
+        "the name must be lowercase letters, digits, '-' or '_' (at most 64, starting with a letter or digit): '{name}'",
+    ),
+    "import_name_taken": ("名称「{name}」已是一个领域（或已有同名模型文件夹），请换一个", "'{name}' is already a domain (or a model folder of that name exists); choose another name"),
+    "import_unknown_layout": (
+        "无法识别的模型格式：{path} 中有 {found}；可导入：EasyNLP/CompVis 微调文件夹（config.json 含 model.params.first_stage_config 与 cond_stage_config，另有 pytorch_model.bin），或单文件 Stable Diffusion 权重（.safetensors / .ckpt）",
+        "unknown layout: {path} holds {found}; importable are an EasyNLP/CompVis fine-tune folder (config.json with model.params.first_stage_config and cond_stage_config, plus pytorch_model.bin) or a single-file Stable Diffusion checkpoint (.safetensors / .ckpt)",
+    ),
+    "import_zip": ("zip 文件不会被解压：请先解压，再导入其中的模型文件夹（{path}）", "zip files are not extracted: unpack it yourself and import the model folder inside ({path})"),
+    "import_already_diffusers": (
+        "{path} 已是 diffusers 模型文件夹，无需导入：在领域 YAML 中写 model: {{path: …}}，或用 generate --model",
+        "{path} is already a diffusers model folder, nothing to convert: point a domain YAML at it (model: {{path: …}}) or use generate --model",
+    ),
+    "import_unreadable": ("无法安全读取 {file}：{reason}", "{file} cannot be read safely: {reason}"),
+    "import_other_format": (
+        "{role_zh}：有文件 {file}，但该格式不能读取（{why_zh}）；可读取 {accepted}",
+        "{role_en}: {file} is there, in a format this importer does not read ({why_en}); it reads {accepted}",
+    ),
+    "import_missing": ("缺少{role_zh}：需要 {expected}", "no {role_en}: expected {expected}"),
+    "import_component_mismatch": (
+        "{source} 中的 {component} 不完整或与结构不符：{detail}",
+        "the {component} in {source} is incomplete or does not match its architecture: {detail}",
+    ),
+    "import_bad_config": ("{file} 的字段 {field} 无效：{problem}", "{file}: field '{field}': {problem}"),
+    "import_not_stable_diffusion": (
+        "{file} 不像 Stable Diffusion 权重：其中有 {found}；需要 model.diffusion_model.*、first_stage_model.* 和 cond_stage_model.*",
+        "{file} does not look like a Stable Diffusion checkpoint: it holds {found}; expected model.diffusion_model.*, first_stage_model.* and cond_stage_model.*",
+    ),
+    "import_needs_config": (
+        "单文件权重不含模型结构与词表：请用 --config 指定同结构的 diffusers 模型文件夹（只需各组件的 config.json 与 tokenizer/）或一个领域 id",
+        "a single-file checkpoint holds weights but neither the architecture nor the vocabulary: pass --config with a diffusers model folder of the same architecture (its component config.json files and tokenizer/ suffice) or a domain id",
+    ),
+    "import_config_unavailable": (
+        "领域「{domain}」的模型不在本机（尚未下载），不能作为 --config：请先联网生成一次，或给出文件夹",
+        "the model of domain '{domain}' is not on this machine (not downloaded yet), so it cannot serve as --config: generate with it once online, or give a folder",
+    ),
+    "import_config_not_found": ("--config「{value}」既不是文件夹，也不是领域 id", "--config '{value}' is neither a folder nor a domain id"),
+    "import_note_ema": ("使用 EMA 权重（EasyNLP 生成时所用）", "the EMA weights (what EasyNLP samples with)"),
+    "import_note_no_ema": ("没有 EMA 权重，使用训练权重", "no EMA weights: the trained weights"),
+    "import_note_single_file_ema": (
+        "文件中另有 EMA 权重；与 diffusers 和 CompVis 推理一样，使用训练权重",
+        "the file also holds EMA weights; the trained weights were used, as diffusers and CompVis inference do",
+    ),
+    "import_note_from": ("{component} 取自 {file}", "{component} from {file}"),
+    "import_note_no_sr": ("没有超分辨率权重 {file}", "no super-resolution weights {file}"),
+    "import_note_sr_unread": ("超分辨率权重 {file} 的格式不能读取，未导入", "the super-resolution weights {file} are in a format not read; not imported"),
+    "finetune_pooled_base": (
+        "「{base}」以单个句向量为条件（从 EasyNLP 悟空潜扩散模型导入），暂不支持在其上微调",
+        "'{base}' conditions on one sentence vector (imported from EasyNLP's Wukong latent diffusion); fine-tuning it is not supported yet",
+    ),
+    "import_not_a_config": ("{path} 不是 diffusers 模型文件夹（缺少 {missing}）", "{path} is not a diffusers model folder (it lacks {missing})"),
 }
 
 

@@ -137,6 +137,13 @@ PromptEncoder = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 Upscaler = Callable[[list[Image.Image]], tuple[list[Image.Image], str]]
 
 
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """The same padding and truncation the pipeline uses at inference."""
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def generate(
     request: GenerationRequest,
     spec: DomainSpec,

@@ -201,7 +201,9 @@ class ModelRegistry:
         from ..upscaling.esrgan import upscaler_for
 
         upscaler = upscaler_for(spec, self.device, self.dtype, log=self.progress)
-        encode_prompt = None
+        from .conditioning import prompt_encoder_for
+
+        encode_prompt = prompt_encoder_for(pipe)  # None unless the text encoder conditions in its own way
         if spec.knowledge_graph is not None:
             from ..knowledge import load_prompt_encoder
 

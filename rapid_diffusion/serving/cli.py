@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="a folder or zip (metadata.jsonl or .txt captions), or an EasyNLP TSV")
     p.set_defaults(handler=cmd_check_data, light=True)
 
+    p = sub.add_parser("import", help="turn an EasyNLP fine-tune folder or a single-file SD checkpoint into a registered domain")
+    p.add_argument("path", type=Path, help="an EasyNLP/CompVis folder (config.json + pytorch_model.bin ...) or a .safetensors/.ckpt file")
+    p.add_argument("--name", required=True, help="id of the new domain (lowercase letters, digits, - and _)")
+    p.add_argument("--config", default=None,
+                   help="for a single file: a diffusers model folder of the same architecture, or a domain id, giving configs and vocabulary")
+    p.set_defaults(handler=cmd_import)
+
     p = sub.add_parser("train", help="full fine-tune (UNet + text encoder) on image-text pairs; --output is the new model's folder")
     add_train_arguments(p)
     p.set_defaults(handler=cmd_train)
@@ -366,6 +373,21 @@ def cmd_check_data(args) -> int:
     for line in report.lines():
         print(line)
     return 0 if report.usable else 1
+
+
+def cmd_import(args) -> int:
+    """Progress on stderr; the new model's folder and domain on stdout, like ``train``."""
+    from ..models.importing import ImportFailed, import_checkpoint
+
+    try:
+        result = import_checkpoint(args.path, args.name, config=args.config, log=lambda line: print(line, file=sys.stderr))
+    except ImportFailed as exc:
+        raise CLIError(str(exc)) from exc
+    print(f"model: {result.model_dir}")
+    print(f"domain: {result.domain_id}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
 
 
 def cmd_train(args) -> int:

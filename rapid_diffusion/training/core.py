@@ -9,13 +9,9 @@ new model registers itself reaches all three.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
-import yaml
-
-from ..paths import home_dir
 
 
 def load_base_pipeline(folder: Path):
@@ -33,13 +29,6 @@ def load_base_pipeline(folder: Path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    """The same padding and truncation the pipeline uses at inference."""
-    return tokenizer(
-        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 def denoising_loss(
@@ -128,17 +117,3 @@ def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
     from diffusers.optimization import get_scheduler
 
     return get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-
-
-def write_domain_yaml(domain_id: str, data: dict) -> Path:
-    """``$RAPID_DIFFUSION_HOME/domains/<id>.yaml`` (written whole, then renamed): the picker lists it."""
-    folder = home_dir() / "domains"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{domain_id}.yaml"
-    tmp = folder / f".{domain_id}.yaml.tmp"
-    try:
-        tmp.write_text(yaml.safe_dump({"id": domain_id, **data}, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target

@@ -22,8 +22,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import get_type_hints
 
+from ..domains import DOMAIN_ID_PATTERN
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
-DOMAIN_ID_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"
 MAX_NAME_CHARS = 40
 
 

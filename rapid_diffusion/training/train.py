@@ -35,6 +35,8 @@ from PIL import Image
 
 from ..domains import DomainSpec, ModelSource
 from .data import DataReport, Pair, check_path
+from ..messages import say as message
+from ..models.conditioning import own_conditioning
 from .run_files import (
     CHECKPOINT_PREFIX,
     MODEL_TMP,
@@ -45,7 +47,9 @@ from .run_files import (
     complete_checkpoints,
     read_losses,
 )
-from .core import denoising_loss, load_base_pipeline, tokenize, write_domain_yaml
+from ..domains import write_domain_yaml
+from ..generation.pipeline import tokenize
+from .core import denoising_loss, load_base_pipeline
 from .options import TrainConfig, TrainingError, add_arguments, config_from_args, derived_domain_id, embedding_lr_scale, unet_timestep_limit
 
 __all__ = ["TrainConfig", "TrainingError", "TrainResult", "train", "main", "parse_args", "complete_checkpoints", "read_losses"]
@@ -396,6 +400,8 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
     config.domain_id = claim_domain_id(config)
     folder, base_spec = resolve_base(config.base)
     pipe = load_base_pipeline(folder)
+    if own_conditioning(pipe.text_encoder) is not None:
+        raise TrainingError(message("finetune_pooled_base", base=config.base))
     native_side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     resolution = config.resolution or native_side
     check = preflight(pipe, config, resolution, accelerator.device, accelerator.num_processes if accelerator.device.type == "cpu" else 1)

@@ -29,7 +29,8 @@ from rapid_diffusion.knowledge.graph import KnowledgeGraph
 from rapid_diffusion.knowledge.injection import KNOWLEDGE_DIR, Knowledge, KnowledgeTextEncoder
 from rapid_diffusion.knowledge.transe import EntityEmbeddings, TransEConfig, train_transe
 from rapid_diffusion.paths import ASSETS_DIR, PROJECT_ROOT
-from rapid_diffusion.training.core import denoising_loss, load_base_pipeline, make_ema, write_domain_yaml
+from rapid_diffusion.domains import write_domain_yaml
+from rapid_diffusion.training.core import denoising_loss, load_base_pipeline, make_ema
 
 from ..recipes import train_demo
 from .demo import DEMO_GRAPH, EntityCaptioner, load_split

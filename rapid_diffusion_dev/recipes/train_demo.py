@@ -44,7 +44,8 @@ from rapid_diffusion.demo import judge, world
 from rapid_diffusion.demo.evaluate import split_prompts, vae_colour_error
 from rapid_diffusion.models.factory import assemble_pipeline, build_tokenizer, chinese_vocab, pndm_scheduler
 from rapid_diffusion.paths import ASSETS_DIR
-from rapid_diffusion.training.core import averaged_copy, cosine_schedule, denoising_loss, make_ema, tokenize
+from rapid_diffusion.generation.pipeline import tokenize
+from rapid_diffusion.training.core import averaged_copy, cosine_schedule, denoising_loss, make_ema
 
 MODEL_MAX_LENGTH = 32
 

@@ -1,0 +1,168 @@
+"""``import_checkpoint(path, name)``: a checkpoint people already have -> a registered domain.
+
+Two layouts are read: an EasyNLP latent-diffusion fine-tune folder (:mod:`.easynlp`) and a
+single-file Stable Diffusion checkpoint with a diffusers folder for its architecture
+(:mod:`.single_file`). Either becomes a diffusers folder ``$RAPID_DIFFUSION_HOME/models/<name>``
+(safetensors; EasyNLP's ESRGAN weights beside it, in RGB order) registered as domain ``<name>``
+in ``$RAPID_DIFFUSION_HOME/domains``, the way a finished fine-tune registers itself.
+
+Nothing is downloaded; weights are read as safetensors or ``torch.load(weights_only=True)``;
+zips are refused, not extracted. The folder is written under a temporary name and renamed when
+complete, and the domain YAML is written last, so a failure leaves neither behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..domains import DOMAIN_ID_PATTERN, load_domains, write_domain_yaml
+from ..messages import say
+from ..paths import home_dir
+from .checkpoints import WEIGHT_SUFFIXES, Converted, ImportFailed
+from .easynlp import convert_easynlp, read_config
+from .sr_weights import esrgan_rgb_state
+from .single_file import convert_single_file
+
+logger = logging.getLogger(__name__)
+SR_FILE = "esrgan_x4.safetensors"
+EXAMPLES = ["一只猫", "一幅山水画", "一碗面条"]
+LISTED_ENTRIES = 12
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    domain_id: str
+    model_dir: Path
+    domain_file: Path
+    layout: str
+    sr_weights: Path | None
+    notes: tuple[str, ...]
+
+
+def import_checkpoint(path: Path | str, name: str, *, config: Path | str | None = None,
+                      log: Callable[[str], None] | None = None) -> ImportResult:
+    """Convert ``path`` and register it as domain ``name``; ``config`` (a diffusers folder or a domain
+    id) gives a single-file checkpoint its architecture and vocabulary. Raises :class:`ImportFailed`
+    with a message for the user; ``log`` gets one line per stage (default: this module's logger)."""
+    log = log or logger.info
+    path = Path(path).expanduser()
+    check_name(name)
+    converted = read_checkpoint(path, config, log)
+    model_dir = write_model(converted, name, log)
+    try:
+        domain_file = register(name, model_dir, path, converted)
+    except BaseException:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        raise
+    log(f"registered domain '{name}' ({domain_file})")
+    sr = model_dir / SR_FILE if converted.sr_weights else None
+    return ImportResult(name, model_dir, domain_file, converted.layout, sr, tuple(converted.notes))
+
+
+def imported_models_dir() -> Path:
+    return home_dir() / "models"
+
+
+def check_name(name: str) -> None:
+    """A valid domain id, not taken by any domain (shipped, configured or user) nor by a model folder."""
+    if not re.fullmatch(DOMAIN_ID_PATTERN, name):
+        raise ImportFailed(say("import_bad_name", name=name))
+    if name in load_domains() or (imported_models_dir() / name).exists():
+        raise ImportFailed(say("import_name_taken", name=name))
+
+
+def read_checkpoint(path: Path, config: Path | str | None, log: Callable[[str], None]) -> Converted:
+    """The layout of ``path`` recognised and converted, or a message naming what is there."""
+    if not path.exists():
+        raise ImportFailed(say("import_no_such_path", path=path))
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            raise ImportFailed(say("import_already_diffusers", path=path))
+        ldm_config = read_config(path)
+        if ldm_config is None:
+            raise ImportFailed(say("import_unknown_layout", path=path, found=describe_folder(path)))
+        return convert_easynlp(path, ldm_config, log)
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        raise ImportFailed(say("import_zip", path=path))
+    if suffix not in WEIGHT_SUFFIXES:
+        raise ImportFailed(say("import_unknown_layout", path=path, found=f"a {suffix or 'suffix-less'} file"))
+    if config is None:
+        raise ImportFailed(say("import_needs_config"))
+    return convert_single_file(path, resolve_config(config), log)
+
+
+def describe_folder(folder: Path) -> str:
+    entries = sorted(folder.iterdir())
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries[:LISTED_ENTRIES]]
+    if (folder / "config.json").is_file():
+        names = [n if n != "config.json" else "config.json (not an LDM config: no model.params.first_stage_config / cond_stage_config)" for n in names]
+    more = f", … ({len(entries) - LISTED_ENTRIES} more)" if len(entries) > LISTED_ENTRIES else ""
+    return ", ".join(names) + more if names else "nothing (empty folder) / 空文件夹"
+
+
+def resolve_config(config: Path | str) -> Path:
+    """A folder as given, or the local model of a domain (its folder, or its cached hub snapshot)."""
+    folder = Path(config).expanduser()
+    if folder.is_dir():
+        return folder
+    spec = load_domains().get(str(config))
+    if spec is None:
+        raise ImportFailed(say("import_config_not_found", value=config))
+    if spec.model.is_local:
+        return spec.model.path
+    from .hub import find_cached_snapshot
+
+    snapshot = find_cached_snapshot(spec.model)
+    if snapshot is None:
+        raise ImportFailed(say("import_config_unavailable", domain=spec.id))
+    return snapshot
+
+
+def write_model(converted: Converted, name: str, log: Callable[[str], None]) -> Path:
+    """The pipeline (and SR weights) saved under a temporary name in the models folder, then renamed."""
+    root = imported_models_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    try:
+        log(f"writing the diffusers folder ({root / name})")
+        converted.pipe.save_pretrained(tmp, safe_serialization=True)
+        if converted.sr_weights is not None:
+            from safetensors.torch import save_file
+
+            log(f"converting {converted.sr_weights.name} to RGB order ({SR_FILE})")
+            save_file(esrgan_rgb_state(converted.sr_weights), str(tmp / SR_FILE))
+        os.replace(tmp, root / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root / name
+
+
+def register(name: str, model_dir: Path, source: Path, converted: Converted) -> Path:
+    pipe = converted.pipe
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    data = {
+        "title": {"zh": f"{name}（导入）", "en": f"{name} (imported)"},
+        "description": f"导入自 {source.name}（{converted.layout}） / Imported from {source.name} ({converted.layout}); "
+                       + "; ".join(converted.notes),
+        "model": {"path": str(model_dir.resolve())},
+        "examples": EXAMPLES,
+        "height": max(64, side // 8 * 8),
+        "width": max(64, side // 8 * 8),
+        "num_inference_steps": 20,
+        "guidance_scale": converted.guidance_scale,
+        "sampler": "pndm",
+        "negative_prompt": "",
+        "offline_ready": True,
+    }
+    if converted.sr_weights is not None:
+        data["sr_weights"] = {"path": str((model_dir / SR_FILE).resolve())}
+    return write_domain_yaml(name, data)
