@@ -20,7 +20,7 @@ import rapid_diffusion.training.train as train_module
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.paths import PROJECT_ROOT
 from rapid_diffusion.serving.cli import main as cli_main
-from rapid_diffusion.training.core import load_base_pipeline
+from rapid_diffusion.training.train import load_fp32_pipeline
 from rapid_diffusion.training.run_files import read_validation_losses
 from rapid_diffusion.training.train import TrainConfig, TrainingError, complete_checkpoints, read_losses, train
 
@@ -206,7 +206,7 @@ def test_out_of_range_settings_are_refused_before_loading_anything(tmp_path):
 
 
 def test_memory_estimate_shrinks_with_the_advised_settings(tiny_model_dir):
-    pipe = load_base_pipeline(tiny_model_dir)
+    pipe = load_fp32_pipeline(tiny_model_dir)
     cpu = torch.device("cpu")
     heavy = TrainConfig(base="x", data=Path("."), output=Path("."), use_ema=True, batch_size=4)
     light = TrainConfig(

@@ -1,34 +1,18 @@
-"""What every diffusion training loop here shares: tokenisation, the denoising loss, the domain YAML.
+"""What every diffusion training loop here shares: the denoising loss, EMA, the learning-rate schedule.
 
 Used by the fine-tuner (``train.py``), the demo model's recipe
 (``rapid_diffusion_dev/recipes/train_demo.py``) and the knowledge demo
 (``rapid_diffusion_dev/knowledge_demo/finetune_demo.py``), so that a fix to the loss or to the way a
-new model registers itself reaches all three.
+schedule is trained reaches all three. (Tokenisation is the pipeline's, ``generation.pipeline.tokenize``;
+loading is the registry's, ``models.registry.load_pipeline``; the domain YAML is the domain
+schema's, ``domains.write_domain_yaml``.)
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
-
-
-def load_base_pipeline(folder: Path):
-    """A local diffusers folder with fp32 master weights whatever the checkpoint's dtype
-    (fp16 checkpoints are common); safetensors or ``weights_only`` loading, no remote code."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder,
-        dtype=torch.float32,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        local_files_only=True,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def denoising_loss(

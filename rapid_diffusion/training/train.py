@@ -49,7 +49,8 @@ from .run_files import (
 )
 from ..domains import write_domain_yaml
 from ..generation.pipeline import tokenize
-from .core import denoising_loss, load_base_pipeline
+from ..models.registry import load_pipeline
+from .core import denoising_loss
 from .options import TrainConfig, TrainingError, add_arguments, config_from_args, derived_domain_id, embedding_lr_scale, unet_timestep_limit
 
 __all__ = ["TrainConfig", "TrainingError", "TrainResult", "train", "main", "parse_args", "complete_checkpoints", "read_losses"]
@@ -399,7 +400,7 @@ def _train(config, accelerator, files: RunFiles, say, report, set_seed, stop: St
 
     config.domain_id = claim_domain_id(config)
     folder, base_spec = resolve_base(config.base)
-    pipe = load_base_pipeline(folder)
+    pipe = load_fp32_pipeline(folder)
     if own_conditioning(pipe.text_encoder) is not None:
         raise TrainingError(message("finetune_pooled_base", base=config.base))
     native_side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
@@ -766,7 +767,7 @@ def save_result(config, accelerator, base_folder: Path, unet, text_encoder, ema,
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None, None
-    result = load_base_pipeline(base_folder)
+    result = load_fp32_pipeline(base_folder)
     result.unet = accelerator.unwrap_model(unet).to("cpu")
     if ema is not None:
         ema.copy_to(result.unet.parameters())
@@ -917,3 +918,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def load_fp32_pipeline(folder: Path):
+    """The base as fp32 master weights on the CPU whatever the checkpoint's dtype (accelerate moves
+    what trains), through the one loader the registry uses: safetensors or ``weights_only``."""
+    return load_pipeline(folder, torch.device("cpu"), torch.float32)

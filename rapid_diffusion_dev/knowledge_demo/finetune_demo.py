@@ -30,7 +30,8 @@ from rapid_diffusion.knowledge.injection import KNOWLEDGE_DIR, Knowledge, Knowle
 from rapid_diffusion.knowledge.transe import EntityEmbeddings, TransEConfig, train_transe
 from rapid_diffusion.paths import ASSETS_DIR, PROJECT_ROOT
 from rapid_diffusion.domains import write_domain_yaml
-from rapid_diffusion.training.core import denoising_loss, load_base_pipeline, make_ema
+from rapid_diffusion.models.registry import load_pipeline
+from rapid_diffusion.training.core import denoising_loss, make_ema
 
 from ..recipes import train_demo
 from .demo import DEMO_GRAPH, EntityCaptioner, load_split
@@ -79,7 +80,7 @@ def finetune_demo(config: DemoFinetuneConfig, log: Callable[[str], None] = print
     """Fine-tune, save the pipeline (+ ``knowledge/``) in ``config.out`` and register a domain."""
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
-    pipe = load_base_pipeline(Path(config.base))
+    pipe = load_pipeline(Path(config.base), torch.device("cpu"), torch.float32)
     knowledge = build_knowledge(config, pipe.text_encoder.config.hidden_size, log)
     latents, scenes = world_latents(pipe.vae, config.num_scenes, config.seed)
     captioner = EntityCaptioner(knowledge.graph, load_split(config.graph)["train"], config.entity_probability)
