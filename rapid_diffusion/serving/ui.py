@@ -8,17 +8,19 @@ Images are served as the PNG files ``GenerationResult.png_bytes`` writes, settin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
 import torch
-from gradio import processing_utils
 
 from ..domains import OPTIMIZATION_LEVELS, DomainSpec
 from ..messages import say
@@ -369,13 +371,21 @@ def progress_reporter(progress: gr.Progress):
     return report
 
 
+OUTPUT_LIFETIME_S = 3600  # as long as Gradio keeps its cached copies (delete_cache below)
+
+
 def save_pngs(result: GenerationResult) -> list[Path]:
-    """Write the PNGs (settings embedded) straight into Gradio's cache, so they are served as-is."""
-    cache = processing_utils.get_upload_folder()
-    return [
-        Path(processing_utils.save_bytes_to_cache(result.png_bytes(i), f"{result.file_stem(i)}.png", cache))
-        for i in range(len(result.images))
-    ]
+    """Write the PNGs (settings embedded) to a temp folder; Gradio serves them from copies in its cache.
+
+    Files older than ``OUTPUT_LIFETIME_S`` are removed first, so the folder stays small.
+    """
+    folder = Path(tempfile.gettempdir()) / "rapid-diffusion-outputs"
+    cutoff = time.time() - OUTPUT_LIFETIME_S
+    for old in folder.glob("*.png") if folder.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+    return result.save(folder)
 
 
 def timings_markdown(result: GenerationResult) -> str:
