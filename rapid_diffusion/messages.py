@@ -34,6 +34,27 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "stopped_title": ("已停止", "Stopped"),
     "model_missing": ("模型文件缺失：不可用", "model files missing: unavailable"),
+    "prompt_not_chinese": (
+        "本模型读中文提示词：英文等其他文字它没学过，画出的多半与之无关。请用中文描述。",
+        "This model reads Chinese prompts: it has not learnt English, so such words draw little of what they say. Describe the picture in Chinese.",
+    ),
+    "prompt_truncated": (
+        "提示词超出文本编码器的 {window} 个 token 窗口，末尾 {count} 个字符被忽略：「{dropped}」",
+        "The prompt exceeds the text encoder's {window}-token window; the last {count} characters are dropped.",
+    ),
+    "model_files_missing": ("领域「{title}」的模型文件缺失。{offline_zh}", "Domain '{domain}': the model {model} is missing.{offline_en}"),
+    "model_not_downloaded": (
+        "领域「{title}」的模型尚未下载，且现在无法连接 Hugging Face Hub（离线）。{offline_zh}",
+        "Domain '{domain}' needs {model}, which is not downloaded yet, and the hub cannot be reached.{offline_en}",
+    ),
+    "model_incomplete": (
+        "模型 {model} 的本地缓存不完整（下载未完成），缺少：{missing}。联网后重新加载即可补全。",
+        "The cached snapshot of {model} is incomplete (an interrupted download); missing: {missing}. "
+        "Load it again with the hub reachable to complete it.",
+    ),
+    "offline_domains": ("可离线使用的领域：{domains}。", " Domains that work offline: {domains}."),
+    "no_offline_domain": ("本机没有可离线使用的领域。", " No domain works offline here."),
+    "model_just_unloaded": ("领域「{title}」的模型刚被卸载，请重试。", "The model of domain '{domain}' was unloaded; try again."),
     "offline_unavailable": ("离线：不可用（模型尚未下载）", "offline: unavailable (the model is not downloaded)"),
     "offline_incomplete": ("离线：不可用（模型下载未完成）", "offline: unavailable (the model download is incomplete)"),
     "skipped_domain_files": ("已跳过的领域文件", "Skipped domain files"),

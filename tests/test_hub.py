@@ -188,7 +188,7 @@ def test_online_a_download_that_does_not_complete_is_an_error(snapshot, food, on
 
 
 @pytest.mark.parametrize("complete", [True, False])
-def test_hub_unreachable_falls_back_to_a_complete_cache_only(snapshot, food, online, tmp_path, tiny_model_dir, complete):
+def test_hub_unreachable_falls_back_to_a_complete_cache_only(snapshot, food, online, tmp_path, tiny_model_dir, complete, caplog):
     if not complete:
         shutil.rmtree(snapshot / "vae")
     online(FakeHub(tmp_path, tiny_model_dir, reachable=False))
@@ -196,6 +196,8 @@ def test_hub_unreachable_falls_back_to_a_complete_cache_only(snapshot, food, onl
     if complete:
         assert registry.resolve_folder(food) == snapshot
         return
-    with pytest.raises(ModelUnavailableError) as info:
+    with pytest.raises(ModelUnavailableError) as info, caplog.at_level("WARNING"):
         registry.resolve_folder(food)
-    assert "vae/" in str(info.value) and "connection refused" in str(info.value)
+    assert "vae/" in str(info.value) and str(info.value).startswith("模型 ")
+    assert "connection refused" not in str(info.value), "why the hub failed is the log's business, not the user's"
+    assert "connection refused" in caplog.text

@@ -2,6 +2,8 @@ import io
 
 import numpy as np
 import pytest
+
+from rapid_diffusion.messages import say
 from PIL import Image
 
 from rapid_diffusion.generation import request
@@ -129,6 +131,7 @@ def test_long_prompt_reports_dropped_characters(registry, spec):
     assert report.max_tokens == 32
     assert len(text) - len(report.dropped_text) == 30  # 32 tokens minus [CLS] and [SEP]
     assert report.dropped_text.endswith("最后的字")
+    assert report.notes() == [say("prompt_truncated", window=32, count=len(report.dropped_text), dropped=report.dropped_text)]
     result = run(registry, spec, prompt=text)
     assert any(str(len(report.dropped_text)) in note for note in result.notes)
 
@@ -218,3 +221,11 @@ def test_summary_is_one_readable_line_per_image(registry, spec):
     assert upscaled.summary(0) == (
         "种子 seed 44 · 256×256 (64×64 → 超分辨率 super-resolution ×4) · DPM-Solver++ 2M Karras · 4 步 steps · 引导 guidance 5"
     )
+
+
+@pytest.mark.parametrize("prompt, english", [("a red circle on the left", True), ("左边有一个 red 圆形", False),
+                                             ("画一个 star", True), ("一只猫 cat", False), ("3D 圆形", False)])
+def test_an_english_prompt_gets_a_hint_that_the_model_reads_chinese(registry, spec, prompt, english):
+    report = inspect_prompt(registry.tokenizer(spec), prompt)
+    assert report.mostly_latin is english
+    assert (say("prompt_not_chinese") in report.notes()) is english

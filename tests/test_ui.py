@@ -139,7 +139,8 @@ def test_live_preview_streams_projections_then_the_images(ui_updates):
     assert [[caption for _, caption in update[0]] for update in previews] == [["预览 preview · 5"] * 2, ["预览 preview · 10"] * 2]
     for update in previews:
         assert all(image.size == (64, 64) for image, _ in update[0])
-        assert all(isinstance(other, type(gr.skip())) for other in update[1:])
+        assert update[1:3] == ("", ""), "the previous run's timings and settings are cleared"
+        assert all(isinstance(other, type(gr.skip())) for other in update[3:])
     assert [caption for _, caption in final[0]] == ["种子 seed 11", "种子 seed 12"] and final[4] == [11, 12]
 
 

@@ -22,6 +22,7 @@ from PIL import Image, PngImagePlugin
 
 from ..domains import DomainSpec
 from ..errors import ModelUnavailableError
+from ..messages import say
 from .preview import PreviewCallback, previewer
 from .request import GenerationRequest, PromptReport, inspect_prompt
 from .samplers import SAMPLER_TITLES, make_scheduler
@@ -166,9 +167,7 @@ def generate(
     model = registry.get(spec)
     with model.lock:
         if model.pipe is None:
-            raise ModelUnavailableError(
-                f"域「{spec.title_zh}」的模型刚被卸载，请重试。 / The model of domain '{spec.id}' was unloaded; try again."
-            )
+            raise ModelUnavailableError(say("model_just_unloaded", title=spec.title_zh, domain=spec.id))
         return run_pipeline(
             model.pipe,
             request,
@@ -218,7 +217,7 @@ def finish_request(
     upscaler: Upscaler | None = None,
 ) -> GenerationResult:
     """Notes, super-resolution and settings of one request's decoded images (alone or batched)."""
-    notes = [report.message()] if report.truncated else []
+    notes = report.notes()
     describe_entities = getattr(encode_prompt, "describe", None)
     if describe_entities is not None:
         notes += [f"知识图谱 / Knowledge graph: {line}" for line in describe_entities(request.prompt)]
@@ -263,9 +262,7 @@ def generate_batch(
     model = registry.get(spec)
     with model.lock:
         if model.pipe is None:
-            raise ModelUnavailableError(
-                f"域「{spec.title_zh}」的模型刚被卸载，请重试。 / The model of domain '{spec.id}' was unloaded; try again."
-            )
+            raise ModelUnavailableError(say("model_just_unloaded", title=spec.title_zh, domain=spec.id))
         return run_batch(
             model.pipe, requests, spec=spec, progress=progress, should_stop=should_stop,
             encode_prompt=model.encode_prompt, upscaler=model.upscaler,

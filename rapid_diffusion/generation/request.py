@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..messages import say
 from ..domains import SAMPLER_NAMES, DomainSpec
 from ..settings import settings
 
@@ -147,19 +148,20 @@ class PromptReport:
     num_tokens: int
     max_tokens: int
     dropped_text: str = ""
+    mostly_latin: bool = False
 
     @property
     def truncated(self) -> bool:
         return bool(self.dropped_text)
 
-    def message(self) -> str:
-        if not self.truncated:
-            return ""
-        return (
-            f"提示词超出文本编码器的 {self.max_tokens} 个 token 窗口，末尾 {len(self.dropped_text)} 个字符被忽略："
-            f"「{self.dropped_text}」 / The prompt exceeds the text encoder's {self.max_tokens}-token window; "
-            f"the last {len(self.dropped_text)} characters are dropped."
-        )
+    def notes(self) -> list[str]:
+        """What the user should know about this prompt (each a bilingual sentence); empty when all is well."""
+        notes = []
+        if self.mostly_latin:
+            notes.append(say("prompt_not_chinese"))
+        if self.truncated:
+            notes.append(say("prompt_truncated", window=self.max_tokens, count=len(self.dropped_text), dropped=self.dropped_text))
+        return notes
 
 
 def inspect_prompt(tokenizer, text: str) -> PromptReport:
@@ -167,7 +169,16 @@ def inspect_prompt(tokenizer, text: str) -> PromptReport:
     max_tokens = int(tokenizer.model_max_length)
     encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids = encoded["input_ids"]
+    latin = mostly_latin(text)
     if len(ids) <= max_tokens:
-        return PromptReport(len(ids), max_tokens)
+        return PromptReport(len(ids), max_tokens, mostly_latin=latin)
     last_kept = encoded["offset_mapping"][max_tokens - 2]
-    return PromptReport(len(ids), max_tokens, text[last_kept[1]:].strip())
+    return PromptReport(len(ids), max_tokens, text[last_kept[1]:].strip(), latin)
+
+
+def mostly_latin(text: str) -> bool:
+    """More Latin letters than Chinese characters: an English prompt, which these models (trained on
+    Chinese captions) read as noise."""
+    latin = sum(1 for c in text if c.isascii() and c.isalpha())
+    chinese = sum(1 for c in text if "\u3400" <= c <= "\u9fff" or "\uf900" <= c <= "\ufaff")
+    return latin > chinese

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..domains import ModelSource
+from ..messages import say
 from ..settings import settings
 
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor")
@@ -155,11 +156,7 @@ def _unverified(folder: Path, wanted: list[str], sizes: dict[str, int | None]) -
 
 def incomplete_message(source: ModelSource, missing: list[str] | tuple[str, ...]) -> str:
     shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5})" if len(missing) > 5 else "")
-    return (
-        f"模型 {source.repo_id} 的本地缓存不完整（下载未完成），缺少：{shown}。联网后重新加载即可补全。 / "
-        f"The cached snapshot of {source.describe()} is incomplete (an interrupted download); "
-        f"missing: {shown}. Load it again with the hub reachable to complete it."
-    )
+    return say("model_incomplete", model=source.describe(), missing=shown)
 
 
 def choose_weight_files(files: list[str]) -> list[str]:

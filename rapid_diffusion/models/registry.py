@@ -22,6 +22,7 @@ import torch
 from ..speed.warmup import Acceleration, build_optimised, outcome, warmer_for
 from ..domains import DomainSpec, ModelSource, domain_files_signature, load_domains
 from ..errors import ModelUnavailableError
+from ..messages import MESSAGES, say
 from .hub import (  # noqa: F401  (re-exported: callers import these from the registry)
     _progress_tqdm,
     cached_snapshot,
@@ -257,10 +258,8 @@ class ModelRegistry:
         if source.is_local:
             if not (source.path / "model_index.json").is_file():
                 log.error("domain '%s': model folder %s is missing or has no model_index.json", spec.id, source.path)
-                raise ModelUnavailableError(
-                    f"领域「{spec.title_zh}」的模型文件缺失。 Domain '{spec.id}': the model {source.name} is missing."
-                    f"{self._offline_hint()}"
-                )
+                raise ModelUnavailableError(say("model_files_missing", title=spec.title_zh, domain=spec.id, model=source.name,
+                                                **self._offline_hint()))
             return source.path
         reason = "HF_HUB_OFFLINE is set"
         if not hub_offline():
@@ -274,19 +273,25 @@ class ModelRegistry:
         if snapshot.complete:
             return snapshot.folder
         if snapshot.folder is not None:
-            raise ModelUnavailableError(f"{incomplete_message(source, snapshot.missing)} ({reason}){self._offline_hint()}")
+            log.warning("domain '%s': cached snapshot incomplete (%s)", spec.id, reason)
+            raise ModelUnavailableError(incomplete_message(source, snapshot.missing))
         raise self._unreachable(spec, reason)
 
     def _unreachable(self, spec: DomainSpec, reason: str) -> ModelUnavailableError:
-        return ModelUnavailableError(
-            f"领域「{spec.title_zh}」的模型尚未下载，且无法连接 Hugging Face Hub。 "
-            f"Domain '{spec.id}' needs {spec.model.describe()}, which is not in the local cache, "
-            f"and the hub cannot be reached ({reason}).{self._offline_hint()}"
-        )
+        """Not downloaded and no hub: the user is told what works instead; why the hub failed goes to the log."""
+        log.warning("domain '%s': %s is not cached and the hub cannot be reached (%s)", spec.id, spec.model.describe(), reason)
+        return ModelUnavailableError(say("model_not_downloaded", title=spec.title_zh, domain=spec.id, model=spec.model.describe(),
+                                         **self._offline_hint()))
 
-    def _offline_hint(self) -> str:
-        ready = [d.id for d in self.domains.values() if self.state(d) in ("loaded", "offline-ready", "cached")]
-        return f" Domains that work offline: {', '.join(ready)}." if ready else " No domain works offline here."
+    def _offline_hint(self) -> dict[str, str]:
+        """The domains that work without the hub, as the two halves of a sentence."""
+        ready = [d.title_zh for d in self.domains.values() if self.state(d) in ("loaded", "offline-ready", "cached")]
+        ready_ids = [d.id for d in self.domains.values() if self.state(d) in ("loaded", "offline-ready", "cached")]
+        if not ready:
+            zh, en = MESSAGES["no_offline_domain"]
+            return {"offline_zh": zh, "offline_en": en}
+        zh, en = MESSAGES["offline_domains"]
+        return {"offline_zh": zh.format(domains="、".join(ready)), "offline_en": en.format(domains=", ".join(ready_ids))}
 
     def state(self, spec: DomainSpec) -> str:
         """``loaded``, ``offline-ready`` (local files), ``cached`` (complete in the hub cache),

@@ -314,8 +314,6 @@ def make_ui_generate(ctx: UiContext):
             ctx.stop_flags.finish(session, flag)
         paths = save_pngs(result)
         captions = [(str(path), f"种子 seed {s}") for path, s in zip(paths, result.seeds)]
-        for note in result.notes:
-            gr.Warning(note)
         details = "\n".join(result.summary(i) for i in range(len(result.images)))
         yield captions, timings_markdown(result), details, [str(p) for p in paths], result.seeds, result.seeds[0]
 
@@ -340,7 +338,8 @@ def stream_previews(run: Callable[[PreviewCallback], GenerationResult]):
     threading.Thread(target=work, name="generate-with-previews", daemon=True).start()
     while (update := updates.get()) is not None:
         step, images = update
-        yield [(image, f"预览 preview · {step}") for image in images], *(gr.skip(),) * 5
+        # the previous run's timings and settings go while this run's previews show
+        yield [(image, f"预览 preview · {step}") for image in images], "", "", *(gr.skip(),) * 3
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -389,9 +388,12 @@ def save_pngs(result: GenerationResult) -> list[Path]:
 
 
 def timings_markdown(result: GenerationResult) -> str:
+    """The run's stage timings, after the run's notes (a dropped tail, an English prompt, an SR
+    fallback): shown beside the images they concern rather than as toasts over the next run."""
     stages = " · ".join(f"{name} {seconds:.2f}s" for name, seconds in result.timings.items())
     device = f"{result.settings['device']} / {result.settings['dtype']}"
-    return f"**耗时 / Timings** ({device}): {stages}"
+    notes = "".join(f"⚠️ {note}\n\n" for note in result.notes)
+    return f"{notes}**耗时 / Timings** ({device}): {stages}"
 
 
 def size_of(spec: DomainSpec | None) -> str:
@@ -414,7 +416,8 @@ def domain_markdown(service: AppService, spec: DomainSpec) -> str:
     """The domain card: what it is, its model by name (never a server path), and what 生成 will do."""
     availability = service.availability(spec)
     state = STATE_LABELS.get(availability.state, availability.state)
-    card = f"**{spec.title}** — {spec.description}\n\n模型 / Model: `{spec.model.name}` · 状态 / State: **{state}**"
+    source = "本机文件 / files on this machine" if spec.model.is_local else f"`{spec.model.name}`"
+    card = f"**{spec.title}** — {spec.description}\n\n模型 / Model: {source} · 状态 / State: **{state}**"
     card += acceleration_markdown(service, spec)
     return f"{card}\n\n{'ℹ️' if availability.usable else '⛔'} {availability.note}" if availability.note else card
 
@@ -469,7 +472,8 @@ def token_count_markdown(ctx: UiContext, domain_id: str | None, prompt: str | No
     if report is None:
         return f"{len(prompt)} 字 / characters (模型下载后显示 token 数 / token count after the model is downloaded)"
     count = f"Token: {report.num_tokens} / {report.max_tokens}"
-    return f"⚠️ {count} — {report.message()}" if report.truncated else count
+    notes = report.notes()
+    return f"⚠️ {count} — {' '.join(notes)}" if notes else count
 
 
 def build_models_tab(ctx: UiContext, demo: gr.Blocks, tab: gr.Tab) -> dict[str, gr.components.Component]:
