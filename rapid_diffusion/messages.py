@@ -144,6 +144,42 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "'{base}' conditions on one sentence vector (imported from EasyNLP's Wukong latent diffusion); fine-tuning it is not supported yet",
     ),
     "import_not_a_config": ("{path} 不是 diffusers 模型文件夹（缺少 {missing}）", "{path} is not a diffusers model folder (it lacks {missing})"),
+    "fid_weights_offline": (
+        "缺少 FID 的 Inception 权重 {file}（离线模式，无法下载）。请在能联网的机器上下载 {url}（sha256 {sha256}），"
+        "放到 {folder}，或用 --fid-weights 指定该文件",
+        "The Inception weights for FID, {file}, are missing (offline: cannot download). On a machine with internet "
+        "access download {url} (sha256 {sha256}) and put it into {folder}, or pass --fid-weights PATH",
+    ),
+    "fid_weights_download_failed": (
+        "下载 FID 的 Inception 权重 {file} 失败（{error}）。请手动下载 {url}（sha256 {sha256}），放到 {folder}，"
+        "或用 --fid-weights 指定该文件",
+        "Downloading the Inception weights for FID, {file}, failed ({error}). Download {url} (sha256 {sha256}) "
+        "yourself and put it into {folder}, or pass --fid-weights PATH",
+    ),
+    "fid_weights_not_found": ("FID 权重文件 {path} 不存在", "The FID weights file {path} does not exist"),
+    "fid_weights_mismatch": (
+        "{path} 不是标准的 FID Inception 权重（sha256 为 {actual}，应为 {expected}），已拒绝",
+        "{path} is not the standard FID Inception weights file (sha256 {actual}, expected {expected}); refused",
+    ),
+    "clip_model_offline": (
+        "中文 CLIP 模型 {model} 既不是本地文件夹，也不在 Hugging Face 缓存 {cache} 中（离线模式，无法下载）。"
+        "请在联网的机器上运行 hf download {model} 并把缓存复制过来，或用 --clip-model 指定本地模型文件夹",
+        "The Chinese CLIP model {model} is neither a local folder nor in the Hugging Face cache {cache} (offline: "
+        "cannot download). Run `hf download {model}` on a connected machine and copy the cache here, or pass "
+        "--clip-model with a local model folder",
+    ),
+    "clip_model_unavailable": (
+        "中文 CLIP 模型 {model} 无法加载（{reason}）。首次使用会下载到 Hugging Face 缓存，需要联网；"
+        "也可用 --clip-model 指定本地模型文件夹",
+        "The Chinese CLIP model {model} could not be loaded ({reason}). The first use downloads it into the Hugging "
+        "Face cache, which needs internet access; or pass --clip-model with a local model folder",
+    ),
+    "fid_too_few": ("计算 FID 每组至少需要 2 张图片（收到 {count} 张）", "FID needs at least 2 images per set, got {count}"),
+    "stand_in_features": (
+        "替代特征：随机权重（种子 {seed}）的 FID Inception，不是标准 FID，不能与论文或其他已发表的数值比较",
+        "stand-in features: the FID Inception with seeded random weights (seed {seed}); not standard FID, "
+        "not comparable with the paper's or any published figures",
+    ),
 }
 
 
