@@ -175,6 +175,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "Face cache, which needs internet access; or pass --clip-model with a local model folder",
     ),
     "fid_too_few": ("计算 FID 每组至少需要 2 张图片（收到 {count} 张）", "FID needs at least 2 images per set, got {count}"),
+    "no_eval_pairs": ("{path} 中没有可用的图文对", "No usable image-text pairs in {path}"),
+    "nothing_to_measure": ("没有可以计算的指标，未生成任何图片", "No metric can be computed; nothing was generated"),
+    "eval_needs_data": ("{flags} 只用于带 --data 的评测（FID / CLIP 分数）", "{flags} only apply with --data (FID / CLIP score)"),
+    "eval_demo_only": ("{flags} 只用于演示域的遵循度评测（不带 --data）", "{flags} only apply to the demo adherence eval (without --data)"),
     "stand_in_features": (
         "替代特征：随机权重（种子 {seed}）的 FID Inception，不是标准 FID，不能与论文或其他已发表的数值比较",
         "stand-in features: the FID Inception with seeded random weights (seed {seed}); not standard FID, "

@@ -3,8 +3,13 @@ retrieval on tiny models built so that the answer is known, the weights' message
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -360,3 +365,82 @@ def test_load_metrics_keeps_what_it_can_and_says_what_it_cannot(tiny_clip_dir, t
     assert missing.clip is None and str(tmp_path / "no-such-model") in missing.unavailable["clip_score"]
     assert missing.unavailable["R@K"] == missing.unavailable["clip_score"]
 
+
+# ----------------------------------------------------------------------------- the command
+
+
+def write_easynlp_tsv(path: Path, captions: list[str], images: list[Image.Image]) -> Path:
+    rows = []
+    for idx, (caption, image) in enumerate(zip(captions, images)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        rows.append(f"{idx}\t{caption}\t{base64.b64encode(buffer.getvalue()).decode('ascii')}")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """The real console entry in a subprocess, offline."""
+    return subprocess.run([sys.executable, "-m", "rapid_diffusion", *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=600)
+
+
+@pytest.mark.slow
+def test_eval_command_scores_a_test_set_offline(test_domains, registry, tiny_clip_dir, tmp_path):
+    """Two TSV pairs on the tiny domain, stand-in features, the tiny CLIP: the report, and images identical to
+    the ones the app's generation path makes for the same caption and seed."""
+    data = write_easynlp_tsv(tmp_path / "test.tsv", CAPTIONS[:2], noise_images(2, seed=5, size=(64, 64)))
+    out = run_cli("eval", "--domain", "tiny", "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "2", "--seed", "5",
+                  "--stand-in-features", "--clip-model", str(tiny_clip_dir), TORCH_HOME=str(tmp_path / "no-torch-cache"))
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert {k: report["sampling"][k] for k in ("seed", "steps", "sampler", "guidance", "images_per_caption")} == {
+        "seed": 5, "steps": 2, "sampler": "pndm", "guidance": 5.0, "images_per_caption": 1}
+    assert report["sampling"]["model"].startswith("tiny")
+    assert (report["num_captions"], report["num_real"], report["num_generated"]) == (2, 2, 2)
+    assert set(report["metrics"]) == {"fid_stand_in", "clip_score", "R@1", "R@5", "R@10"}
+    assert report["metrics"]["fid_stand_in"] > 0 and 0 <= report["metrics"]["clip_score"] <= 100
+    assert "不是标准 FID" in report["feature_extractor"] and report["clip_model"] == str(tiny_clip_dir)
+    assert [item["seeds"] for item in report["items"]] == [[5], [6]]
+    assert "fid_stand_in:" in out.stdout and "fid:" not in out.stdout
+    from rapid_diffusion.generation.pipeline import GenerationRequest, generate
+    from rapid_diffusion.models.registry import ModelRegistry
+
+    spec = ModelRegistry().spec("tiny")
+    expected = generate(GenerationRequest(prompt=CAPTIONS[1], num_inference_steps=2, seed=6), spec, registry=registry).images[0]
+    saved = Image.open(tmp_path / "out" / report["items"][1]["files"][0])
+    assert np.array_equal(np.asarray(saved), np.asarray(expected))
+
+
+def test_eval_command_without_weights_says_what_is_missing_before_generating(test_domains, tmp_path):
+    data = write_easynlp_tsv(tmp_path / "test.tsv", CAPTIONS[:2], noise_images(2, size=(64, 64)))
+    out = run_cli("eval", "--domain", "tiny", "--data", str(data), "--out", str(tmp_path / "out"),
+                  TORCH_HOME=str(tmp_path / "empty-torch"), HF_HOME=str(tmp_path / "empty-hf"))
+    assert out.returncode == 2
+    for part in (FID_WEIGHTS_FILE, FID_WEIGHTS_URL, "--fid-weights", "OFA-Sys/chinese-clip-vit-base-patch16", "--clip-model",
+                 "没有可以计算的指标", "No metric can be computed"):
+        assert part in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_counts_and_seeds_out_of_range_before_generating(test_domains, tmp_path, capsys):
+    """0 images per caption is refused, not read as the default; a seed whose last caption would pass the
+    largest seed is refused before the first image (3 captions x 2 images from 4294967291 would reach 4294967296)."""
+    from rapid_diffusion.serving.cli import main
+
+    data = write_easynlp_tsv(tmp_path / "test.tsv", CAPTIONS[:3], noise_images(3, size=(64, 64)))
+    common = ["eval", "--domain", "tiny", "--data", str(data), "--out", str(tmp_path / "out"), "--stand-in-features"]
+    assert main(common + ["--images-per-caption", "0"]) == 2
+    assert "Invalid --images-per-caption" in capsys.readouterr().err
+    assert main(common + ["--images-per-caption", "2", "--seed", "4294967291"]) == 2
+    assert "Invalid --seed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_an_option_of_the_other_mode(tmp_path, capsys):
+    from rapid_diffusion.serving.cli import main
+
+    assert main(["eval", "--domain", "demo", "--fid-weights", str(tmp_path / "w.pth"), "--no-super-resolution"]) == 2
+    assert "--super-resolution, --fid-weights only apply with --data" in capsys.readouterr().err
+    assert main(["eval", "--domain", "demo", "--data", str(tmp_path), "--set", "unseen"]) == 2
+    assert "--set" in capsys.readouterr().err
