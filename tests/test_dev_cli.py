@@ -10,7 +10,7 @@ import sys
 
 from rapid_diffusion.paths import PROJECT_ROOT
 
-PRODUCT_COMMANDS = ("domains", "generate", "predict", "upscale", "kg", "serve", "hash-password", "check-data", "train", "eval")
+PRODUCT_COMMANDS = ("domains", "generate", "predict", "upscale", "kg", "serve", "hash-password", "check-data", "train", "eval", "import")
 DEV_ONLY_COMMANDS = ("bench", "train-demo", "train-sr")
 
 
