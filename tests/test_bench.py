@@ -80,7 +80,7 @@ def test_bench_default_levels_include_openvino_when_installed():
     from rapid_diffusion.speed.openvino import openvino_missing
     from rapid_diffusion_dev.cli import bench_levels
 
-    args = argparse.Namespace(levels=None, shapes=False, restart=False, concurrency=None, api=False, device="cpu")
+    args = argparse.Namespace(levels=None, shapes=False, restart=False, concurrency=None, api=False, load=None, device="cpu")
     expected = ("none", "flash", "compile", "openvino", "auto") if openvino_missing("cpu") is None else ("none", "flash", "compile", "auto")
     assert bench_levels(args) == expected
 

@@ -106,7 +106,7 @@ def test_four_images_show_whole_with_readable_settings_and_no_server_path(url, t
                 # only "tiny" can be loaded here ("broken" has no model): opening the tab shows what the generation loaded
                 expect(page.locator("#models-table")).to_contain_text("已加载 loaded")
     text = "\n".join(texts)
-    assert "tiny-pai-model" in text, "the model is named"
+    assert "本机文件 / files on this machine" in text, "a local model is said to be local, without its folder"
     for path in (PROJECT_ROOT, Path.home(), tiny_model_dir, tiny_model_dir.parent):
         assert str(path) + "/" not in text and f"{path}\n" not in text and f"`{path}" not in text, path
 

@@ -916,11 +916,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def load_fp32_pipeline(folder: Path):
     """The base as fp32 master weights on the CPU whatever the checkpoint's dtype (accelerate moves
     what trains), through the one loader the registry uses: safetensors or ``weights_only``."""
     return load_pipeline(folder, torch.device("cpu"), torch.float32)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
