@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     body_timeout: float = Field(10.0, gt=0, validation_alias=_env("BODY_TIMEOUT"),
                                 description="seconds a client may take to send the next piece of a request body")
     host: str | None = Field(None, validation_alias=AliasChoices("GRADIO_SERVER_NAME"))
-    port: int = Field(7860, validation_alias=AliasChoices("PORT", "GRADIO_SERVER_PORT"))
+    port: int = Field(7860, ge=1, le=65535, validation_alias=AliasChoices("GRADIO_SERVER_PORT", "PORT"),
+                      description="GRADIO_SERVER_PORT (what Spaces and Gradio set), else a generic PORT, else 7860")
     space_id: str | None = Field(None, validation_alias=AliasChoices("SPACE_ID"),
                                  description="set by Hugging Face Spaces: implies a public host")
     public: bool = Field(False, validation_alias=_env("PUBLIC"),
