@@ -3,6 +3,7 @@ dependencies (pyproject.toml) that requirements.txt follows, and every binary fi
 
 from __future__ import annotations
 
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -151,3 +152,53 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit("usage: python tests/test_hosting.py --write   (rewrites the Space requirement files)")
     write_space_files()
+
+
+# ----------------------------------------------------------------------------- pushable to a Space
+
+LFS_SIZE_LIMIT = 10 * 2**20  # the Hub refuses larger files that are not stored with LFS/Xet
+
+
+def repository_files() -> list[str]:
+    """Tracked files and new ones git does not ignore: what the next commit would hold."""
+    listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True)
+    return [name for name in listing.stdout.decode().split("\0") if name and (REPO / name).is_file()]
+
+
+def is_binary(path: Path) -> bool:
+    """By content, as git judges it (a NUL byte in the first 8000 bytes), or any byte that is not UTF-8."""
+    data = path.read_bytes()
+    if b"\0" in data[:8000]:
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def lfs_routed(names: list[str]) -> dict[str, bool]:
+    """``git check-attr filter`` for every name: True where the filter is lfs."""
+    done = subprocess.run(["git", "check-attr", "--stdin", "-z", "filter"], cwd=REPO, input="\0".join(names).encode(),
+                          capture_output=True, check=True)
+    fields = done.stdout.decode().split("\0")
+    return {fields[i]: fields[i + 2] == "lfs" for i in range(0, len(fields) - 2, 3)}
+
+
+def test_every_binary_and_every_large_file_goes_to_lfs():
+    names = repository_files()
+    needs_lfs = [n for n in names if is_binary(REPO / n) or (REPO / n).stat().st_size > LFS_SIZE_LIMIT]
+    assert "rapid_diffusion/data/assets/demo-model/unet/diffusion_pytorch_model.safetensors" in needs_lfs  # the check sees them
+    routed = lfs_routed(needs_lfs)
+    assert sorted(n for n in needs_lfs if not routed[n]) == [], "add a filter=lfs rule for these to .gitattributes"
+
+
+def test_the_lfs_check_catches_an_unrouted_binary_and_leaves_text_alone(tmp_path):
+    """The negative control: a binary with an unknown extension is found and is not routed."""
+    odd = tmp_path / "weights.unknownext"
+    odd.write_bytes(b"\x89\x00\x01binary")
+    text = tmp_path / "notes.md"
+    text.write_text("中文 text", encoding="utf-8")
+    assert is_binary(odd) and not is_binary(text)
+    routed = lfs_routed(["rapid_diffusion/data/weights.unknownext", "docs/new.png", "docs/new.md"])
+    assert routed == {"rapid_diffusion/data/weights.unknownext": False, "docs/new.png": True, "docs/new.md": False}
