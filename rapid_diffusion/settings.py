@@ -3,7 +3,7 @@
 ``settings()`` builds :class:`Settings` on first use and returns the same object after that;
 entry points (the CLI, the server) read it once and pass values down. Tests that change the
 environment call :func:`reload`. Variables carry the ``RAPID_DIFFUSION_`` prefix, except the
-ones other tools define (``SPACE_ID``, ``HF_HUB_OFFLINE``, ``PORT``, ``GRADIO_SERVER_*``).
+ones other tools define (``SPACE_ID``, ``SPACES_ZERO_GPU``, ``HF_HUB_OFFLINE``, ``PORT``, ``GRADIO_SERVER_*``).
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ class Settings(BaseSettings):
                                  description="set by Hugging Face Spaces: implies a public host")
     public: bool = Field(False, validation_alias=_env("PUBLIC"),
                          description="public-host mode (also on whenever SPACE_ID is set)")
+    zero_gpu: bool = Field(False, validation_alias=AliasChoices("SPACES_ZERO_GPU"),
+                           description="set (true) by Hugging Face on ZeroGPU hardware: the GPU part runs under spaces.GPU")
+    preload: str = Field("", validation_alias=_env("PRELOAD"),
+                         description="domain ids (comma-separated, or 'all') loaded at start; on ZeroGPU the default is "
+                                     "every configured domain, elsewhere none")
     hub_offline: bool = Field(False, validation_alias=AliasChoices("HF_HUB_OFFLINE"))
     hf_home: Path | None = Field(None, validation_alias=AliasChoices("HF_HOME"), description="Hugging Face's home folder")
     hf_hub_cache: Path | None = Field(None, validation_alias=AliasChoices("HF_HUB_CACHE"),
