@@ -195,7 +195,7 @@ def test_a_zerogpu_space_starts_with_its_models_loaded_and_reports_to_the_device
 
 
 @pytest.mark.slow
-def test_on_zerogpu_the_json_api_and_the_gradio_api_run_in_the_forked_gpu_worker(zerogpu_space):
+def test_on_zerogpu_the_json_api_the_named_api_and_the_ui_event_run_in_the_forked_gpu_worker(zerogpu_space):
     from gradio_client import Client
 
     url, api_url, server_pid = zerogpu_space
@@ -205,9 +205,14 @@ def test_on_zerogpu_the_json_api_and_the_gradio_api_run_in_the_forked_gpu_worker
     client = Client(url, verbose=False, download_files=False)
     gallery, info = client.predict(prompt="猫", domain="tiny", seed=3, num_inference_steps=2, api_name="/generate")
     assert response.json()["seeds"] == info["seeds"] == [3] and len(gallery) == 1
+    # The web UI's own Generate event (the page's button), live preview on: previews stream out of the worker.
+    job = client.submit("tiny", "猫", "", 6, 5.0, 3, 1, "pndm", "64x64", False, "none", True, api_name="/generate_ui")
+    updates = list(job)
+    assert len(updates) >= 2 and job.status().success  # a preview (step 5 of 6), then the images
+    assert [item["caption"] for item in job.result()[0]] == ["种子 seed 3"]
 
     calls = device_api_calls(api_url)[before:]
-    assert [c["path"] for c in calls].count("/schedule") == 2  # one GPU call per request
+    assert [c["path"] for c in calls].count("/schedule") == 3  # one GPU call per request
     assert [c for c in calls if c["path"] == "/release"] and all(c.get("fail") == "false" for c in calls if c["path"] == "/release")
     allowed = {int(c["pid"]) for c in calls if c["path"] == "/allow"}
     assert allowed and server_pid not in allowed  # the work ran in the worker process spaces forked
