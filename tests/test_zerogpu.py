@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -144,22 +145,27 @@ def open_png(path):
 # ----------------------------------------------------------------------------- the real spaces package
 
 
-@pytest.fixture(scope="module")
-def zerogpu_space(tmp_path_factory, tiny_model_dir):
-    """A server started as on a ZeroGPU Space (tests/zerogpu_host.py), with the tiny domain preloaded."""
-    root = tmp_path_factory.mktemp("zerogpu")
+@contextmanager
+def zerogpu_server(root: Path, model_dir: Path, gpu_uuid: str | None = None):
+    """A server started as on a ZeroGPU Space (tests/zerogpu_host.py), with the tiny domain preloaded.
+    Without ``gpu_uuid`` the CUDA steps are stood in for and the model stays on the CPU; with it
+    (a CUDA machine) only the device API is, and the weights really move into the worker's GPU."""
     folder = root / "domains"
     folder.mkdir()
-    write_domain(folder, "tiny", tiny_model_dir, num_inference_steps=2)
+    write_domain(folder, "tiny", model_dir, num_inference_steps=2)
     port, api_port = free_port(), free_port()
     env = {**os.environ, "HOME": str(root), "RAPID_DIFFUSION_HOME": str(root / "rd-home"), "RAPID_DIFFUSION_DOMAINS": str(folder),
-           "RAPID_DIFFUSION_DEVICE": "cpu", "RAPID_DIFFUSION_PRELOAD": "tiny", "HF_HUB_OFFLINE": "1",
+           "RAPID_DIFFUSION_PRELOAD": "tiny", "HF_HUB_OFFLINE": "1", "ZEROGPU_OFFLOAD_DIR": str(root / "offload"),
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    if gpu_uuid is None:
+        env["RAPID_DIFFUSION_DEVICE"] = "cpu"
+    else:
+        env["ZEROGPU_HOST_GPU_UUID"] = gpu_uuid
     log = open(root / "server.log", "w+")
     process = subprocess.Popen([sys.executable, str(HERE / "zerogpu_host.py"), str(port), str(api_port)], env=env,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # its group: server + GPU worker
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:
         try:
             if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
@@ -180,6 +186,12 @@ def zerogpu_space(tmp_path_factory, tiny_model_dir):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def zerogpu_space(tmp_path_factory, tiny_model_dir):
+    with zerogpu_server(tmp_path_factory.mktemp("zerogpu"), tiny_model_dir) as space:
+        yield space
 
 
 def device_api_calls(api_url: str) -> list[dict]:
@@ -220,3 +232,28 @@ def test_on_zerogpu_the_json_api_the_named_api_and_the_ui_event_run_in_the_forke
     refused = httpx.post(f"{url}/api/predict/tiny", json={"text": "猫", "num_inference_steps": 0}, timeout=60)
     assert refused.status_code == 422 and refused.json()["field"] == "num_inference_steps"  # refused before any GPU call
     assert [c["path"] for c in device_api_calls(api_url)[before + len(calls):]].count("/schedule") == 0
+
+
+def gpu_uuid() -> str | None:
+    """The first GPU's UUID (what ZeroGPU's scheduler names the lent device by), or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    listing = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True, text=True)
+    return listing.stdout.split()[0] if listing.returncode == 0 and listing.stdout.strip() else None
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(gpu_uuid() is None, reason="needs a CUDA device (and nvidia-smi): the weights really move into the ZeroGPU worker")
+def test_on_a_gpu_the_weights_loaded_at_start_move_into_the_worker_and_generate(tmp_path, tiny_model_dir):
+    """The whole ZeroGPU pattern but the platform: loaded at start on emulated CUDA, packed to disk,
+    moved onto the real GPU inside the forked worker, generated there, images pickled back."""
+    with zerogpu_server(tmp_path, tiny_model_dir, gpu_uuid()) as (url, api_url, server_pid):
+        assert httpx.get(f"{url}/healthz", timeout=10).json()["loaded"] == ["tiny"]
+        response = httpx.post(f"{url}/api/predict/tiny", json={"text": "猫", "num_inference_steps": 4, "seed": 3}, timeout=300)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["seeds"] == [3] and len(body["images_base64"]) == 1
+        calls = device_api_calls(api_url)
+        assert {int(c["pid"]) for c in calls if c["path"] == "/allow"} - {server_pid}
+        assert all(c.get("fail") == "false" for c in calls if c["path"] == "/release")
