@@ -1,9 +1,10 @@
 """Domain specs: one YAML file per domain, validated once on load.
 
 A domain is a named model plus the defaults that suit it (size, steps, sampler, negative
-prompt, example prompts). Users add one by dropping a YAML file into `domains/`, into a
-folder listed in ``RAPID_DIFFUSION_DOMAINS`` (``os.pathsep``-separated), or into
-``$RAPID_DIFFUSION_HOME/domains`` (where fine-tuned models register themselves).
+prompt, example prompts). The shipped ones are package data (``rapid_diffusion/data/domains``);
+an owner adds one by dropping a YAML file into a folder listed in ``RAPID_DIFFUSION_DOMAINS``
+(``os.pathsep``-separated) or into ``$RAPID_DIFFUSION_HOME/domains`` (where fine-tuned and
+imported models register themselves).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .paths import PROJECT_ROOT, home_dir
+from .paths import SHIPPED_DOMAINS_DIR, home_dir
 from .settings import settings
 
 SAMPLER_NAMES = ("pndm", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "euler", "euler_a", "unipc")
@@ -116,7 +117,7 @@ def user_domains_dir() -> Path:
 
 def domain_dirs() -> list[Path]:
     """Folders the owner controls, later ones overriding earlier ids: shipped, then configured."""
-    return [PROJECT_ROOT / "domains", *settings().domain_dirs]
+    return [SHIPPED_DOMAINS_DIR, *settings().domain_dirs]
 
 
 class Domains(dict):

@@ -14,6 +14,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "no_domain": ("请先选择领域", "Pick a domain first"),
     "queue_full": ("队列已满，请稍后再试。", "The queue is full; please try again shortly."),
     "out_of_memory": ("显存不足：请减少图片数量或缩小尺寸后重试。", "Out of GPU memory: try fewer images or a smaller size."),
+    "gpu_unavailable": ("暂时没有可用的 GPU，请稍后再试（{reason}）。", "No GPU is available right now; please try again later ({reason})."),
     "internal_error": ("服务器内部错误，请稍后再试。", "Internal server error; please try again later."),
     "stopped": ("已停止生成", "Generation stopped"),
     "body_not_json": ("请求体不是合法 JSON", "The body is not valid JSON"),

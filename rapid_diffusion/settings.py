@@ -3,7 +3,7 @@
 ``settings()`` builds :class:`Settings` on first use and returns the same object after that;
 entry points (the CLI, the server) read it once and pass values down. Tests that change the
 environment call :func:`reload`. Variables carry the ``RAPID_DIFFUSION_`` prefix, except the
-ones other tools define (``SPACE_ID``, ``HF_HUB_OFFLINE``, ``PORT``, ``GRADIO_SERVER_*``).
+ones other tools define (``SPACE_ID``, ``SPACES_ZERO_GPU``, ``HF_HUB_OFFLINE``, ``PORT``, ``GRADIO_SERVER_*``).
 """
 
 from __future__ import annotations
@@ -60,11 +60,17 @@ class Settings(BaseSettings):
     body_timeout: float = Field(10.0, gt=0, validation_alias=_env("BODY_TIMEOUT"),
                                 description="seconds a client may take to send the next piece of a request body")
     host: str | None = Field(None, validation_alias=AliasChoices("GRADIO_SERVER_NAME"))
-    port: int = Field(7860, validation_alias=AliasChoices("PORT", "GRADIO_SERVER_PORT"))
+    port: int = Field(7860, ge=1, le=65535, validation_alias=AliasChoices("GRADIO_SERVER_PORT", "PORT"),
+                      description="GRADIO_SERVER_PORT (what Spaces and Gradio set), else a generic PORT, else 7860")
     space_id: str | None = Field(None, validation_alias=AliasChoices("SPACE_ID"),
                                  description="set by Hugging Face Spaces: implies a public host")
     public: bool = Field(False, validation_alias=_env("PUBLIC"),
                          description="public-host mode (also on whenever SPACE_ID is set)")
+    zero_gpu: bool = Field(False, validation_alias=AliasChoices("SPACES_ZERO_GPU"),
+                           description="set (true) by Hugging Face on ZeroGPU hardware: the GPU part runs under spaces.GPU")
+    preload: str = Field("", validation_alias=_env("PRELOAD"),
+                         description="domain ids (comma-separated, or 'all') loaded at start; on ZeroGPU the default is "
+                                     "every configured domain, elsewhere none")
     hub_offline: bool = Field(False, validation_alias=AliasChoices("HF_HUB_OFFLINE"))
     hf_home: Path | None = Field(None, validation_alias=AliasChoices("HF_HOME"), description="Hugging Face's home folder")
     hf_hub_cache: Path | None = Field(None, validation_alias=AliasChoices("HF_HUB_CACHE"),

@@ -16,12 +16,13 @@ import numpy as np
 from PIL import Image
 
 from rapid_diffusion.models.registry import ModelRegistry
-from rapid_diffusion.paths import PROJECT_ROOT
+from rapid_diffusion.paths import DEMO_MODEL_DIR
 from rapid_diffusion.service.app import GpuGate
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = PROJECT_ROOT / "test-artifacts"
-DEMO_MODEL = PROJECT_ROOT / "assets" / "demo-model"
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout (tests run from it)
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+DEMO_MODEL = DEMO_MODEL_DIR
 # Regression floors of the shipped demo model on the first 8 test prompts x 2 seeds (seed 0, 20 steps),
 # for the domain's defaults (test_demo_model) and every sampler (test_samplers). v5 measures
 # position 1.0 with each; colour 0.8125 with pndm (the default: 3 small purple objects drawn blue),

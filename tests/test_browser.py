@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.paths import PROJECT_ROOT
 from rapid_diffusion.models.registry import ModelRegistry
 
-from helpers import ARTIFACTS, CHROMIUM, DEMO_MODEL, browser_page, running_server, write_domain
+from helpers import ARTIFACTS, CHROMIUM, DEMO_MODEL, REPO_ROOT, browser_page, running_server, write_domain
 
 
 pytestmark = [
@@ -65,4 +64,4 @@ def test_update_the_readme_screenshot(monkeypatch, tmp_path):
         page.get_by_label("图片数量 / Images per run").first.fill("4")
         generate(page, "左边有一个大的红色圆形")
         expect(page.locator("#gallery img")).to_have_count(4, timeout=30_000)
-        page.screenshot(path=str(PROJECT_ROOT / "docs" / "screenshot.png"), full_page=True)
+        page.screenshot(path=str(REPO_ROOT / "docs" / "screenshot.png"), full_page=True)

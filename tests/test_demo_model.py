@@ -1,4 +1,4 @@
-"""The shipped demo model: loads through the registry from domains/demo.yaml, follows prompts,
+"""The shipped demo model: loads through the registry from rapid_diffusion/data/domains/demo.yaml, follows prompts,
 and answers `rapid-diffusion generate` / `eval`; `train-demo` runs end to end (tiny settings)."""
 
 from __future__ import annotations
@@ -14,23 +14,23 @@ from PIL import Image
 
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.models.registry import ModelRegistry
-from rapid_diffusion.paths import PROJECT_ROOT
+from rapid_diffusion.paths import SHIPPED_DOMAINS_DIR
 
-from helpers import DEMO_ADHERENCE_FLOOR, DEMO_MODEL
+from helpers import DEMO_ADHERENCE_FLOOR, DEMO_MODEL, REPO_ROOT
 
 
 
 @pytest.fixture(scope="module")
 def demo():
     """The demo spec from the project's domains/ folder and a registry holding its model."""
-    spec = load_domains([PROJECT_ROOT / "domains"])["demo"]
+    spec = load_domains([SHIPPED_DOMAINS_DIR])["demo"]
     registry = ModelRegistry(domains={"demo": spec})
     registry.get(spec)
     return spec, registry
 
 
 def test_demo_domain_is_offline_ready_and_small():
-    spec = load_domains([PROJECT_ROOT / "domains"])["demo"]
+    spec = load_domains([SHIPPED_DOMAINS_DIR])["demo"]
     assert spec.offline_ready and spec.model.path == DEMO_MODEL
     assert (spec.height, spec.width) == (64, 64) and len(spec.examples) >= 3
     if DEMO_MODEL.is_dir():
@@ -68,7 +68,7 @@ def test_generate_cli_works_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAPID_DIFFUSION_HOME": str(tmp_path / "home")}
     env.pop("RAPID_DIFFUSION_DOMAINS", None)
     command = [sys.executable, "-m", "rapid_diffusion", "generate", "--domain", "demo", "--prompt", "左边有一个大的红色圆形", "--seed", "3", "--out", str(tmp_path / "out")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     [png] = sorted((tmp_path / "out").glob("*.png"))
     assert Image.open(png).size == (64, 64)
@@ -116,7 +116,7 @@ def test_train_demo_cli_trains_and_saves_a_pipeline(tmp_path):
     out = tmp_path / "model"
     command = [sys.executable, "-m", "rapid_diffusion", "dev", "train-demo", "--out", str(out), "--vae-steps", "1", "--vae-edge-weight", "0",
                "--steps", "1", "--batch-size", "2", "--num-scenes", "16", "--threads", "1"]
-    done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
+    done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert any(line.startswith("vae step 1/1") for line in lines) and any("diffusion step 1/1" in line for line in lines)

@@ -8,13 +8,14 @@ import os
 import subprocess
 import sys
 
-from rapid_diffusion.paths import PROJECT_ROOT
+from helpers import REPO_ROOT
+from rapid_diffusion.paths import DEMO_SR_WEIGHTS
 
 PRODUCT_COMMANDS = ("domains", "generate", "predict", "upscale", "kg", "serve", "hash-password", "check-data", "train", "eval", "import")
 DEV_ONLY_COMMANDS = ("bench", "train-demo", "train-sr")
 
 
-def run(*args: str, cwd=PROJECT_ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, cwd=REPO_ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"} if env is None else env
     return subprocess.run([sys.executable, "-m", "rapid_diffusion", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
@@ -41,7 +42,7 @@ def test_a_checkout_lists_the_product_commands_and_dev():
 
 def test_without_the_dev_package_the_product_has_no_dev_group(tmp_path):
     """An installed product (no rapid_diffusion_dev on the path) lists only its own commands and runs them."""
-    (tmp_path / "rapid_diffusion").symlink_to(PROJECT_ROOT / "rapid_diffusion", target_is_directory=True)
+    (tmp_path / "rapid_diffusion").symlink_to(REPO_ROOT / "rapid_diffusion", target_is_directory=True)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     probe = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('rapid_diffusion_dev'))"],
@@ -70,8 +71,8 @@ def test_the_sr_benchmark_times_the_given_weights(tmp_path):
     """``python -m rapid_diffusion_dev.bench.sr`` (the paper's SR timing) on the demo's SR weights, tiny input."""
     out = tmp_path / "sr.json"
     command = [sys.executable, "-m", "rapid_diffusion_dev.bench.sr", "--device", "cpu", "--size", "16", "--runs", "1",
-               "--weights", str(PROJECT_ROOT / "assets" / "demo-sr.safetensors"), "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=PROJECT_ROOT, timeout=300)
+               "--weights", str(DEMO_SR_WEIGHTS), "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=REPO_ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
     (record,) = json.loads(out.read_text(encoding="utf-8"))
     assert (record["method"], record["input"], record["output"], record["runs"]) == ("esrgan", "16x16", "64x64", 1)

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 
 from rapid_diffusion.domains import DomainSpecError, ModelSource, load_domain_file, load_domains
-from rapid_diffusion.paths import PROJECT_ROOT
+from rapid_diffusion.paths import SHIPPED_DOMAINS_DIR
 
-from helpers import write_domain
+from helpers import REPO_ROOT, write_domain
 
 
 def test_shipped_domains_are_valid_and_listed():
-    specs = load_domains([PROJECT_ROOT / "domains"])
+    specs = load_domains([SHIPPED_DOMAINS_DIR])
     assert {"ecommerce", "guohua", "food"} <= set(specs)
     food = specs["food"]
     assert food.model.repo_id == "alibaba-pai/pai-diffusion-food-large-zh"
@@ -162,7 +162,7 @@ def test_blank_example_is_refused_by_name(tmp_path):
 
 
 def run_domains_cli(env_extra: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **env_extra}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **env_extra}
     return subprocess.run([sys.executable, "-m", "rapid_diffusion", "domains"], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -180,7 +180,7 @@ def test_cli_domains_lists_the_good_and_reports_the_bad_on_stderr(tmp_path):
 def test_cli_domains_fails_only_when_no_domain_is_valid(tmp_path, monkeypatch):
     import rapid_diffusion.domains as domains
 
-    monkeypatch.setattr(domains, "PROJECT_ROOT", tmp_path)  # in-process: no shipped domains
+    monkeypatch.setattr(domains, "SHIPPED_DOMAINS_DIR", tmp_path / "domains")  # in-process: only the bad file
     (tmp_path / "domains").mkdir()
     (tmp_path / "domains" / "bad.yaml").write_text("id: x\n", encoding="utf-8")
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))

@@ -64,7 +64,7 @@ def test_a_stranger_finds_no_fine_tune_endpoint_and_writes_no_domain(monkeypatch
 @pytest.mark.browser
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
-@pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="needs assets/demo-model")
+@pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="needs rapid_diffusion/data/assets/demo-model")
 def test_fine_tune_on_the_defaults_in_the_browser_then_generate_with_the_new_model(monkeypatch, tmp_path):
     from playwright.sync_api import expect
 

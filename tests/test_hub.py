@@ -16,7 +16,7 @@ import torch
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.models.hub import IncompleteSnapshotError, cached_snapshot, download_snapshot, find_cached_snapshot
 from rapid_diffusion.models.registry import ModelRegistry, ModelUnavailableError
-from rapid_diffusion.paths import PROJECT_ROOT
+from rapid_diffusion.paths import SHIPPED_DOMAINS_DIR
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -25,7 +25,7 @@ UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 @pytest.fixture()
 def food(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    return load_domains([PROJECT_ROOT / "domains"])["food"]
+    return load_domains([SHIPPED_DOMAINS_DIR])["food"]
 
 
 def repo_dir(tmp_path: Path) -> Path:

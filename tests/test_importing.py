@@ -26,10 +26,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import ldm_layouts
-from helpers import write_domain
+from helpers import REPO_ROOT, write_domain
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.models.importing import ImportFailed, import_checkpoint, imported_models_dir
-from rapid_diffusion.paths import PROJECT_ROOT
 from rapid_diffusion.generation.pipeline import generate, run_pipeline
 from rapid_diffusion.generation.request import GenerationRequest
 from rapid_diffusion.models.registry import ModelRegistry
@@ -94,7 +93,7 @@ def test_single_file_safetensors_round_trip_through_the_command(original, config
     pipe, _ = original
     checkpoint = tmp_path / "pai-tiny.safetensors"
     save_file({k: v.contiguous() for k, v in ldm_layouts.single_file_state(pipe).items()}, str(checkpoint))
-    env = {**os.environ, "RAPID_DIFFUSION_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    env = {**os.environ, "RAPID_DIFFUSION_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run(
         [sys.executable, "-m", "rapid_diffusion", "import", str(checkpoint), "--name", "sd-single", "--config", str(config_only)],
         capture_output=True, text=True, env=env, timeout=300,

@@ -10,9 +10,9 @@ from rapid_diffusion.domains import load_domains
 from rapid_diffusion.generation import preview
 from rapid_diffusion.generation.pipeline import generate
 from rapid_diffusion.generation.request import GenerationRequest
-from rapid_diffusion.paths import PROJECT_ROOT
+from rapid_diffusion.paths import DEMO_MODEL_DIR, SHIPPED_DOMAINS_DIR
 
-DEMO_MODEL = PROJECT_ROOT / "assets" / "demo-model"
+DEMO_MODEL = DEMO_MODEL_DIR
 needs_model = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="assets/demo-model not trained yet")
 
 
@@ -31,7 +31,7 @@ def test_previews_every_five_steps_show_the_object_where_and_as_the_image_has_it
     object is and its colour are checked on their own below."""
     from rapid_diffusion.models.registry import ModelRegistry
 
-    spec = load_domains([PROJECT_ROOT / "domains"])["demo"]
+    spec = load_domains([SHIPPED_DOMAINS_DIR])["demo"]
     registry = ModelRegistry(domains={"demo": spec})
     shown = []
     request = GenerationRequest(prompt="左边有一个大的红色圆形", seed=3, num_images=2, sampler=sampler)

@@ -10,7 +10,7 @@ import torch
 from diffusers import PNDMScheduler
 
 from rapid_diffusion.generation.samplers import SAMPLERS, make_scheduler
-from rapid_diffusion.paths import PROJECT_ROOT
+from rapid_diffusion.paths import SHIPPED_DOMAINS_DIR
 
 from helpers import DEMO_ADHERENCE_FLOOR, DEMO_MODEL
 
@@ -95,7 +95,7 @@ def demo():
     from rapid_diffusion.domains import load_domains
     from rapid_diffusion.models.registry import ModelRegistry
 
-    spec = load_domains([PROJECT_ROOT / "domains"])["demo"]
+    spec = load_domains([SHIPPED_DOMAINS_DIR])["demo"]
     registry = ModelRegistry(domains={"demo": spec})
     registry.get(spec)
     return spec, registry

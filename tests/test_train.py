@@ -18,7 +18,8 @@ from PIL import Image
 
 import rapid_diffusion.training.train as train_module
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.paths import PROJECT_ROOT
+from helpers import REPO_ROOT
+from rapid_diffusion.paths import DEMO_MODEL_DIR
 from rapid_diffusion.serving.cli import main as cli_main
 from rapid_diffusion.training.train import load_fp32_pipeline
 from rapid_diffusion.training.run_files import read_validation_losses
@@ -229,7 +230,7 @@ def test_center_crop_and_flip_are_plain_pil():
 def test_two_process_accelerate_launch_on_cpu(tiny_model_dir, pairs, tmp_path):
     run = tmp_path / "run"
     env = dict(
-        os.environ, RAPID_DIFFUSION_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT),
+        os.environ, RAPID_DIFFUSION_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT),
         ACCELERATE_USE_CPU="true",
     )
     command = [
@@ -303,7 +304,7 @@ def test_knowledge_graph_errors_are_reported_as_training_errors(tiny_model_dir, 
         train(quick_config(tiny_model_dir, pairs, tmp_path / "run", max_steps=1, knowledge=tmp_path / "no-graph"), log=lambda *_: None)
 
 
-DEMO_MODEL = PROJECT_ROOT / "assets" / "demo-model"
+DEMO_MODEL = DEMO_MODEL_DIR
 KILL_DURING_SAVE = """
 import os, signal, sys
 from pathlib import Path

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.paths import PROJECT_ROOT
 from rapid_diffusion.models.registry import ModelRegistry
 
-from helpers import write_domain
+from helpers import REPO_ROOT, write_domain
 from helpers import ARTIFACTS, CHROMIUM, browser_page
 from helpers import running_server
 
@@ -107,7 +106,7 @@ def test_four_images_show_whole_with_readable_settings_and_no_server_path(url, t
                 expect(page.locator("#models-table")).to_contain_text("已加载 loaded")
     text = "\n".join(texts)
     assert "本机文件 / files on this machine" in text, "a local model is said to be local, without its folder"
-    for path in (PROJECT_ROOT, Path.home(), tiny_model_dir, tiny_model_dir.parent):
+    for path in (REPO_ROOT, Path.home(), tiny_model_dir, tiny_model_dir.parent):
         assert str(path) + "/" not in text and f"{path}\n" not in text and f"`{path}" not in text, path
 
 

@@ -222,6 +222,10 @@ class ModelRegistry:
 
         if spec.optimization == "none":
             return Acceleration("eager", "none")
+        if spec.optimization in SLOW_LEVELS and settings().zero_gpu:
+            # ZeroGPU attaches a GPU only inside a spaces.GPU call: nothing may compile at load or in a
+            # background thread. Hook for the ahead-of-time path (spaces.aoti_*, issue 30 item 4).
+            return Acceleration("eager", spec.optimization, reason="ZeroGPU: compiled ahead of time only (not yet)")
         if spec.optimization in SLOW_LEVELS and self.background_warmup:
             return Acceleration("compiling", spec.optimization)
         messages: list[str] = []

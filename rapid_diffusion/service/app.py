@@ -13,10 +13,13 @@ body, a line on stderr). No web framework is imported here.
 from __future__ import annotations
 
 import logging
+import math
+import pickle
+import queue
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 
 READY_STATES = ("loaded", "offline-ready", "cached")
 
-__all__ = ["AppService", "GenerationCancelled", "GpuGate", "QueueFullError", "UserFacingError", "zero_gpu"]
+__all__ = ["AppService", "GenerationCancelled", "GpuGate", "GpuUnavailableError", "QueueFullError", "UserFacingError", "in_process"]
 
 
 @dataclass
@@ -54,13 +57,92 @@ class UserFacingError(Exception):
         return {"error": self.message, "field": self.field}
 
 
-def zero_gpu(fn: Callable, duration: int = 120) -> Callable:
-    """``spaces.GPU(fn)`` on Hugging Face ZeroGPU hardware; ``fn`` itself everywhere else."""
+class GpuUnavailableError(RuntimeError):
+    """The host lent no GPU for this call (ZeroGPU: quota spent, none free in time); the message says why."""
+
+
+# ----------------------------------------------------------------------------- the GPU call
+#
+# Everything a generation computes runs in one function, :meth:`AppService.generate_on_gpu`, called
+# inside the GPU gate. On a ZeroGPU Space ``spaces.GPU`` runs it in a forked worker process that holds
+# the GPU (serving/zerogpu.py); so what goes in (a spec and requests) and what comes out (the events
+# below) must pickle, no callable crosses, and the models are loaded before the call, outside it.
+# Elsewhere the same function runs in-process (:func:`in_process`).
+
+
+@dataclass(frozen=True)
+class GpuProgress:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class GpuPreview:
+    step: int
+    images: list
+
+
+@dataclass(frozen=True)
+class GpuResults:
+    results: list
+
+
+@dataclass(frozen=True)
+class GpuFailure:
+    error: BaseException
+
+
+GpuEvent = GpuProgress | GpuPreview | GpuResults | GpuFailure
+GpuTask = Callable[..., Iterator[GpuEvent]]
+# (the GPU function, its duration estimate) -> the function to call: in_process, or spaces.GPU on ZeroGPU
+GpuWrap = Callable[[GpuTask, Callable[..., int]], GpuTask]
+
+
+def in_process(task: GpuTask, duration: Callable[..., int]) -> GpuTask:
+    """Run the GPU part in this process (everywhere but ZeroGPU); ``duration`` is not needed here."""
+    return task
+
+
+GPU_SECONDS_BASE = 20  # a worker's start (weights into GPU memory) and the VAE / SR stages
+GPU_SECONDS_PER_STEP_512 = 0.1  # one image's denoising step at 512x512 with CFG, with room to spare
+GPU_SECONDS_MAX = 120
+
+
+def gpu_seconds(spec: DomainSpec, requests: list[GenerationRequest], previews: bool = False) -> int:
+    """How long a GPU call may take (``spaces.GPU``'s ``duration``): ZeroGPU checks it against the
+    visitor's quota before the call and queues shorter calls first, so it is estimated per call
+    from the steps, images and size rather than fixed high."""
+    work = sum(r.num_inference_steps * r.num_images * (r.height * r.width) / 512**2 for r in requests)
+    return min(GPU_SECONDS_MAX, GPU_SECONDS_BASE + math.ceil(work * GPU_SECONDS_PER_STEP_512))
+
+
+def portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling (it crosses ZeroGPU's process boundary), else its text."""
     try:
-        import spaces
-    except ImportError:
-        return fn
-    return spaces.GPU(duration=duration)(fn)
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def follow(events: Iterator[GpuEvent], progress: Callable[[int, int], None], should_stop: Callable[[], bool],
+           preview: PreviewCallback | None) -> list[GenerationResult]:
+    """Hand the GPU function's events to the caller's callbacks; stop it (close) once ``should_stop``."""
+    try:
+        for event in events:
+            if isinstance(event, GpuResults):
+                return event.results
+            if isinstance(event, GpuFailure):
+                raise event.error
+            if isinstance(event, GpuProgress):
+                progress(event.done, event.total)
+            elif preview is not None:
+                preview(event.step, event.images)
+            if should_stop():
+                raise GenerationCancelled(say("stopped"))
+    finally:
+        events.close()
+    raise GenerationCancelled(say("stopped"))  # closed from outside before a result
 
 
 def release_gpu_memory() -> None:
@@ -94,10 +176,12 @@ class ModelRow:
 class AppService:
     """What the faces can ask of the product; one instance per server (or CLI run)."""
 
-    def __init__(self, registry: ModelRegistry | None = None, gate: GpuGate | None = None):
+    def __init__(self, registry: ModelRegistry | None = None, gate: GpuGate | None = None, gpu: GpuWrap = in_process):
+        """``gpu`` wraps the GPU function: :func:`in_process`, or ``spaces.GPU`` on ZeroGPU (``serving.zerogpu``)."""
         self.registry = registry or default_registry()
         self.gate = gate or GpuGate.from_settings()
         self.finetune = FinetuneService(self.registry, JobManager())
+        self._gpu_generate = gpu(self.generate_on_gpu, gpu_seconds)
 
     # ------------------------------------------------------------------ domains
 
@@ -192,19 +276,57 @@ class AppService:
         except torch.cuda.OutOfMemoryError as exc:
             release_gpu_memory()
             raise UserFacingError(503, say("out_of_memory")) from exc
+        except GpuUnavailableError as exc:
+            raise UserFacingError(503, say("gpu_unavailable", reason=str(exc))) from exc
 
     def _run_on_gpu(self, request, spec, progress, should_stop, preview) -> GenerationResult:
         """Through the GPU gate: concurrent same-shape requests of this domain share one UNet batch
         (a request with live previews runs alone: a shared batch's previews would mix users' images)."""
 
         def execute(requests, batch_progress, batch_should_stop):
-            if len(requests) == 1:
-                return [generate(requests[0], spec, registry=self.registry, progress=batch_progress,
-                                 should_stop=batch_should_stop, preview=preview)]
-            return generate_batch(requests, spec, registry=self.registry, progress=batch_progress, should_stop=batch_should_stop)
+            self.registry.get(spec)  # loaded (on ZeroGPU: moved to CUDA, i.e. registered) outside the GPU call
+            events = self._gpu_generate(spec, requests, preview is not None)
+            return follow(events, batch_progress, batch_should_stop, preview)
 
         key = None if preview is not None else (spec.id, self.registry.key_for(spec), batch_key(request))
         return self.gate.run(key, Member(request, progress, should_stop), execute)
+
+    def generate_on_gpu(self, spec: DomainSpec, requests: list[GenerationRequest], previews: bool = False) -> Iterator[GpuEvent]:
+        """The GPU part of a batch (``spaces.GPU``'s function on ZeroGPU): picklable in, picklable out.
+
+        Yields :class:`GpuProgress` per denoising step, :class:`GpuPreview` when ``previews``, then
+        :class:`GpuResults` (or :class:`GpuFailure`: errors travel as data, since ZeroGPU turns a raised
+        one into a generic message). Closing the generator stops the denoising loop at its next step
+        (on ZeroGPU ``spaces`` forwards the close to the worker).
+        """
+        events: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        preview = (lambda step, images: events.put(GpuPreview(step, images))) if previews else None
+
+        def work() -> None:
+            progress = lambda done, total: events.put(GpuProgress(done, total))  # noqa: E731
+            try:
+                if len(requests) == 1:
+                    results = [generate(requests[0], spec, registry=self.registry, progress=progress, should_stop=stop.is_set, preview=preview)]
+                else:
+                    results = generate_batch(requests, spec, registry=self.registry, progress=progress, should_stop=stop.is_set)
+                events.put(GpuResults(results))
+            except BaseException as exc:  # handed to the caller as data
+                if not isinstance(exc, (GenerationCancelled, ModelUnavailableError, torch.cuda.OutOfMemoryError)):
+                    log.exception("generation failed for domain %s", spec.id)
+                events.put(GpuFailure(portable(exc)))
+
+        worker = threading.Thread(target=work, name=f"generate-{spec.id}", daemon=True)
+        worker.start()
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if isinstance(event, (GpuResults, GpuFailure)):
+                    return
+        finally:
+            stop.set()
+            worker.join()
 
     def inspect_prompt(self, domain_id: str | None, prompt: str) -> PromptReport | None:
         """How ``prompt`` fits the domain's text encoder; ``None`` while its tokenizer is not on disk."""
@@ -245,6 +367,19 @@ class AppService:
         except ModelUnavailableError as exc:
             raise UserFacingError(503, str(exc), "domain") from exc
         return say("loaded", domain=spec.id, seconds=model.load_seconds)
+
+    def preload(self, domain_ids: list[str]) -> list[str]:
+        """Load these domains' models now, at start-up (ZeroGPU's pattern: models on CUDA before any
+        GPU call); returns the ids loaded. A domain that cannot load is logged and skipped."""
+        loaded = []
+        for domain_id in domain_ids:
+            try:
+                self.registry.get(self.spec(domain_id))
+            except (UserFacingError, ModelUnavailableError) as exc:
+                log.error("domain %s was not preloaded: %s", domain_id, exc)
+                continue
+            loaded.append(domain_id)
+        return loaded
 
     def unload(self, domain_id: str | None, password: str | None = None) -> str:
         self.authorize(password)

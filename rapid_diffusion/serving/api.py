@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from ..messages import say
 from ..generation.pipeline import GenerationCancelled, GenerationResult
 from ..generation.request import GenerationRequest
-from ..service.app import AppService, UserFacingError, zero_gpu
+from ..service.app import AppService, UserFacingError
 from ..service.inputs import request_from_inputs
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,6 @@ async def run_while_connected(request: Request, work: Callable[[Callable[[], boo
 
 def build_api_router(service: AppService) -> APIRouter:
     router = APIRouter()
-    gpu_generate = zero_gpu(
-        lambda gen_request, domain, should_stop: service.generate(gen_request, domain, should_stop=should_stop, field_names=API_FIELD_NAMES)
-    )
 
     @router.post("/api/predict/{domain}")
     async def predict(domain: str, request: Request) -> JSONResponse:
@@ -169,7 +166,8 @@ def build_api_router(service: AppService) -> APIRouter:
             raw = await read_limited_body(request)
             service.spec(domain)
             gen_request = parse_predict_body(raw)
-            result = await run_while_connected(request, lambda should_stop: gpu_generate(gen_request, domain, should_stop))
+            result = await run_while_connected(
+                request, lambda should_stop: service.generate(gen_request, domain, should_stop=should_stop, field_names=API_FIELD_NAMES))
         except UserFacingError as exc:
             return error_response(exc, request)
         except GenerationCancelled as exc:

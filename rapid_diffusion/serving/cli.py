@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_kg_attach)
     p = sub.add_parser("serve", help="web UI + JSON API (/api/predict/{domain}, /healthz) on one server")
     p.add_argument("--host", default=None, help="default 127.0.0.1 (0.0.0.0 on Hugging Face Spaces)")
-    p.add_argument("--port", type=int, default=None, help="default $PORT, $GRADIO_SERVER_PORT or 7860")
+    p.add_argument("--port", type=int, default=None, help="default $GRADIO_SERVER_PORT, else $PORT, else 7860")
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("hash-password", help="print the hash of the owner's password for RAPID_DIFFUSION_FINETUNE_PASSWORD_HASH "

@@ -1,7 +1,8 @@
 """One server for every face: the JSON API routes, with the Gradio UI mounted at ``/``.
 
 ``rapid-diffusion serve`` and ``app.py`` (Hugging Face Spaces) both call :func:`serve`.
-Nothing is loaded at start-up: the first request of a domain loads its model.
+Nothing is loaded at start-up (unless ``RAPID_DIFFUSION_PRELOAD`` says so, and on ZeroGPU, see
+:mod:`.zerogpu`): the first request of a domain loads its model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..models.registry import ModelRegistry
 from ..service.app import AppService, GpuGate
 from ..settings import settings
 from .guards import BodyGuard, FileGuard
+from .zerogpu import gpu_wrap, start
 
 DEFAULT_PORT = 7860
 
@@ -32,7 +34,7 @@ def create_app(registry: ModelRegistry | None = None, gate: GpuGate | None = Non
     from .ui import CSS, I18N, build_ui
 
     import_model_classes()
-    service = AppService(registry, gate)
+    service = AppService(registry, gate, gpu=gpu_wrap())
     app = create_api_app(service)
     blocks = build_ui(service)
     blocks.queue(max_size=service.gate.max_waiting, default_concurrency_limit=service.gate.slots)
@@ -57,6 +59,7 @@ def create_app(registry: ModelRegistry | None = None, gate: GpuGate | None = Non
                     "(rapid-diffusion hash-password -> RAPID_DIFFUSION_FINETUNE_PASSWORD_HASH)")
     app.add_middleware(FileGuard)  # inner: sees each event's body, whole
     app.add_middleware(BodyGuard, upload_limit=current.max_upload_total, read_timeout=current.body_timeout)  # outer
+    start(service)  # RAPID_DIFFUSION_PRELOAD; on ZeroGPU the models are loaded and moved to CUDA here
     return app
 
 

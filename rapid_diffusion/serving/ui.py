@@ -9,6 +9,7 @@ Images are served as the PNG files ``GenerationResult.png_bytes`` writes, settin
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import queue
@@ -29,7 +30,7 @@ from ..generation.request import GenerationRequest
 from ..generation.preview import PreviewCallback
 from ..service.inputs import request_from_inputs
 from ..generation.samplers import SAMPLER_LABELS
-from ..service.app import AppService, UserFacingError, zero_gpu
+from ..service.app import AppService, UserFacingError
 from ..settings import settings
 
 log = logging.getLogger(__name__)
@@ -268,8 +269,6 @@ def make_stop(ctx: UiContext):
 
 
 def make_ui_generate(ctx: UiContext):
-    gpu_generate = zero_gpu(generate_on_gpu)
-
     def generate_from_ui(
         domain_id: str,
         prompt: str,
@@ -299,7 +298,7 @@ def make_ui_generate(ctx: UiContext):
         flag = ctx.stop_flags.start(session)
 
         def run(preview):
-            return gpu_generate(ctx.service, gen_request, spec.id, level, progress_reporter(progress), flag.is_set, preview)
+            return generate_on_gpu(ctx.service, gen_request, spec.id, level, progress_reporter(progress), flag.is_set, preview)
 
         try:
             if live_preview:
@@ -335,7 +334,9 @@ def stream_previews(run: Callable[[PreviewCallback], GenerationResult]):
         finally:
             updates.put(None)
 
-    threading.Thread(target=work, name="generate-with-previews", daemon=True).start()
+    # In this event's context: on ZeroGPU, spaces.GPU reads the visitor's request (their quota) from it.
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(work,), name="generate-with-previews", daemon=True).start()
     while (update := updates.get()) is not None:
         step, images = update
         # the previous run's timings and settings go while this run's previews show
@@ -349,7 +350,7 @@ def generate_on_gpu(
     service: AppService, request: GenerationRequest, domain_id: str, optimization: str | None, progress, should_stop, preview=None,
     field_names=LABELS,
 ) -> GenerationResult:
-    """The GPU part of a UI request (wrapped with ``spaces.GPU`` on ZeroGPU); errors -> ``gr.Error``."""
+    """A UI request through the service (whose GPU part is ``spaces.GPU``'s on ZeroGPU); errors -> ``gr.Error``."""
     try:
         return service.generate(request, domain_id, optimization=optimization, progress=progress, should_stop=should_stop,
                                 preview=preview, field_names=field_names)
@@ -636,8 +637,6 @@ class RawNumber(gr.Number):
 
 
 def make_api_generate(ctx: UiContext):
-    gpu_generate = zero_gpu(generate_on_gpu)
-
     def generate(
         prompt: str,
         negative_prompt: str | None = None,
@@ -655,7 +654,7 @@ def make_api_generate(ctx: UiContext):
             prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             seed=seed, num_images=num_images, sampler=sampler, super_resolution=super_resolution,
         )
-        result = gpu_generate(ctx.service, request, spec.id, None, None, None, None, NAMED_API_FIELDS)
+        result = generate_on_gpu(ctx.service, request, spec.id, None, None, None, None, NAMED_API_FIELDS)
         paths = save_pngs(result)
         info = {"seeds": result.seeds, "timings": result.timings, "notes": result.notes, "settings": result.settings}
         return [(str(p), f"seed {s}") for p, s in zip(paths, result.seeds)], json.loads(json.dumps(info, default=str))

@@ -31,11 +31,10 @@ from PIL import Image
 from torch import nn
 
 from ..domains import DomainSpec, SuperResolutionWeights
-from ..paths import ASSETS_DIR
+from ..paths import DEMO_SR_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
-DEMO_SR_WEIGHTS = ASSETS_DIR / "demo-sr.safetensors"
 MAX_INPUT_PIXELS = 2048 * 2048
 LRELU_SLOPE = 0.2
 

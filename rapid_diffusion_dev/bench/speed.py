@@ -135,7 +135,7 @@ def load_demo_model(log: Callable[[str], None], device, dtype) -> BenchModel:
 
     spec = load_domains().get(DEMO_DOMAIN)
     if spec is None or not spec.model.is_local or not (spec.model.path / "model_index.json").is_file():
-        note = "demo model not found (assets/demo-model); benchmarked tiny-random instead"
+        note = "demo model not found (rapid_diffusion/data/assets/demo-model); benchmarked tiny-random instead"
         log(note)
         model = load_bench_model("tiny-random", log)
         return BenchModel(model.pipe, "tiny-random", note)

@@ -1,6 +1,6 @@
 """The demo world's knowledge proof: everyday entities whose colour and shape are world attributes.
 
-``assets/demo-kg`` holds the graph (``番茄 颜色 红色``, ``番茄 形状 圆形``, ...) and a split:
+``rapid_diffusion/data/assets/demo-kg`` holds the graph (``番茄 颜色 红色``, ``番茄 形状 圆形``, ...) and a split:
 ``train`` entities replace their colour and shape words in fine-tuning captions
 (``左边有一个大的红色圆形`` -> ``左边有一个大的番茄``); ``graph_only`` entities never appear in
 a caption and are what ``measure_entity_attributes`` evaluates: the judge reads the colour and
@@ -22,9 +22,9 @@ from PIL import Image
 from rapid_diffusion.demo import judge, world
 from rapid_diffusion.knowledge.graph import KnowledgeGraph
 from rapid_diffusion.knowledge.transe import EntityEmbeddings
-from rapid_diffusion.paths import ASSETS_DIR
+from rapid_diffusion.paths import DEMO_KNOWLEDGE_GRAPH
 
-DEMO_GRAPH = ASSETS_DIR / "demo-kg"
+DEMO_GRAPH = DEMO_KNOWLEDGE_GRAPH
 SPLIT_FILE = "split.tsv"
 EVAL_TEMPLATE = "中间有一个大的{entity}"
 

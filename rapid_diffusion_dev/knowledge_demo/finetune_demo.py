@@ -28,7 +28,7 @@ from rapid_diffusion.demo import world
 from rapid_diffusion.knowledge.graph import KnowledgeGraph
 from rapid_diffusion.knowledge.injection import KNOWLEDGE_DIR, Knowledge, KnowledgeTextEncoder
 from rapid_diffusion.knowledge.transe import EntityEmbeddings, TransEConfig, train_transe
-from rapid_diffusion.paths import ASSETS_DIR, PROJECT_ROOT
+from rapid_diffusion.paths import DEMO_MODEL_DIR, SHIPPED_DOMAINS_DIR
 from rapid_diffusion.domains import write_domain_yaml
 from rapid_diffusion.models.registry import load_pipeline
 from rapid_diffusion.training.core import denoising_loss, make_ema
@@ -40,7 +40,7 @@ from .demo import DEMO_GRAPH, EntityCaptioner, load_split
 @dataclass
 class DemoFinetuneConfig:
     out: Path
-    base: Path = ASSETS_DIR / "demo-model"
+    base: Path = DEMO_MODEL_DIR
     graph: Path = DEMO_GRAPH
     domain_id: str = "demo-kg"
     with_knowledge: bool = True
@@ -128,11 +128,11 @@ def save(config: DemoFinetuneConfig, pipe, knowledge: Knowledge) -> Path:
 
 
 def write_domain(config: DemoFinetuneConfig, model_dir: Path, graph_dir: Path) -> Path:
-    base = yaml.safe_load((PROJECT_ROOT / "domains" / "demo.yaml").read_text(encoding="utf-8"))
+    base = yaml.safe_load((SHIPPED_DOMAINS_DIR / "demo.yaml").read_text(encoding="utf-8"))
     kind = "knowledge" if config.with_knowledge else "control, no injection"
     sr_path = (base.get("sr_weights") or {}).get("path")
     if sr_path:
-        base["sr_weights"] = {"path": str((PROJECT_ROOT / "domains" / sr_path).resolve())}
+        base["sr_weights"] = {"path": str((SHIPPED_DOMAINS_DIR / sr_path).resolve())}
     base.update(
         title={"zh": f"演示 + 知识图谱（{config.domain_id}）", "en": f"Demo + knowledge graph ({kind})"},
         description=f"The demo model fine-tuned {config.steps} steps on entity captions ({kind}).",

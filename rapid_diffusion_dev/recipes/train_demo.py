@@ -21,7 +21,7 @@ such a model never learns 左/右 either. The v loss weighs it by SNR + 1 >= 1.
 The result is saved with ``StableDiffusionPipeline.save_pretrained(..., safe_serialization=True)``
 in fp32 with the PAI tokenizer (``factory.chinese_vocab()``).
 
-    rapid-diffusion dev train-demo --out assets/demo-model --seed 0
+    rapid-diffusion dev train-demo --out rapid_diffusion/data/assets/demo-model --seed 0
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from rapid_diffusion.demo import judge, world
 from rapid_diffusion.demo.evaluate import split_prompts, vae_colour_error
 from rapid_diffusion.models.factory import assemble_pipeline, build_tokenizer, chinese_vocab, pndm_scheduler
-from rapid_diffusion.paths import ASSETS_DIR
+from rapid_diffusion.paths import DEMO_MODEL_DIR
 from rapid_diffusion.generation.pipeline import tokenize
 from rapid_diffusion.training.core import averaged_copy, cosine_schedule, denoising_loss, make_ema
 
@@ -64,7 +64,7 @@ class TrainConfig:
     can be the faster choice.
     """
 
-    out: Path = ASSETS_DIR / "demo-model"
+    out: Path = DEMO_MODEL_DIR
     seed: int = 0
     num_scenes: int = 100000
     vae_steps: int = 7000

@@ -6,7 +6,7 @@ images for the demo diffusion model. The loss is MSE: PSNR is the target, and an
 model draws sharp edges that are sometimes a pixel off, which costs more than Lanczos' blur.
 Everything is seeded.
 
-    rapid-diffusion dev train-sr --out assets/demo-sr.safetensors --steps 2000 --seed 0
+    rapid-diffusion dev train-sr --out rapid_diffusion/data/assets/demo-sr.safetensors --steps 2000 --seed 0
 """
 
 from __future__ import annotations
