@@ -49,10 +49,10 @@ def test_loading_and_unloading_need_the_password_where_one_is_set(registry, monk
         monkeypatch.setenv(name, value)
     app = AppService(registry, GpuGate())
     if allowed:
-        assert "tiny" in app.load("tiny", password) and registry.loaded()
-        assert "tiny" in app.unload("tiny", password) and not registry.loaded()
+        assert "测试" in app.models.load("tiny", password) and registry.loaded()
+        assert "测试" in app.models.unload("tiny", password) and not registry.loaded()
         return
-    for action in (app.load, app.unload):
+    for action in (app.models.load, app.models.unload):
         with pytest.raises(UserFacingError) as refused:
             action("tiny", password)
         assert refused.value.status == 403 and " / " in refused.value.message

@@ -506,7 +506,7 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
-def _normal_name(name: str) -> str:
+def normal_name(name: str) -> str:
     """``./a.png`` and ``a.png`` name the same entry."""
     return PurePosixPath(name.replace("\\", "/")).as_posix()
 
@@ -539,12 +539,12 @@ def _safe_zip_members(checker: _Checker, archive: zipfile.ZipFile, zip_name: str
     duplicates: set[str] = set()
     total = 0
     for info in archive.infolist():
-        name = _normal_name(info.filename)
+        name = normal_name(info.filename)
         if info.is_dir():
             if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
                 checker.reject(info.filename, "is_directory", f"in {zip_name}")
             continue
-        problem = _zip_entry_problem(checker.limits, info, total)
+        problem = zip_entry_problem(checker.limits, info, total)
         if problem is None and (name in members or name in duplicates):
             problem = ("duplicate_name", f"in {zip_name}")
             duplicates.add(name)
@@ -557,7 +557,7 @@ def _safe_zip_members(checker: _Checker, archive: zipfile.ZipFile, zip_name: str
     return members
 
 
-def _zip_entry_problem(limits: DataLimits, info: zipfile.ZipInfo, total: int) -> tuple[str, str] | None:
+def zip_entry_problem(limits: DataLimits, info: zipfile.ZipInfo, total: int) -> tuple[str, str] | None:
     """Why an entry cannot be read safely, from its header alone."""
     name = info.filename
     problem = _name_problem(name)
@@ -607,7 +607,7 @@ def _check_zip_member(checker: _Checker, archive: zipfile.ZipFile, members: dict
     problem = _name_problem(name)
     if problem:
         return checker.reject(name, problem)
-    info = members.get(_normal_name(name))
+    info = members.get(normal_name(name))
     if info is None:
         if not any(issue.item == name for issue in checker.report.issues):
             checker.reject(name, "missing_file")
