@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import struct
 import textwrap
@@ -11,6 +12,8 @@ import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 import numpy as np
 from PIL import Image
@@ -167,3 +170,25 @@ def finished_finetune(model_dir: Path, base_spec, name: str = "我的模型", st
     (folder / "status.json").write_text(json.dumps({"state": state, "step": steps}), encoding="utf-8")
     (folder / "loss.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in range(1, steps + 1)), encoding="utf-8")
     return register_domain(config, folder, base_spec.height, base_spec, stopped=state == "stopped")
+
+
+def queue_call(url: str, fn_index: int, data: list, session: str) -> None:
+    response = httpx.post(
+        f"{url}/gradio_api/queue/join",
+        json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None},
+    )
+    assert response.status_code in (200, 404, 422), response.text
+
+
+def drain(url: str, session: str, expected: int, timeout: float = 60) -> list[dict]:
+    """Read the session's event stream until ``expected`` events completed."""
+    done = []
+    with httpx.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    done.append(message)
+                if message.get("msg") == "close_stream" or len(done) >= expected:
+                    break
+    return done

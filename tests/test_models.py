@@ -24,7 +24,7 @@ from rapid_diffusion.models.checkpoints import ImportFailed
 from rapid_diffusion.paths import models_dir
 from rapid_diffusion.service.app import AppService, GpuGate
 from rapid_diffusion.service.models import import_any
-from rapid_diffusion.serving.models_ui import act, domain_errors_markdown, table_row
+from rapid_diffusion.serving.models_ui import act, domain_errors_markdown, models_table, table_row
 
 from helpers import finished_finetune, patch_zip_entry, write_domain
 
@@ -57,26 +57,28 @@ def test_each_model_is_listed_by_its_name_with_base_steps_date_size_and_how_trai
     assert {finetuned, stopped} <= {model_id for _, model_id in service.models.choices()}, "the picker offers fine-tuned models"
     name, origin, base, steps, date, size, *_ = table_row(mine)
     assert name == f"**我的粉色（基于 测试）**<br><small>`{finetuned}`</small>"
-    assert (origin, base, steps) == ("微调 / fine-tuned · 完成 / done", "测试", 4)
+    assert (origin, base, steps) == ("微调 / fine-tuned · 完成 / done", "测试", "4")
     assert date == time.strftime("%Y-%m-%d %H:%M", time.localtime(mine.created)) and size.endswith(" MB")
     assert table_row(rows[stopped])[1] == "微调 / fine-tuned · 提前停止 / stopped early"
+    order = [row[0].split("`")[1] for row in models_table(service)]
+    assert order[:3] == [stopped, finetuned, "demo"], "the owner's models first, newest first"
 
 
 def test_a_loaded_model_shows_its_memory_and_what_it_runs_on_in_words(service):
     table, _, message, picker, _ = act(service, service.models.load, "tiny", None)
-    assert message.startswith("✅ 已加载 测试")
+    assert message.startswith("已加载 测试")
     row = next(r for r in table if "`tiny`" in r[0])
     assert row[6] == "已加载 loaded" and row[7].endswith(" s") and float(row[7].split()[0]) > 0
     assert row[8] == "未加速 / not accelerated", "no 'eager', no 'none → none'"
     table, _, message, *_ = act(service, service.models.unload, "tiny", None)
-    assert message == "✅ 已卸载 测试 / Unloaded 测试" and next(r for r in table if "`tiny`" in r[0])[6] == "本地可用 offline-ready"
+    assert message == "已卸载 测试 / Unloaded 测试" and next(r for r in table if "`tiny`" in r[0])[6] == "本地可用 offline-ready"
 
 
 def test_a_failed_load_keeps_the_table_and_says_why_without_a_path(service, test_domains, tmp_path):
     write_domain(test_domains, "broken", tmp_path / "gone")
     table, _, message, *_ = act(service, service.models.load, "broken", None)
     assert len(table) == len(service.domains) and "`broken`" in table[0][0], "the table stays on screen"
-    assert message.startswith("⛔") and "领域「测试」的模型文件缺失" in message and str(tmp_path) not in message
+    assert message.startswith("**") and "领域「测试」的模型文件缺失" in message and str(tmp_path) not in message
 
 
 def test_rename_gives_a_new_name_keeps_the_id_and_protects_the_others(service, finetuned):

@@ -41,14 +41,15 @@ OUTCOME_LABELS = {
     "failed": "失败 / failed",
     "training": "训练中 / training",
 }
+COLUMN_WIDTHS = ["16%", "15%", "10%", "7%", "12%", "8%", "12%", "10%", "10%"]
 PRIVATE = dict(api_visibility="private")
 
 
 def build_models_tab(service: AppService, demo: gr.Blocks, tab: gr.Tab) -> dict[str, gr.components.Component]:
     """Lay out the tab; returns ``changed`` (a hidden box that changes whenever a model is added,
     renamed or deleted, so the other tabs refresh their pickers) and ``picker`` where actions exist."""
-    table = gr.Dataframe(headers=COLUMNS, value=models_table(service), datatype=["markdown"] + ["str"] * (len(COLUMNS) - 1),
-                         interactive=False, wrap=True, label="模型 / Models", elem_id="models-table")
+    table = gr.Dataframe(headers=COLUMNS, value=models_table(service), datatype="markdown", interactive=False, wrap=True,
+                         column_widths=COLUMN_WIDTHS, label="模型 / Models", elem_id="models-table")
     memory = gr.Markdown(device_memory_markdown())
     gr.Markdown(domain_errors_markdown(service), elem_id="domain-errors")
     access = admin_access()
@@ -67,14 +68,14 @@ def build_models_tab(service: AppService, demo: gr.Blocks, tab: gr.Tab) -> dict[
         unload_btn = gr.Button("卸载 / Unload")
         export_btn = gr.Button("导出 zip / Export zip")
         delete_btn = gr.Button("删除 / Delete", variant="stop", elem_id="models-delete")
-    with gr.Row(equal_height=True):
-        new_name = gr.Textbox(label="新名字 / New name", max_lines=1, max_length=40, scale=3)
-        rename_btn = gr.Button("改名 / Rename", scale=1)
     with gr.Row(visible=False, elem_id="models-confirm") as confirm_row:
         confirm_text = gr.Markdown()
         confirm_btn = gr.Button("确认删除 / Yes, delete", variant="stop")
         cancel_btn = gr.Button("取消 / Cancel")
     status = gr.Markdown(elem_id="models-status")
+    with gr.Row():
+        new_name = gr.Textbox(label="新名字 / New name", max_lines=1, max_length=40, scale=3)
+        rename_btn = gr.Button("改名 / Rename", scale=1, elem_id="models-rename")
     download = gr.File(label="导出的模型 / Exported model", visible=False, interactive=False, elem_id="models-export")
     with gr.Accordion("导入模型 / Import a model", open=False):
         upload = gr.File(label="本页导出的 zip / a zip exported here", file_types=[".zip"], type="filepath", elem_id="models-upload")
@@ -99,6 +100,7 @@ def build_models_tab(service: AppService, demo: gr.Blocks, tab: gr.Tab) -> dict[
     import_btn.click(lambda up, path, name, pw: act(service, models.import_model, up, path, name, pw, changes=True),
                      [upload, folder, import_name, password], views, concurrency_id=GPU_GROUP, concurrency_limit=service.gate.slots, **PRIVATE)
     refresh.click(lambda m: view(service, "", m), picker, views, **PRIVATE)
+    picker.change(lambda: (gr.update(visible=False), gr.update(value=None, visible=False)), None, [confirm_row, download], **PRIVATE)
     for shown in (demo.load, tab.select):  # a model loaded by a generation, or a fine-tune just done, shows when the tab opens
         shown(lambda m: view(service, gr.skip(), m), picker, views, **PRIVATE)
     return {"changed": changed, "picker": picker}
@@ -113,11 +115,11 @@ def act(service: AppService, action: Callable[..., str], *args, changes: bool = 
     ``changes``: the action adds, renames or removes a model, so ``changed`` tells the other tabs."""
     picked = args[0] if args and isinstance(args[0], str) else None
     try:
-        message = f"✅ {action(*args)}"
+        message = action(*args)
     except UserFacingError as exc:
         log.info("model action refused: %s", exc.message)
         gr.Warning(exc.message, title=say("error_title"))
-        return view(service, f"⛔ {exc.message}", picked)
+        return view(service, f"**{exc.message}**", picked)
     return view(service, message, picked, changed=uuid.uuid4().hex if changes else gr.skip())
 
 
@@ -133,9 +135,9 @@ def export(service: AppService, model_id: str | None, password: str | None):
         path = service.models.export(model_id, password)
     except UserFacingError as exc:
         gr.Warning(exc.message, title=say("error_title"))
-        return f"⛔ {exc.message}", gr.update(value=None, visible=False)
+        return f"**{exc.message}**", gr.update(value=None, visible=False)
     name = service.models.spec(model_id).title_zh
-    return f"✅ {say('model_exported', name=name)}", gr.update(value=str(path), visible=True)
+    return say("model_exported", name=name), gr.update(value=str(path), visible=True)
 
 
 def ask_to_delete(service: AppService, model_id: str | None):
@@ -143,12 +145,14 @@ def ask_to_delete(service: AppService, model_id: str | None):
     try:
         spec = service.models.owned_spec(model_id)
     except UserFacingError as exc:
-        return gr.update(visible=False), "", f"⛔ {exc.message}"
+        return gr.update(visible=False), "", f"**{exc.message}**"
     return gr.update(visible=True), f"**{say('confirm_delete', name=spec.title_zh)}**", ""
 
 
 def models_table(service: AppService) -> list[list[Any]]:
-    return [table_row(info) for info in service.models.rows()]
+    """The owner's models first, newest first; then the shipped and configured ones by id."""
+    rows = sorted(service.models.rows(), key=lambda info: (not info.owned, -(info.created or 0), info.id))
+    return [table_row(info) for info in rows]
 
 
 def table_row(info: ModelInfo) -> list[Any]:
@@ -159,7 +163,7 @@ def table_row(info: ModelInfo) -> list[Any]:
         f"**{escape_markdown(info.name)}**<br><small>`{info.id}`</small>",
         origin,
         info.base or "—",
-        "—" if info.steps is None else info.steps,
+        "—" if info.steps is None else str(info.steps),
         "—" if info.created is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created)),
         "—" if info.size_bytes is None else human_size(info.size_bytes),
         STATE_LABELS.get(info.state, info.state),
