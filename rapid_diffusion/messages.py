@@ -106,7 +106,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "训练进程已退出（详见服务器上该任务的 log.txt）：{tail}", "the training process exited (see the job's log.txt on the server): {tail}"
     ),
     "bad_whole_number": ("「{field}」须为整数（收到 {value}）", "'{field}' must be a whole number, got {value}"),
-    "duration_measured": ("预计用时约 {time}（本机实测）", "about {time} on this machine (measured)"),
+    "duration_measured": ("预计用时约 {time_zh}（本机实测）", "about {time_en} on this machine (measured)"),
+    "time_left": ("剩余约 {time_zh}", "about {time_en} left"),
     "import_no_such_path": ("找不到 {path}", "{path} does not exist"),
     "import_bad_name": (
         "名称只能用小写字母、数字、- 或 _（最多 64 个，字母或数字开头）：「{name}」",

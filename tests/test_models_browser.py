@@ -167,3 +167,25 @@ def test_a_stranger_on_a_public_host_can_act_on_no_model(home, tiny_model_dir, m
     assert registry.loaded() == []
     assert {p: p.read_bytes() for p in user_domains_dir().glob("*.yaml")} == before, "nothing renamed, deleted or added"
     assert not models_dir().exists() or list(models_dir().iterdir()) == [], "nothing imported"
+
+
+def test_deleting_in_the_fine_tune_tab_asks_first_and_then_says_so(url, home):
+    from playwright.sync_api import expect
+
+    with browser_page(url) as page:
+        page.get_by_role("tab", name="微调 / Fine-tune").click()
+        page.get_by_label("微调密码 / fine-tune password").fill("s3cret-pass")
+        page.get_by_label("我的微调模型 / my fine-tuned models").click()
+        page.get_by_role("option", name="猫咪模型").click()
+        page.get_by_role("button", name="删除模型 / Delete model").click()
+        confirm = page.locator("#finetune-confirm")
+        expect(confirm).to_contain_text("确定删除「猫咪模型」吗？")
+        page.get_by_role("button", name="取消 / Cancel").last.click()
+        expect(confirm).to_be_hidden()
+        assert home in load_domains(), "cancelled: nothing deleted"
+        page.get_by_role("button", name="删除模型 / Delete model").click()
+        page.locator("#finetune-confirm").get_by_role("button", name="确认删除 / Yes, delete").click()
+        expect(page.locator("#finetune-deleted")).to_contain_text("已删除模型「猫咪模型」", timeout=30_000)
+        expect(confirm).to_be_hidden()
+        shot(page, "6-finetune-deleted")
+    assert home not in load_domains()

@@ -112,6 +112,10 @@ def build_ui(service: AppService | None = None) -> gr.Blocks:
         if "picker" in models and "new_domain" in finetune:
             finetune["new_domain"].change(lambda m: gr.update(choices=ctx.service.models.choices(), value=m),
                                           models["picker"], models["picker"], api_visibility="private")
+        if "mine" in finetune:  # the fine-tuned models as they are now: at page load, and after the Models tab changed one
+            for trigger in filter(None, [demo.load, models.get("changed") and models["changed"].change]):
+                trigger(lambda: gr.update(choices=ctx.service.finetune.finetuned_choices(), value=None), None, finetune["mine"],
+                        api_visibility="private")
     return demo
 
 
