@@ -110,11 +110,10 @@ def test_the_owner_renames_reloads_exports_imports_and_deletes_a_fine_tuned_mode
         pipe = load_pipeline(tmp_path / "unpacked", torch.device("cpu"), torch.float32)
         assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.tokenizer.__class__.__name__.startswith("Bert")
 
-        page.get_by_text("导入模型 / Import a model").click()
         page.locator("#models-upload input[type=file]").set_input_files(str(exported))
         expect(page.locator("#models-upload")).to_contain_text("exported.zip", timeout=30_000)
         page.get_by_label("新模型的名字（可用中文）/ name of the new model").fill("导入的猫")
-        page.get_by_role("button", name="导入 / Import", exact=True).click()
+        page.locator("#models-import").click()
         expect(status(page)).to_contain_text("已导入新模型「导入的猫」", timeout=120_000)
         expect(table).to_contain_text("导入 / imported")
         shot(page, "3-imported")
@@ -151,10 +150,10 @@ def test_a_stranger_on_a_public_host_can_act_on_no_model(home, tiny_model_dir, m
     with running_server(registry) as url:
         config = httpx.get(f"{url}/config").json()
         events = [d for d in config["dependencies"] if d.get("backend_fn") and d.get("api_name") not in ("generate", "generate_ui")]
-        for dependency in events:
+        for dependency in events:  # one at a time: the queue holds only a few
             for value in (home, str(tiny_model_dir)):
                 queue_call(url, dependency["id"], [value] * len(dependency["inputs"]), "stranger")
-        drain(url, "stranger", expected=2 * len(events))
+                drain(url, "stranger", expected=1)
         [path_field] = [c["id"] for c in config["components"] if str(c.get("props", {}).get("label")).startswith("或：服务器上的模型文件夹")]
         import_event = next(d for d in events if path_field in d["inputs"])
         data = [None] * len(import_event["inputs"])

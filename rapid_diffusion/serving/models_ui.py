@@ -77,12 +77,13 @@ def build_models_tab(service: AppService, demo: gr.Blocks, tab: gr.Tab) -> dict[
         new_name = gr.Textbox(label="新名字 / New name", max_lines=1, max_length=40, scale=3)
         rename_btn = gr.Button("改名 / Rename", scale=1, elem_id="models-rename")
     download = gr.File(label="导出的模型 / Exported model", visible=False, interactive=False, elem_id="models-export")
-    with gr.Accordion("导入模型 / Import a model", open=False):
+    gr.Markdown("#### 导入模型 / Import a model")
+    with gr.Group():
         upload = gr.File(label="本页导出的 zip / a zip exported here", file_types=[".zip"], type="filepath", elem_id="models-upload")
         folder = gr.Textbox(label="或：服务器上的模型文件夹（diffusers、EasyNLP）/ or: a model folder on the server (diffusers, EasyNLP)",
                             max_lines=1, elem_id="models-folder")
         import_name = gr.Textbox(label="新模型的名字（可用中文）/ name of the new model", max_lines=1, max_length=40)
-        import_btn = gr.Button("导入 / Import", variant="primary")
+        import_btn = gr.Button("导入 / Import", variant="primary", elem_id="models-import")
     refresh = gr.Button("刷新 / Refresh", size="sm")
     changed = gr.Textbox(visible="hidden")  # rendered (so its change event fires), never shown
 
@@ -110,7 +111,8 @@ def build_models_tab(service: AppService, demo: gr.Blocks, tab: gr.Tab) -> dict[
 
 
 def act(service: AppService, action: Callable[..., str], *args, changes: bool = False):
-    """One service action; its sentence (or refusal: a toast too) in the status line, the table and picker fresh.
+    """One service action; its sentence in the status line and a toast (seen wherever the page is scrolled to), the
+    table and picker fresh; a refusal the same way, as a warning.
 
     ``changes``: the action adds, renames or removes a model, so ``changed`` tells the other tabs."""
     picked = args[0] if args and isinstance(args[0], str) else None
@@ -120,6 +122,7 @@ def act(service: AppService, action: Callable[..., str], *args, changes: bool = 
         log.info("model action refused: %s", exc.message)
         gr.Warning(exc.message, title=say("error_title"))
         return view(service, f"**{exc.message}**", picked)
+    gr.Info(message)
     return view(service, message, picked, changed=uuid.uuid4().hex if changes else gr.skip())
 
 
