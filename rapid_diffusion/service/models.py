@@ -26,7 +26,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
@@ -35,7 +35,6 @@ from ..errors import ModelUnavailableError, UserFacingError
 from ..messages import say
 from ..models.checkpoints import ImportFailed
 from ..models.hub import find_cached_snapshot
-from ..models.importing import ImportResult, import_checkpoint
 from ..models.registry import Acceleration, LoadedModel, ModelRegistry
 from ..paths import SHIPPED_DOMAINS_DIR, models_dir
 from ..settings import settings
@@ -45,6 +44,9 @@ from ..training.options import TrainConfig, TrainingError, name_problem
 from ..training.run_files import CONFIG_FILE, read_losses, read_status
 from .batching import GpuGate, QueueFullError
 from .finetune import FinetuneService
+
+if TYPE_CHECKING:
+    from ..models.importing import ImportResult
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +298,10 @@ def remove_old_exports(root: Path) -> None:
 
 def import_any(path: Path, domain_id: str, *, config: Path | str | None = None, log: Callable[[str], None] | None = None) -> ImportResult:
     """The one import path (the Models tab and ``rapid-diffusion import``): a zip is read, checked, into a
-    temporary folder; every other path goes to ``import_checkpoint`` as it is."""
+    temporary folder; every other path goes to ``import_checkpoint`` as it is. (The converters load when an
+    import starts: they bring the diffusers model classes, seconds of a server's start.)"""
+    from ..models.importing import import_checkpoint
+
     path = Path(path).expanduser()
     if path.suffix.lower() != ".zip" or not path.is_file():
         return import_checkpoint(path, domain_id, config=config, log=log)
