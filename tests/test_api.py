@@ -277,9 +277,10 @@ def test_gate_rejects_when_too_many_wait():
         ({"content-type": "text/plain"}, 415),
         ({"content-type": "application/x-www-form-urlencoded"}, 415),
         ({"content-type": "multipart/form-data; boundary=x"}, 415),
-        ({}, 415),
+        ({"origin": "https://evil.example"}, 403),
         ({"content-type": "application/json", "origin": "https://evil.example"}, 403),
-        ({"content-type": "text/plain", "origin": "null"}, 415),
+        ({"content-type": "text/plain", "origin": "null"}, 403),
+        ({"content-type": "text/plain", "origin": "http://testserver"}, 415),
     ],
 )
 def test_what_a_page_on_another_site_can_send_is_refused_before_anything_runs(client, monkeypatch, headers, status):
@@ -295,7 +296,8 @@ def test_what_a_page_on_another_site_can_send_is_refused_before_anything_runs(cl
     "headers",
     [
         {"content-type": "application/json"},
-        {"content-type": "application/octet-stream"},  # the PAI-EAS client's default
+        {"content-type": "application/octet-stream"},  # the PAI-EAS client's default, with a token
+        {},  # the PAI-EAS client without a token sends no type (and, not being a browser, no Origin)
         {"content-type": "application/json", "origin": "http://testserver"},  # a page of this host
     ],
 )

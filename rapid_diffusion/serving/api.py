@@ -64,25 +64,28 @@ async def read_limited_body(request: Request, limit: int = MAX_BODY_BYTES) -> by
 
 
 # Content types a web page may send to another site without asking first (CORS "simple" requests).
-SIMPLE_CONTENT_TYPES = ("", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+SIMPLE_CONTENT_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
 
 
 def refuse_cross_site(request: Request) -> None:
     """Any web page can make its visitors' browsers POST here; refuse what such a page can send.
 
-    A page on another site may send a body without asking first only as text/plain, a form, or with
-    no type; JSON clients (curl with its header, the EAS client's octet-stream) send another type,
-    which a browser would first have to ask about, and this server never says yes. A request whose
-    ``Origin`` is not this host is refused too.
+    A browser adds ``Origin`` to every POST (the Fetch standard), so a request whose ``Origin`` is
+    not this host is refused (403). A page on another site may send a body without asking first
+    only as text/plain or a form, which are refused too (415), whatever the ``Origin``, for
+    browsers older than that rule. JSON clients send another type (curl with its header, the EAS
+    client ``application/octet-stream`` with a token), which a browser would first have to ask
+    about, and this server never says yes; the EAS client without a token sends no type and no
+    ``Origin``, and passes.
     """
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type in SIMPLE_CONTENT_TYPES:
-        raise UserFacingError(415, say("json_content_type", got=content_type or "none"))
     origin = request.headers.get("origin")
     if origin is not None:
         own = {request.headers.get("host", ""), request.headers.get("x-forwarded-host", "")} - {""}
         if urlsplit(origin).netloc not in own:
             raise UserFacingError(403, say("cross_origin", origin=origin[:100]))
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in SIMPLE_CONTENT_TYPES:
+        raise UserFacingError(415, say("json_content_type", got=content_type))
 
 
 def check_token(request: Request, raw: bytes) -> None:
