@@ -21,16 +21,18 @@ from typing import Annotated, Any, Union
 from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 
 from ..generation.pipeline import GenerationResult
-from ..generation.request import MAX_SEED, GenerationRequest, Limits
+from ..generation.request import GenerationRequest, Limits
 from ..messages import say, validation_reason
 from ..service.app import UserFacingError
-from ..service.inputs import request_from_inputs
+from ..service.inputs import RANDOM_SEED, request_from_inputs
 
 EXAMPLE_PROMPT = "左边有一个大的红色圆形"
 
 
 def record_model(limits: Limits) -> type[BaseModel]:
     """``PredictRecord``: one request within these bounds."""
+    bounds = limits.bounds()
+    steps, guidance, images, seeds = (bounds[name] for name in ("num_inference_steps", "guidance_scale", "num_images", "seed"))
 
     class PredictRecord(BaseModel):
         """One generation request; with ``idx`` it is an EasyNLP record."""
@@ -46,13 +48,13 @@ def record_model(limits: Limits) -> type[BaseModel]:
                                       examples=[0])
         negative_prompt: str | None = Field(None, max_length=limits.max_prompt_chars,
                                             description="null: the domain's; empty: none", examples=["模糊"])
-        num_inference_steps: int | None = Field(None, ge=1, le=limits.max_steps, description="null: the domain's",
+        num_inference_steps: int | None = Field(None, ge=steps[0], le=steps[1], description="null: the domain's",
                                                 examples=[20])
-        guidance_scale: float | None = Field(None, ge=0.0, le=limits.max_guidance, allow_inf_nan=False,
+        guidance_scale: float | None = Field(None, ge=guidance[0], le=guidance[1], allow_inf_nan=False,
                                              description="null: the domain's", examples=[7.5])
-        seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="null or -1: random; image i uses seed + i",
+        seed: int | None = Field(None, ge=RANDOM_SEED, le=seeds[1], description="null or -1: random; image i uses seed + i",
                                  examples=[42])
-        num_images: int | None = Field(None, ge=1, le=limits.max_images, description="null: 1", examples=[1])
+        num_images: int | None = Field(None, ge=images[0], le=images[1], description="null: 1", examples=[1])
         super_resolution: bool | None = Field(None, description="ESRGAN x4 after generation; null: the domain's",
                                               examples=[False])
 
