@@ -253,7 +253,7 @@ def test_describe_entities_says_what_the_graph_knows(graph, pipe):
 def test_registry_uses_the_knowledge_encoder_only_when_the_model_has_it(
     graph, graph_dir, pipe, copy_model, test_domains, tiny_model_dir
 ):
-    from rapid_diffusion.generation.pipeline import generate
+    from helpers import generate_one
     from rapid_diffusion.generation.request import GenerationRequest
     from rapid_diffusion.models.registry import ModelRegistry
 
@@ -279,7 +279,7 @@ def test_registry_uses_the_knowledge_encoder_only_when_the_model_has_it(
 
     def image(domain, prompt):
         request = GenerationRequest(prompt=prompt, seed=0, num_inference_steps=1)
-        return torch.tensor(list(generate(request, registry.spec(domain), registry=registry).images[0].getdata()))
+        return torch.tensor(list(generate_one(request, registry.spec(domain), registry=registry).images[0].getdata()))
 
     assert not torch.equal(image("kg", "番茄"), image("tiny", "番茄"))
     assert [folder for folder, *_ in loads] == [tiny_model_dir, without_knowledge, with_knowledge]

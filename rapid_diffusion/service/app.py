@@ -30,7 +30,7 @@ from ..training.jobs import DeleteRefused, JobManager
 from ..messages import say
 from ..generation.pipeline import GenerationCancelled, GenerationResult
 from ..generation.request import GenerationRequest, PromptReport, RequestError, inspect_prompt
-from ..generation.pipeline import ProgressCallback, batch_key, generate, generate_batch
+from ..generation.pipeline import ProgressCallback, batch_key
 from ..generation.preview import PreviewCallback
 from ..models.registry import LoadedModel, ModelRegistry, ModelUnavailableError, adhoc_spec, default_registry, native_size
 from ..settings import settings
@@ -314,10 +314,7 @@ class AppService:
         def work() -> None:
             progress = lambda done, total: events.put(GpuProgress(done, total))  # noqa: E731
             try:
-                if len(requests) == 1:
-                    results = [generate(requests[0], spec, registry=self.registry, progress=progress, should_stop=stop.is_set, preview=preview)]
-                else:
-                    results = generate_batch(requests, spec, registry=self.registry, progress=progress, should_stop=stop.is_set)
+                results = self.registry.get(spec).run(spec, requests, progress=progress, should_stop=stop.is_set, preview=preview)
                 events.put(GpuResults(results))
             except BaseException as exc:  # handed to the caller as data
                 if not isinstance(exc, (GenerationCancelled, ModelUnavailableError, torch.cuda.OutOfMemoryError)):

@@ -11,7 +11,7 @@ Two concepts (``--concept``):
 
 24 pairs of the new concept (in the world's own phrasings) plus 24 pairs of the old world go
 through ``rapid_diffusion.training.train`` (the code path of ``rapid-diffusion train`` and the Fine-tune
-tab). Before and after, through ``generate()`` with the domain's defaults (2 seeds per prompt):
+tab). Before and after, through the registry's model (``LoadedModel.run``) with the domain's defaults (2 seeds per prompt):
 the new-concept rate on 12 prompts naming it, and the judge's colour / shape / position scores on
 12 ordinary world prompts (every palette colour at least once).
 
@@ -168,12 +168,13 @@ def old_prompts(world) -> list[str]:
     ]
 
 
-def measure(spec, registry, concept: str, judge, world, generate, GenerationRequest, sheet: Path) -> dict:
+def measure(spec, registry, concept: str, judge, world, GenerationRequest, sheet: Path) -> dict:
     """The rates, and every image in ``sheet``: a column per prompt, a row per seed, the world's prompts above."""
     hit = is_half_disc if concept == "shape" else is_pink
 
     def images_of(prompts: list[str]) -> list[list[Image.Image]]:
-        return [generate(GenerationRequest(prompt=p, seed=SEEDS[0], num_images=len(SEEDS)), spec, registry=registry).images for p in prompts]
+        model = registry.get(spec)
+        return [model.run(spec, [GenerationRequest(prompt=p, seed=SEEDS[0], num_images=len(SEEDS))])[0].images for p in prompts]
 
     old, new = images_of(old_prompts(world)), images_of(new_prompts(world, concept))
     contact_sheet(old + new, len(SEEDS)).save(sheet)
@@ -236,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from rapid_diffusion.demo import judge, world
-    from rapid_diffusion.generation.pipeline import generate
     from rapid_diffusion.generation.request import GenerationRequest
     from rapid_diffusion.models.registry import ModelRegistry
     from rapid_diffusion.training.options import preset_config, preset_for
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     round_trips = vae_round_trips(judge, world, registry.get(spec).pipe.vae)
     print(f"frozen VAE round trips: half disc kept {round_trips['half_disc_kept']:.0%}, pink kept {round_trips['pink_kept']:.0%}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    before = measure(spec, registry, args.concept, judge, world, generate, GenerationRequest, args.out / "before.png")
+    before = measure(spec, registry, args.concept, judge, world, GenerationRequest, args.out / "before.png")
     print(f"before: new-{args.concept} rate {before['new_concept_rate']:.0%}, old {before['old']}", flush=True)
 
     word = NEW_SHAPE if args.concept == "shape" else NEW_COLOUR
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train: {result.state}, {pairs} pairs, {args.steps} steps, {seconds:.0f} s, loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}", flush=True)
 
     tuned_registry = ModelRegistry(**cpu)
-    after = measure(tuned_registry.spec(domain_id), tuned_registry, args.concept, judge, world, generate, GenerationRequest, args.out / "after.png")
+    after = measure(tuned_registry.spec(domain_id), tuned_registry, args.concept, judge, world, GenerationRequest, args.out / "after.png")
     print(f"after: new-{args.concept} rate {after['new_concept_rate']:.0%}, old {after['old']}", flush=True)
     report = {
         "concept": args.concept, "new_word": word, "vae_round_trips": round_trips, "pairs": pairs, "steps": args.steps, "lr": args.lr,

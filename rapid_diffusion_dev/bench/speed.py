@@ -3,7 +3,7 @@
 Every level gets its own copy of one set of weights. Runs are interleaved (one run of every
 level per round) so that load from other processes on a shared machine hits all levels alike.
 Each round times the plain call ``pipe(prompt, ...)`` end to end, as a user of diffusers would
-call it, and the project's staged path (:func:`rapid_diffusion.generation.pipeline.run_pipeline`) for the
+call it, and the project's staged path (:func:`rapid_diffusion.generation.pipeline.generate`) for the
 per-stage figures. ``speedup`` is the plain median end-to-end latency over the best level's.
 """
 
@@ -220,14 +220,14 @@ def plain_call(pipe, config: BenchConfig, height: int, width: int, count: int = 
 
 
 def time_round(pipe, record: LevelRecord, config, height, width, spec, upscaler, device) -> np.ndarray:
-    from rapid_diffusion.generation.pipeline import run_pipeline
+    from rapid_diffusion.generation.pipeline import generate
     from rapid_diffusion.generation.request import GenerationRequest
 
     start = time.perf_counter()
     images = plain_call(pipe, config, height, width)
     record.end_to_end.append(synchronized(start, device))
     request = GenerationRequest(prompt=config.prompt, seed=config.seed, super_resolution=upscaler is not None)
-    result = run_pipeline(pipe, request, spec=spec, upscaler=upscaler)
+    [result] = generate(pipe, [request], spec=spec, upscaler=upscaler)
     for stage, seconds in result.timings.items():
         record.stages.setdefault(stage, []).append(seconds)
     record.unet_evaluations = len(pipe.scheduler.timesteps)
