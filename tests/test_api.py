@@ -14,13 +14,12 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from rapid_diffusion.service import app as service
 from rapid_diffusion.serving.api import MAX_BODY_BYTES, create_api_app
 from rapid_diffusion.service.app import AppService, GpuGate, QueueFullError
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.generation.pipeline import read_png_settings
 from rapid_diffusion.generation.request import Limits, RequestError
-from rapid_diffusion.models.registry import ModelRegistry
+from rapid_diffusion.models.registry import LoadedModel, ModelRegistry
 
 from helpers import write_domain
 
@@ -197,16 +196,16 @@ def test_healthz_reports_domain_states(client, registry):
 
 
 def test_out_of_memory_gives_advice_and_the_next_request_works(client, monkeypatch):
-    real_generate = service.generate
+    real_run = LoadedModel.run
     calls = []
 
-    def generate_oom_once(*args, **kwargs):
+    def run_oom_once(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_generate(*args, **kwargs)
+        return real_run(self, *args, **kwargs)
 
-    monkeypatch.setattr(service, "generate", generate_oom_once)
+    monkeypatch.setattr(LoadedModel, "run", run_oom_once)
     response = predict(client, {"text": "猫", "num_images": 4, "seed": 1})
     assert response.status_code == 503
     assert "fewer images" in response.json()["error"] and "Traceback" not in response.text
@@ -214,7 +213,7 @@ def test_out_of_memory_gives_advice_and_the_next_request_works(client, monkeypat
 
 
 def test_unexpected_errors_are_500_without_a_traceback(client, monkeypatch):
-    monkeypatch.setattr(service, "generate", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(LoadedModel, "run", lambda *a, **k: 1 / 0)
     response = predict(client, {"text": "猫"})
     assert response.status_code == 500
     assert "ZeroDivision" not in response.text and "Internal" in response.json()["error"]
@@ -223,14 +222,14 @@ def test_unexpected_errors_are_500_without_a_traceback(client, monkeypatch):
 def test_requests_are_serialized_through_the_gate(client, monkeypatch):
     running, overlaps = [], []
 
-    def slow_generate(request, spec, **kwargs):
+    def slow_run(self, spec, requests, **kwargs):
         running.append(1)
         overlaps.append(len(running))
         time.sleep(0.2)
         running.pop()
         raise RequestError("prompt", "stub", "桩")
 
-    monkeypatch.setattr(service, "generate", slow_generate)
+    monkeypatch.setattr(LoadedModel, "run", slow_run)
     # different step counts: requests that could share a batch would run as one (test_batching.py)
     threads = [threading.Thread(target=predict, args=(client, {"text": "猫", "num_inference_steps": 1 + i})) for i in range(3)]
     for t in threads:
@@ -286,7 +285,7 @@ def test_gate_rejects_when_too_many_wait():
 def test_what_a_page_on_another_site_can_send_is_refused_before_anything_runs(client, monkeypatch, headers, status):
     """Any web page could make its visitors' browsers spend the host's compute with a simple POST."""
     runs = []
-    monkeypatch.setattr(service, "generate", lambda *args, **kwargs: runs.append(1))
+    monkeypatch.setattr(LoadedModel, "run", lambda *args, **kwargs: runs.append(1))
     response = client.post("/api/predict/tiny", content='{"text": "猫", "num_inference_steps": 1}'.encode(), headers=headers)
     assert response.status_code == status and " / " in response.json()["error"]
     assert runs == []
@@ -332,7 +331,7 @@ def test_a_list_of_records_is_answered_in_order_each_as_if_sent_alone(client):
 
 def test_records_are_bounded_like_requests_and_all_checked_before_any_runs(client, monkeypatch):
     runs = []
-    monkeypatch.setattr(service, "generate", lambda *args, **kwargs: runs.append(1))
+    monkeypatch.setattr(LoadedModel, "run", lambda *args, **kwargs: runs.append(1))
     max_records = Limits.from_env().max_images
     response = predict(client, [{"text": "猫"}] * (max_records + 1))
     assert response.status_code == 400 and response.json()["field"] is None
@@ -391,7 +390,7 @@ TOKEN = "s3cret-token"
 def test_with_a_token_set_every_api_route_refuses_a_missing_or_wrong_one_with_401(client, monkeypatch, headers, reason):
     monkeypatch.setenv("RAPID_DIFFUSION_API_TOKEN", TOKEN)
     runs = []
-    monkeypatch.setattr(service, "generate", lambda *args, **kwargs: runs.append(1))
+    monkeypatch.setattr(LoadedModel, "run", lambda *args, **kwargs: runs.append(1))
     for method, path in [("POST", "/api/predict/tiny"), ("GET", "/api/predict/tiny"), ("POST", "/api/nothing")]:
         response = client.request(method, path, content='{"text": "猫"}'.encode(), headers={"content-type": "application/json", **headers})
         assert response.status_code == 401, (method, path, response.text)

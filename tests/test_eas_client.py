@@ -23,8 +23,7 @@ from PIL import Image
 
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.generation.pipeline import GenerationCancelled, read_png_settings
-from rapid_diffusion.models.registry import ModelRegistry
-from rapid_diffusion.service import app as service
+from rapid_diffusion.models.registry import LoadedModel, ModelRegistry
 
 from helpers import REPO_ROOT, running_server, write_domain
 
@@ -159,7 +158,7 @@ def test_a_client_that_gives_up_is_logged_once_per_request_and_its_generation_st
     started, stopped = [], []
     pace = threading.Event()
 
-    def generate_until_stopped(request, spec, *, progress=None, should_stop=None, **kwargs):
+    def run_until_stopped(self, spec, requests, *, progress=None, should_stop=None, **kwargs):
         started.append(1)
         deadline = time.monotonic() + 30
         while not should_stop() and time.monotonic() < deadline:
@@ -168,7 +167,7 @@ def test_a_client_that_gives_up_is_logged_once_per_request_and_its_generation_st
         stopped.append(should_stop())
         raise GenerationCancelled("stopped")
 
-    monkeypatch.setattr(service, "generate", generate_until_stopped)
+    monkeypatch.setattr(LoadedModel, "run", run_until_stopped)
     client = signed_client(url, timeout_ms=500)
     client.set_retry_count(2)
     with pytest.raises(PredictException):

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from rapid_diffusion.generation import pipeline
 from rapid_diffusion.service import app as service
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.models.registry import ModelRegistry
+from rapid_diffusion.models.registry import LoadedModel, ModelRegistry
 from rapid_diffusion.service.app import AppService, GpuGate, UserFacingError
 
 from helpers import write_domain
@@ -206,8 +206,8 @@ def test_a_slow_request_body_is_timed_out(registry, monkeypatch):
 @pytest.mark.slow
 def test_a_client_that_disconnects_gives_up_its_place_in_the_queue(registry, monkeypatch):
     runs = []
-    real_generate = service.generate
-    monkeypatch.setattr(service, "generate", lambda *a, **k: runs.append(1) or real_generate(*a, **k))
+    real_run = LoadedModel.run
+    monkeypatch.setattr(LoadedModel, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
     gate = GpuGate(1, 4)
     with running_server(registry, gate) as url:
         with gate.slot():  # someone else is generating
