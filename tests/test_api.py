@@ -16,6 +16,7 @@ from PIL import Image
 
 from rapid_diffusion.serving.api import MAX_BODY_BYTES, create_api_app
 from rapid_diffusion.service.app import AppService, GpuGate, QueueFullError
+from rapid_diffusion.access import ApiTokenCheck
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.generation.pipeline import read_png_settings
 from rapid_diffusion.generation.request import Limits, RequestError
@@ -425,3 +426,16 @@ def test_the_token_can_come_from_a_file_and_a_bad_token_setting_stops_the_start(
     monkeypatch.setenv("RAPID_DIFFUSION_API_TOKEN_FILE", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="cannot be read"):
         create_api_app(AppService(registry, GpuGate(1, 4)))
+
+
+@pytest.mark.parametrize(
+    "offset_s, in_window",
+    [(0, True), (-12 * 3600 - 899, True), (14 * 3600 + 899, True), (-12 * 3600 - 901, False), (14 * 3600 + 901, False), (-2 * 86400, False)],
+)
+def test_a_signed_dates_window_is_the_worlds_time_zones_plus_the_skew(offset_s, in_window):
+    """Inside the window a bad signature is "wrong"; outside it the Date is refused first."""
+    now = 1_800_000_000.0
+    check = ApiTokenCheck(TOKEN, max_skew_s=900)
+    reason = check.refusal("EAS bm90IGEgc2lnbmF0dXJl", method="POST", path="/api/predict/tiny", body=b"{}",
+                           content_type="application/json", content_md5=None, date=formatdate(now + offset_s, usegmt=True), now=now)
+    assert reason == ("api_token_wrong" if in_window else "api_token_date")
