@@ -213,6 +213,7 @@ def test_nonzero_projection_changes_only_the_entity_tokens_inputs(graph, pipe):
     # The encoder is causal: outputs before the first entity token are untouched, later ones change.
     assert torch.equal(injected[0, :4], plain[0, :4]) and not torch.allclose(injected[0, 4:], plain[0, 4:])
     assert not pipe.text_encoder.get_input_embeddings()._forward_hooks
+    assert pipe.text_encoder.needs_torch_forward is False  # set only while the hook is held
 
 
 def test_projection_is_the_only_trainable_knowledge_parameter(graph, pipe):

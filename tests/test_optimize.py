@@ -65,10 +65,10 @@ def test_missing_flash_attn_falls_back_to_sdpa(pipe, monkeypatch):
 
 
 def test_compiler_missing_reasons(monkeypatch):
-    import torch.utils._triton
-
-    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    monkeypatch.setattr(optimize, "triton_installed", lambda: False)
     assert compiler_missing(torch.device("cuda")) == "Triton is not installed"
+    monkeypatch.setattr(optimize, "triton_installed", lambda: True)
+    assert compiler_missing(torch.device("cuda")) is None
     monkeypatch.setattr(optimize.shutil, "which", lambda name: None)
     assert compiler_missing(torch.device("cpu")) == "no C++ compiler on PATH"
     assert "no inductor backend" in compiler_missing(torch.device("meta"))
