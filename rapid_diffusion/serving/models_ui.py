@@ -41,7 +41,7 @@ OUTCOME_LABELS = {
     "failed": "失败 / failed",
     "training": "训练中 / training",
 }
-COLUMN_WIDTHS = ["16%", "15%", "10%", "7%", "12%", "8%", "12%", "10%", "10%"]
+COLUMN_WIDTHS = ["190px", "170px", "120px", "70px", "120px", "80px", "130px", "120px", "130px"]  # pixels: a phone scrolls the table sideways
 PRIVATE = dict(api_visibility="private")
 
 
@@ -79,7 +79,8 @@ def build_models_tab(service: AppService, demo: gr.Blocks, tab: gr.Tab) -> dict[
     download = gr.File(label="导出的模型 / Exported model", visible=False, interactive=False, elem_id="models-export")
     gr.Markdown("#### 导入模型 / Import a model")
     with gr.Group():
-        upload = gr.File(label="本页导出的 zip / a zip exported here", file_types=[".zip"], type="filepath", elem_id="models-upload")
+        upload = gr.File(label="本页导出的 zip / a zip exported here", file_types=[".zip"], type="filepath", height=120,
+                         elem_id="models-upload")
         folder = gr.Textbox(label="或：服务器上的模型文件夹（diffusers、EasyNLP）/ or: a model folder on the server (diffusers, EasyNLP)",
                             max_lines=1, elem_id="models-folder")
         import_name = gr.Textbox(label="新模型的名字（可用中文）/ name of the new model", max_lines=1, max_length=40)
