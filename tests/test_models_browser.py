@@ -116,9 +116,9 @@ def test_the_owner_renames_reloads_exports_imports_and_deletes_a_fine_tuned_mode
         page.locator("#models-import").click()
         expect(status(page)).to_contain_text("已导入新模型「导入的猫」", timeout=120_000)
         expect(table).to_contain_text("导入 / imported")
+        expect(page.locator("#models-picker input")).to_have_value(re.compile("导入的猫"))
         shot(page, "3-imported")
 
-        pick(page, "导入的猫")
         page.get_by_role("button", name="删除 / Delete").click()
         confirm = page.locator("#models-confirm")
         expect(confirm).to_contain_text("确定删除「导入的猫」吗？")

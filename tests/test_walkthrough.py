@@ -86,3 +86,26 @@ def test_an_english_prompt_is_told_before_generating_that_the_model_reads_chines
     ctx = UiContext(AppService(registry, GpuGate()))
     assert "本模型读中文提示词" in token_count_markdown(ctx, "tiny", "a red circle on the left")
     assert "本模型读中文提示词" not in token_count_markdown(ctx, "tiny", "左边有一个红色的圆形")
+
+
+def test_a_long_prompts_note_sits_beside_its_images_and_goes_with_the_next_run(registry):
+    """Was a toast that lingered over the next generations."""
+    import warnings
+    from types import SimpleNamespace
+
+    from rapid_diffusion.serving.ui import make_ui_generate
+
+    generate = make_ui_generate(UiContext(AppService(registry, GpuGate())))
+
+    def run(prompt: str) -> str:
+        args = dict(domain_id="tiny", prompt=prompt, negative_prompt="", num_inference_steps=1.0, guidance_scale=5.0, seed=1.0,
+                    num_images=1.0, sampler="pndm", size="64x64", super_resolution=False, optimization="none", live_preview=False,
+                    request=SimpleNamespace(session_hash="walkthrough"))
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            timings = list(generate(**args, progress=lambda *a, **k: None))[-1][1]
+        assert not [w for w in shown if "提示词" in str(w.message)], "no toast"
+        return timings
+
+    assert "提示词超出文本编码器的 32 个 token 窗口" in run("山水画" * 12)
+    assert "提示词超出" not in run("一只猫")

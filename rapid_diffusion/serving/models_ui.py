@@ -99,7 +99,7 @@ def build_models_tab(service: AppService, demo: gr.Blocks, tab: gr.Tab) -> dict[
     cancel_btn.click(lambda: (gr.update(visible=False), ""), None, [confirm_row, status], **PRIVATE)
     confirm_btn.click(lambda m, pw: (gr.update(visible=False), *act(service, models.delete, m, pw, changes=True)),
                       [picker, password], [confirm_row, *views], **PRIVATE)
-    import_btn.click(lambda up, path, name, pw: act(service, models.import_model, up, path, name, pw, changes=True),
+    import_btn.click(lambda up, path, name, pw: import_action(service, up, path, name, pw),
                      [upload, folder, import_name, password], views, concurrency_id=GPU_GROUP, concurrency_limit=service.gate.slots, **PRIVATE)
     refresh.click(lambda m: view(service, "", m), picker, views, **PRIVATE)
     picker.change(lambda: (gr.update(visible=False), gr.update(value=None, visible=False)), None, [confirm_row, download], **PRIVATE)
@@ -116,7 +116,7 @@ def act(service: AppService, action: Callable[..., str], *args, changes: bool = 
     table and picker fresh; a refusal the same way, as a warning.
 
     ``changes``: the action adds, renames or removes a model, so ``changed`` tells the other tabs."""
-    picked = args[0] if args and isinstance(args[0], str) else None
+    picked = args[0] if args else None  # the model acted on (kept picked while it exists)
     try:
         message = action(*args)
     except UserFacingError as exc:
@@ -125,6 +125,14 @@ def act(service: AppService, action: Callable[..., str], *args, changes: bool = 
         return view(service, f"**{exc.message}**", picked)
     gr.Info(message)
     return view(service, message, picked, changed=uuid.uuid4().hex if changes else gr.skip())
+
+
+def import_action(service: AppService, upload: str | None, folder: str | None, name: str | None, password: str | None):
+    """Import, then pick the new model, ready for the buttons."""
+    before = set(service.domains)
+    *shown, picker, changed = act(service, service.models.import_model, upload, folder, name, password, changes=True)
+    added = sorted(set(service.domains) - before)
+    return (*shown, gr.update(choices=service.models.choices(), value=added[0]) if added else picker, changed)
 
 
 def view(service: AppService, message, picked: str | None, changed=None):
