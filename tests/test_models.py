@@ -161,11 +161,18 @@ def test_a_hostile_zip_is_refused_by_name_and_nothing_is_written(test_domains, t
     assert not (tmp_path / "evil.json").exists() and not Path("/tmp/evil.json").exists()
 
 
-def test_a_zip_without_a_model_is_refused(test_domains, tmp_path):
+def test_a_zip_without_a_model_or_with_clashing_names_is_refused(test_domains, tmp_path):
     with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:
         archive.writestr("a/b/model_index.json", "{}")
     with pytest.raises(ImportFailed, match="photos.zip 中没有 diffusers 模型"):
         import_any(tmp_path / "photos.zip", "photos")
+    with zipfile.ZipFile(tmp_path / "clash.zip", "w") as archive:
+        archive.writestr("model_index.json", "{}")
+        archive.writestr("unet", "a file")
+        archive.writestr("unet/config.json", "{}")
+    with pytest.raises(ImportFailed, match="zip 中的「unet/config.json」被拒绝：压缩包损坏或无法读取"):
+        import_any(tmp_path / "clash.zip", "clash")
+    assert list(models_dir().iterdir()) == []
 
 
 @pytest.mark.parametrize("env, password", [({"RAPID_DIFFUSION_PUBLIC": "1"}, None),

@@ -141,6 +141,20 @@ def test_the_owner_renames_reloads_exports_imports_and_deletes_a_fine_tuned_mode
     assert {spec.title_zh for spec in load_domains().values() if spec.source_file.parent == user_domains_dir()} == {"猫咪模型"}
 
 
+MODEL_ACTIONS = ("加载 / Load", "卸载 / Unload", "改名 / Rename", "导出 zip / Export zip", "删除 / Delete", "导入 / Import")
+
+
+def test_without_a_password_a_public_host_builds_no_model_action(home, monkeypatch):
+    monkeypatch.setenv("RAPID_DIFFUSION_PUBLIC", "1")
+    monkeypatch.delenv("RAPID_DIFFUSION_FINETUNE_PASSWORD")
+    with running_server(ModelRegistry(device=torch.device("cpu"), dtype=torch.float32)) as url:
+        config = httpx.get(f"{url}/config").json()
+    values = {str(c.get("props", {}).get("value")) for c in config["components"]}
+    assert not values & set(MODEL_ACTIONS), "no button, so no event, for a stranger"
+    assert "公开部署未设置密码，此操作已关闭。 / This action is off on a public host without a password." in values
+    assert f"`{home}`" in str(config), "the list itself is still shown"
+
+
 def test_a_stranger_on_a_public_host_can_act_on_no_model(home, tiny_model_dir, monkeypatch):
     """With the owner's password set, every event of the page is called with a wrong one (the model's id,
     then a server folder, in every field); then the import path field gets a file reference: refused."""

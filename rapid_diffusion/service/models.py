@@ -324,8 +324,8 @@ def read_model_zip(path: Path, target: Path) -> Path:
         members = checked_members(archive)
         for name, info in members.items():
             destination = target / name
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            try:
+            try:  # a file named like another entry's folder ("unet" and "unet/x") cannot be written: OSError
+                destination.parent.mkdir(parents=True, exist_ok=True)
                 copy_entry(archive, info, destination)
             except ZIP_READ_ERRORS as exc:
                 raise ImportFailed(zip_refusal(info.filename, "bad_archive")) from exc
