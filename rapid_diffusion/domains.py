@@ -107,7 +107,8 @@ class DomainSpec:
 
     @property
     def title(self) -> str:
-        return f"{self.title_zh} / {self.title_en}"
+        """"中文 / English"; a name its owner gave in one language (the same in both) once."""
+        return self.title_zh if self.title_zh == self.title_en else f"{self.title_zh} / {self.title_en}"
 
 
 def user_domains_dir() -> Path:

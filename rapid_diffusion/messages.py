@@ -88,13 +88,29 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "job_stopping": ("正在保存当前模型并停止…", "saving the model so far, then stopping…"),
     "nothing_to_resume": ("没有可继续的任务（只能继续已停止或失败的任务）", "nothing to resume (only a stopped or failed job)"),
     "job_resuming": ("正在从最近的检查点继续训练…", "resuming from the last checkpoint…"),
-    "no_model_picked": ("请先选择要删除的模型", "pick a model to delete first"),
+    "no_model_picked": ("请先选择一个模型", "pick a model first"),
+    "model_protected": (
+        "「{name}」不是你微调或导入的模型，受保护：不能删除、改名或导出",
+        "'{name}' is not a model you fine-tuned or imported: it is protected from deleting, renaming and exporting",
+    ),
+    "model_renamed": ("已将「{old}」改名为「{new}」", "renamed '{old}' to '{new}'"),
+    "model_imported": ("已导入新模型「{name}」，可在「文生图」中选用", "imported '{name}'; pick it in the Text to image tab"),
+    "model_exported": ("已打包「{name}」，请点击下方文件下载", "'{name}' is packed: download the file below"),
+    "model_files_missing_short": ("「{name}」的模型文件缺失", "the model files of '{name}' are missing"),
+    "confirm_delete": ("确定删除「{name}」吗？模型文件会被删除，无法恢复。", "Delete '{name}'? Its files are removed for good."),
+    "import_one_source": ("请上传一个 zip，或填写服务器上的文件夹路径（二选一）", "upload a zip or give a folder path on the server (one of the two)"),
+    "import_zip_refused": ("zip 中的「{entry}」被拒绝：{reason_zh}；未导入任何内容", "'{entry}' in the zip is refused: {reason_en}; nothing was imported"),
+    "import_zip_no_model": (
+        "{zip} 中没有 diffusers 模型（model_index.json 须在最外层或唯一的文件夹里）",
+        "{zip} holds no diffusers model (model_index.json must be at the top or in its one folder)",
+    ),
     "duration_after_start": ("{steps} 步；开始后几步内显示剩余时间", "{steps} steps; the time left shows after the first steps"),
     "job_process_exited": (
         "训练进程已退出（详见服务器上该任务的 log.txt）：{tail}", "the training process exited (see the job's log.txt on the server): {tail}"
     ),
     "bad_whole_number": ("「{field}」须为整数（收到 {value}）", "'{field}' must be a whole number, got {value}"),
-    "duration_measured": ("预计用时约 {time}（本机实测）", "about {time} on this machine (measured)"),
+    "duration_measured": ("预计用时约 {time_zh}（本机实测）", "about {time_en} on this machine (measured)"),
+    "time_left": ("剩余约 {time_zh}", "about {time_en} left"),
     "import_no_such_path": ("找不到 {path}", "{path} does not exist"),
     "import_bad_name": (
         "名称只能用小写字母、数字、- 或 _（最多 64 个，字母或数字开头）：「{name}」",
@@ -106,9 +122,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "unknown layout: {path} holds {found}; importable are an EasyNLP/CompVis fine-tune folder (config.json with model.params.first_stage_config and cond_stage_config, plus pytorch_model.bin) or a single-file Stable Diffusion checkpoint (.safetensors / .ckpt)",
     ),
     "import_zip": ("zip 文件不会被解压：请先解压，再导入其中的模型文件夹（{path}）", "zip files are not extracted: unpack it yourself and import the model folder inside ({path})"),
-    "import_already_diffusers": (
-        "{path} 已是 diffusers 模型文件夹，无需导入：在领域 YAML 中写 model: {{path: …}}，或用 generate --model",
-        "{path} is already a diffusers model folder, nothing to convert: point a domain YAML at it (model: {{path: …}}) or use generate --model",
+    "import_unreadable_pipeline": (
+        "{path} 有 model_index.json，但其中的模型文件无法读取（详见服务器日志）",
+        "{path} has a model_index.json, but its model files cannot be read (see the server log)",
     ),
     "import_unreadable": ("无法安全读取 {file}：{reason}", "{file} cannot be read safely: {reason}"),
     "import_other_format": (

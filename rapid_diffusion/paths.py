@@ -34,3 +34,8 @@ DEMO_KNOWLEDGE_GRAPH = ASSETS_DIR / "demo-kg"
 def home_dir() -> Path:
     """``$RAPID_DIFFUSION_HOME`` (default ``~/.rapid-diffusion``): fine-tuned models, jobs, user domains."""
     return settings().home
+
+
+def models_dir() -> Path:
+    """Where imported models are written (``$RAPID_DIFFUSION_HOME/models/<id>``); fine-tuned ones live in their job folders."""
+    return home_dir() / "models"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rapid_diffusion.serving.cli import CLIError, _add_model_arguments, open_service
+from rapid_diffusion.serving.cli_common import CLIError, add_model_arguments, open_service
 
 
 def register(sub) -> None:
@@ -76,7 +76,7 @@ def register(sub) -> None:
     p = dev.add_parser("kg", help="the knowledge-graph demo: fine-tune the demo model with injection, judge its entities")
     kg = p.add_subparsers(dest="kg_command", required=True)
     p = kg.add_parser("demo-eval", help="colour/shape accuracy on the demo graph's entities, with and without knowledge")
-    _add_model_arguments(p)
+    add_model_arguments(p)
     p.add_argument("--graph", type=Path, default=None, help="default: rapid_diffusion/data/assets/demo-kg")
     p.add_argument("--split", choices=("graph_only", "train"), default="graph_only")
     p.add_argument("--seeds", type=int, default=4, help="images per entity (seeds 0..N-1)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import struct
 import textwrap
@@ -11,6 +12,8 @@ import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 import numpy as np
 from PIL import Image
@@ -149,3 +152,48 @@ def patch_zip_entry(path: Path, name: str, *, flag_bits: int | None = None, meth
                     struct.pack_into("<H", data, position + flags_at + 2, method)
             position = data.find(signature, position + 4)
     path.write_bytes(bytes(data))
+
+
+def finished_finetune(model_dir: Path, base_spec, name: str = "我的模型", steps: int = 4, state: str = "done") -> str:
+    """A fine-tuned model made the cheap way: a copy of ``model_dir`` in a job folder with the run files a
+    finished job leaves (run.json, job.json, status.json, loss.jsonl), registered by the trainer's own
+    ``register_domain``. Returns the new domain's id."""
+    import json
+    import shutil
+    import uuid
+
+    from rapid_diffusion.paths import home_dir
+    from rapid_diffusion.training.options import TrainConfig
+    from rapid_diffusion.training.train import register_domain
+
+    folder = home_dir() / "jobs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(model_dir, folder)
+    (folder / "data").mkdir()
+    config = TrainConfig(base=base_spec.id, data=folder / "data", output=folder, name=name, max_steps=steps)
+    config.save(folder / "run.json")
+    (folder / "job.json").write_text(json.dumps({"id": folder.name, "pid": None, "created_at": time.time()}), encoding="utf-8")
+    (folder / "status.json").write_text(json.dumps({"state": state, "step": steps}), encoding="utf-8")
+    (folder / "loss.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in range(1, steps + 1)), encoding="utf-8")
+    return register_domain(config, folder, base_spec.height, base_spec, stopped=state == "stopped")
+
+
+def queue_call(url: str, fn_index: int, data: list, session: str) -> None:
+    response = httpx.post(
+        f"{url}/gradio_api/queue/join",
+        json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None},
+    )
+    assert response.status_code in (200, 404, 422), response.text
+
+
+def drain(url: str, session: str, expected: int, timeout: float = 60) -> list[dict]:
+    """Read the session's event stream until ``expected`` events completed."""
+    done = []
+    with httpx.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    done.append(message)
+                if message.get("msg") == "close_stream" or len(done) >= expected:
+                    break
+    return done

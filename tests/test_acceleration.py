@@ -162,7 +162,7 @@ def test_health_shows_what_each_domain_runs_on(compiling_registry, monkeypatch):
     monkeypatch.setattr(optimize, "apply_optimization", slow_optimiser(threading.Event(), seconds=0))
     service = AppService(compiling_registry, GpuGate())
     assert service.health()["acceleration"]["fast"] == {"state": "eager", "level": "auto", "applied": "none", "reason": "not loaded"}
-    service.load("fast")
+    service.models.load("fast")
     compiling_registry.wait_for_warm_up()
     assert service.health()["acceleration"]["fast"]["state"] == "compiled"
     assert service.health()["acceleration"]["tiny"]["level"] == "none"

@@ -10,7 +10,8 @@ import pytest
 
 from rapid_diffusion import access, settings
 from rapid_diffusion.access import PasswordCheck, hash_password, parse_hash, verify_password
-from rapid_diffusion.service.app import AppService, UserFacingError
+from rapid_diffusion.errors import UserFacingError
+from rapid_diffusion.service.models import admin_access, authorize
 
 
 def test_a_hash_verifies_its_password_only_and_matches_scrypt_computed_independently():
@@ -48,14 +49,13 @@ def test_the_check_remembers_accepted_passwords_without_keeping_them(monkeypatch
 
 
 @pytest.mark.parametrize("variable", ["RAPID_DIFFUSION_FINETUNE_PASSWORD_HASH", "RAPID_DIFFUSION_FINETUNE_PASSWORD"])
-def test_model_actions_accept_the_password_in_either_form(monkeypatch, registry, variable):
+def test_model_actions_accept_the_password_in_either_form(monkeypatch, variable):
     monkeypatch.setenv("RAPID_DIFFUSION_PUBLIC", "1")
     monkeypatch.setenv(variable, hash_password("s3cret-pass") if variable.endswith("HASH") else "s3cret-pass")
-    app = AppService(registry)
-    assert app.admin_access() == "password" and settings.settings().finetune_allowed
-    app.authorize("s3cret-pass")
+    assert admin_access() == "password" and settings.settings().finetune_allowed
+    authorize("s3cret-pass")
     with pytest.raises(UserFacingError) as refused:
-        app.authorize("s3cret-pas")
+        authorize("s3cret-pas")
     assert refused.value.status == 403
 
 

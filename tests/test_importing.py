@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 import ldm_layouts
 from helpers import REPO_ROOT, write_domain
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.models.importing import ImportFailed, import_checkpoint, imported_models_dir
+from rapid_diffusion.models.importing import ImportFailed, import_checkpoint
+from rapid_diffusion.paths import models_dir
 from rapid_diffusion.generation.pipeline import generate
 from rapid_diffusion.generation.request import GenerationRequest
 from rapid_diffusion.models.registry import ModelRegistry
@@ -81,7 +82,7 @@ def original_image(pipe, domain_id: str, encode_prompt=None):
 
 
 def leftovers(home: Path, name: str) -> list[str]:
-    models = imported_models_dir()
+    models = models_dir()
     found = [p.name for p in models.iterdir()] if models.is_dir() else []
     return found + [p.name for p in (home / "domains").glob(f"*{name}*")]
 
@@ -199,11 +200,13 @@ def test_unknown_layout_names_what_is_there_and_what_is_expected(home, tmp_path)
 
 
 def test_other_inputs_get_their_own_message(original, home, tmp_path):
-    _, folder = original
     archive = tmp_path / "model.zip"
     archive.write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    broken = tmp_path / "broken-diffusers"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}', encoding="utf-8")
     cases = {
-        folder: "已是 diffusers 模型文件夹",
+        broken: "有 model_index.json，但其中的模型文件无法读取",
         archive: "zip 文件不会被解压",
         tmp_path / "absent.ckpt": "找不到",
         tmp_path / "notes.txt": "无法识别的模型格式",
@@ -212,7 +215,7 @@ def test_other_inputs_get_their_own_message(original, home, tmp_path):
     for path, expected in cases.items():
         with pytest.raises(ImportFailed, match=expected):
             import_checkpoint(path, "other")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.zip", "notes.txt"]  # nothing extracted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-diffusers", "model.zip", "notes.txt"]  # nothing extracted
     save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, str(tmp_path / "m.safetensors"))
     with pytest.raises(ImportFailed, match="--config"):
         import_checkpoint(tmp_path / "m.safetensors", "other")

@@ -69,7 +69,7 @@ def test_caption_editor_rows_and_check_report(service, uploads):
     report = finetune_service.check_rows(uploads, rows)
     assert [(p.item, p.text) for p in report.pairs] == [("red.png", "红色的方块"), ("blue.png", "蓝色的方块")]
     markdown = finetune_service.report_markdown(report)
-    assert "2 usable pairs, 1 items skipped" in markdown and "broken.png: 无法解码的图片 / not a decodable image" in markdown
+    assert "2 usable pairs, 1 item skipped" in markdown and "broken.png: 无法解码的图片 / not a decodable image" in markdown
     assert service.check(uploads, rows) == markdown
 
 

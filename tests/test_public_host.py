@@ -16,7 +16,7 @@ from rapid_diffusion.models.registry import LoadedModel, ModelRegistry
 from rapid_diffusion.service.app import AppService, GpuGate, UserFacingError
 
 from helpers import write_domain
-from helpers import running_server
+from helpers import drain, queue_call, running_server
 
 GENERATION_APIS = {"generate", "generate_ui"}
 
@@ -49,36 +49,14 @@ def test_loading_and_unloading_need_the_password_where_one_is_set(registry, monk
         monkeypatch.setenv(name, value)
     app = AppService(registry, GpuGate())
     if allowed:
-        assert "tiny" in app.load("tiny", password) and registry.loaded()
-        assert "tiny" in app.unload("tiny", password) and not registry.loaded()
+        assert "测试" in app.models.load("tiny", password) and registry.loaded()
+        assert "测试" in app.models.unload("tiny", password) and not registry.loaded()
         return
-    for action in (app.load, app.unload):
+    for action in (app.models.load, app.models.unload):
         with pytest.raises(UserFacingError) as refused:
             action("tiny", password)
         assert refused.value.status == 403 and " / " in refused.value.message
     assert registry.loaded() == []
-
-
-def queue_call(url: str, fn_index: int, data: list, session: str) -> None:
-    response = httpx.post(
-        f"{url}/gradio_api/queue/join",
-        json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None},
-    )
-    assert response.status_code in (200, 404, 422), response.text
-
-
-def drain(url: str, session: str, expected: int, timeout: float = 60) -> list[dict]:
-    """Read the session's event stream until ``expected`` events completed."""
-    done = []
-    with httpx.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=timeout) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("data:"):
-                message = json.loads(line[5:])
-                if message.get("msg") == "process_completed":
-                    done.append(message)
-                if message.get("msg") == "close_stream" or len(done) >= expected:
-                    break
-    return done
 
 
 @pytest.mark.slow

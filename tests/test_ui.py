@@ -17,7 +17,6 @@ from rapid_diffusion.serving.ui import (
     build_ui,
     domain_defaults,
     make_ui_generate,
-    models_action,
     token_count_markdown,
 )
 
@@ -213,23 +212,6 @@ def test_changing_domain_loads_its_defaults(ctx):
     assert (negative, steps, guidance, sampler, size["value"], sr) == ("模糊", 2, 5.0, "pndm", "64x64", False)
 
 
-def test_models_panel_loads_and_unloads(ctx, registry):
-    table, _, message = models_action(ctx, ctx.service.load, "tiny", None)
-    assert "tiny" in message
-    row = next(r for r in table if r[0] == "tiny")
-    assert row[1].startswith("已加载") and row[2] == "cpu" and row[4] > 0
-    assert row[6:] == ["none → none", "未加速 eager"], "what the loaded model runs on"
-    table, _, message = models_action(ctx, ctx.service.unload, "tiny", None)
-    assert next(r for r in table if r[0] == "tiny")[1].startswith("本地可用")
-
-
-def test_a_failed_load_keeps_the_table_and_says_why_without_a_path(ctx, registry):
-    table, _, message = models_action(ctx, ctx.service.load, "broken", None)
-    assert [row[0] for row in table] == ["broken", "tiny"], "the table stays on screen"
-    assert message.startswith("⛔") and "领域「测试」的模型文件缺失" in message and "missing" in message
-    assert str(registry.domains["broken"].model.path) not in message
-
-
 def test_the_domain_card_says_before_generating_when_a_model_cannot_work(monkeypatch, registry):
     from rapid_diffusion.serving.ui import domain_markdown
 
@@ -261,35 +243,3 @@ def test_gradio_client_calls_generate_on_a_real_server(registry):
             client.predict(prompt="一只猫", domain="tiny", num_inference_steps=0, api_name="/generate")
         response = httpx.post(f"{url}/api/predict/tiny", json={"text": "猫", "num_inference_steps": 1, "seed": 3})
         assert response.status_code == 200 and response.json()["seeds"] == [3]
-
-
-def test_the_models_tab_lists_skipped_domain_files_by_name(tmp_path, tiny_model_dir):
-    from rapid_diffusion.serving.ui import domain_errors_markdown
-
-    write_domain(tmp_path, "tiny", tiny_model_dir)
-    (tmp_path / "bad.yaml").write_text("id: bad\nheight: tall\n", encoding="utf-8")
-    service = AppService(ModelRegistry(domains=load_domains([tmp_path])), GpuGate())
-    text = domain_errors_markdown(service)
-    assert "已跳过的领域文件 / Skipped domain files" in text and "`bad.yaml`" in text and str(tmp_path) not in text
-    assert domain_errors_markdown(AppService(ModelRegistry(domains=load_domains([tmp_path / "none"])), GpuGate())) == ""
-
-
-def test_models_tab_deletes_a_fine_tuned_model_and_refuses_a_configured_one(test_domains, copy_model, tmp_path):
-    from rapid_diffusion.domains import user_domains_dir
-    from rapid_diffusion.serving.ui import delete_action
-
-    model = copy_model("run")
-    (model / "status.json").write_text('{"state": "done"}', encoding="utf-8")
-    user_domains_dir().mkdir(parents=True)
-    write_domain(user_domains_dir(), "ft-mine-abc123", model)
-    ctx = UiContext(AppService(ModelRegistry(device=torch.device("cpu"), dtype=torch.float32), GpuGate(1, 4)))
-    assert "ft-mine-abc123" in ctx.service.domains
-
-    *_, message, refused = delete_action(ctx, "tiny", None)
-    assert message.startswith("⛔") and "only fine-tuned models" in message
-    assert isinstance(refused, type(gr.skip())) and "tiny" in ctx.service.domains
-
-    table, _, message, deleted = delete_action(ctx, "ft-mine-abc123", None)
-    assert deleted == "deleted:ft-mine-abc123" and "deleted" in message
-    assert "ft-mine-abc123" not in ctx.service.domains and "ft-mine-abc123" not in [row[0] for row in table]
-    assert not model.exists() and not (user_domains_dir() / "ft-mine-abc123.yaml").exists()

@@ -115,8 +115,8 @@ def test_the_models_table_stays_after_a_failed_load(url):
 
     with browser_page(url) as page:
         page.get_by_role("tab", name="模型 / Models").click()
-        page.get_by_label("领域 / Domain").last.click()
-        page.get_by_role("option", name="测试 / Test").first.click()  # "broken" sorts first
+        page.locator("#models-picker input").click()
+        page.get_by_role("option", name="测试 · broken").click()
         page.get_by_role("button", name="加载 / Load").click()
         expect(page.locator("#models-status")).to_contain_text("模型文件缺失", timeout=60_000)
         toast(page, "模型文件缺失")

@@ -1,13 +1,15 @@
 """``import_checkpoint(path, name)``: a checkpoint people already have -> a registered domain.
 
-Two layouts are read: an EasyNLP latent-diffusion fine-tune folder (:mod:`.easynlp`) and a
+Three layouts are read: a diffusers pipeline folder (what the Models tab exports, loaded as the
+registry loads a model), an EasyNLP latent-diffusion fine-tune folder (:mod:`.easynlp`) and a
 single-file Stable Diffusion checkpoint with a diffusers folder for its architecture
-(:mod:`.single_file`). Either becomes a diffusers folder ``$RAPID_DIFFUSION_HOME/models/<name>``
+(:mod:`.single_file`). Each becomes a diffusers folder ``$RAPID_DIFFUSION_HOME/models/<name>``
 (safetensors; EasyNLP's ESRGAN weights beside it, in RGB order) registered as domain ``<name>``
 in ``$RAPID_DIFFUSION_HOME/domains``, the way a finished fine-tune registers itself.
 
 Nothing is downloaded; weights are read as safetensors or ``torch.load(weights_only=True)``;
-zips are refused, not extracted. The folder is written under a temporary name and renamed when
+zips are refused here, not extracted (``service.models`` reads an exported zip entry by entry, checked,
+then imports the folder it wrote). The folder is written under a temporary name and renamed when
 complete, and the domain YAML is written last, so a failure leaves neither behind.
 """
 
@@ -24,8 +26,10 @@ from typing import Callable
 
 from ..domains import DOMAIN_ID_PATTERN, load_domains, write_domain_yaml
 from ..messages import say
-from ..paths import home_dir
+from ..paths import models_dir
+from ..errors import ModelUnavailableError
 from .checkpoints import WEIGHT_SUFFIXES, Converted, ImportFailed
+from .registry import load_pipeline
 from .easynlp import convert_easynlp, read_config
 from .sr_weights import esrgan_rgb_state
 from .single_file import convert_single_file
@@ -34,6 +38,7 @@ logger = logging.getLogger(__name__)
 SR_FILE = "esrgan_x4.safetensors"
 EXAMPLES = ["一只猫", "一幅山水画", "一碗面条"]
 LISTED_ENTRIES = 12
+DIFFUSERS_GUIDANCE = 7.5  # a diffusers folder carries no sampling settings: Stable Diffusion's default
 
 
 @dataclass(frozen=True)
@@ -66,15 +71,11 @@ def import_checkpoint(path: Path | str, name: str, *, config: Path | str | None 
     return ImportResult(name, model_dir, domain_file, converted.layout, sr, tuple(converted.notes))
 
 
-def imported_models_dir() -> Path:
-    return home_dir() / "models"
-
-
 def check_name(name: str) -> None:
     """A valid domain id, not taken by any domain (shipped, configured or user) nor by a model folder."""
     if not re.fullmatch(DOMAIN_ID_PATTERN, name):
         raise ImportFailed(say("import_bad_name", name=name))
-    if name in load_domains() or (imported_models_dir() / name).exists():
+    if name in load_domains() or (models_dir() / name).exists():
         raise ImportFailed(say("import_name_taken", name=name))
 
 
@@ -84,7 +85,7 @@ def read_checkpoint(path: Path, config: Path | str | None, log: Callable[[str], 
         raise ImportFailed(say("import_no_such_path", path=path))
     if path.is_dir():
         if (path / "model_index.json").is_file():
-            raise ImportFailed(say("import_already_diffusers", path=path))
+            return read_diffusers(path, log)
         ldm_config = read_config(path)
         if ldm_config is None:
             raise ImportFailed(say("import_unknown_layout", path=path, found=describe_folder(path)))
@@ -97,6 +98,18 @@ def read_checkpoint(path: Path, config: Path | str | None, log: Callable[[str], 
     if config is None:
         raise ImportFailed(say("import_needs_config"))
     return convert_single_file(path, resolve_config(config), log)
+
+
+def read_diffusers(folder: Path, log: Callable[[str], None]) -> Converted:
+    """A diffusers pipeline folder, loaded as the registry loads a model (safetensors or weights_only, PAI classes)."""
+    import torch
+
+    log(f"reading the diffusers pipeline in {folder}")
+    try:
+        pipe = load_pipeline(folder, torch.device("cpu"), torch.float32)
+    except ModelUnavailableError as exc:
+        raise ImportFailed(say("import_unreadable_pipeline", path=folder.name)) from exc
+    return Converted(pipe, "diffusers", guidance_scale=DIFFUSERS_GUIDANCE)
 
 
 def describe_folder(folder: Path) -> str:
@@ -128,7 +141,7 @@ def resolve_config(config: Path | str) -> Path:
 
 def write_model(converted: Converted, name: str, log: Callable[[str], None]) -> Path:
     """The pipeline (and SR weights) saved under a temporary name in the models folder, then renamed."""
-    root = imported_models_dir()
+    root = models_dir()
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:

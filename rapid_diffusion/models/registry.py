@@ -295,7 +295,7 @@ class ModelRegistry:
     def _unreachable(self, spec: DomainSpec, reason: str) -> ModelUnavailableError:
         """Not downloaded and no hub: the user is told what works instead; why the hub failed goes to the log."""
         log.warning("domain '%s': %s is not cached and the hub cannot be reached (%s)", spec.id, spec.model.describe(), reason)
-        return ModelUnavailableError(say("model_not_downloaded", title=spec.title_zh, domain=spec.id, model=spec.model.describe(),
+        return ModelUnavailableError(say("model_not_downloaded", title=spec.title_zh, domain=spec.id, model=spec.model.name,
                                          **self._offline_hint()))
 
     def _offline_hint(self) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """The service layer: the one place the faces (``ui.py``, ``api.py``, ``cli.py``) call.
 
 :class:`AppService` owns the model registry and the GPU gate and offers what a person can do:
-pick a domain, count a prompt's tokens, generate, load or unload a model, ask for the
-server's health; its ``finetune`` (:mod:`.finetune`) starts and watches fine-tuning
-jobs, answering refusals with the sentence to show. Every other failure leaves here as a
+pick a domain, count a prompt's tokens, generate, ask for the server's health; its
+``models`` (:mod:`.models`) lists, loads, unloads, renames, deletes, exports and imports
+models, and its ``finetune`` (:mod:`.finetune`) starts and watches fine-tuning jobs,
+answering refusals with the sentence to show. Every other failure leaves here as a
 :class:`UserFacingError` (an HTTP status, the field at fault, one bilingual sentence from
 :mod:`rapid_diffusion.messages`); faces only translate
 widgets, JSON or flags into these calls, and errors into their own form (a toast, a JSON
@@ -26,35 +27,22 @@ import torch
 from .batching import GpuGate, Member, QueueFullError
 from ..domains import DomainSpec, ModelSource
 from .finetune import FinetuneService
-from ..training.jobs import DeleteRefused, JobManager
+from ..training.jobs import JobManager
+from .models import ModelsService
 from ..messages import say
 from ..generation.pipeline import GenerationCancelled, GenerationResult
 from ..generation.request import GenerationRequest, PromptReport, RequestError, inspect_prompt
 from ..generation.pipeline import ProgressCallback, batch_key
 from ..generation.preview import PreviewCallback
-from ..models.registry import LoadedModel, ModelRegistry, ModelUnavailableError, adhoc_spec, default_registry, native_size
+from ..models.registry import ModelRegistry, ModelUnavailableError, adhoc_spec, default_registry, native_size
 from ..settings import settings
+from ..errors import UserFacingError
 
 log = logging.getLogger(__name__)
 
 READY_STATES = ("loaded", "offline-ready", "cached")
 
 __all__ = ["AppService", "GenerationCancelled", "GpuGate", "GpuUnavailableError", "QueueFullError", "UserFacingError", "in_process"]
-
-
-@dataclass
-class UserFacingError(Exception):
-    """What a user is told: an HTTP status, the request field at fault (if any), a sentence."""
-
-    status: int
-    message: str
-    field: str | None = None
-
-    def __str__(self) -> str:
-        return self.message
-
-    def body(self) -> dict[str, Any]:
-        return {"error": self.message, "field": self.field}
 
 
 class GpuUnavailableError(RuntimeError):
@@ -159,20 +147,6 @@ class Availability:
     note: str = ""
 
 
-@dataclass(frozen=True)
-class ModelRow:
-    """One line of the Models tab: a domain and, when loaded, what its model costs."""
-
-    domain: str
-    state: str
-    device: str = ""
-    dtype: str = ""
-    memory_mb: float | None = None
-    load_seconds: float | None = None
-    optimization: str = ""
-    acceleration: str = "eager"
-
-
 class AppService:
     """What the faces can ask of the product; one instance per server (or CLI run)."""
 
@@ -181,6 +155,7 @@ class AppService:
         self.registry = registry or default_registry()
         self.gate = gate or GpuGate.from_settings()
         self.finetune = FinetuneService(self.registry, JobManager())
+        self.models = ModelsService(self.registry, self.gate, self.finetune)
         self._gpu_generate = gpu(self.generate_on_gpu, gpu_seconds)
 
     # ------------------------------------------------------------------ domains
@@ -345,34 +320,6 @@ class AppService:
 
     # ------------------------------------------------------------------ models
 
-    def admin_access(self) -> str:
-        """Who may load or unload models: ``open`` (anyone), ``password``, or ``off`` (public host, no password)."""
-        current = settings()
-        if current.password_required:
-            return "password"
-        return "off" if current.is_public else "open"
-
-    def authorize(self, password: str | None) -> None:
-        """Refuse a model action the host does not allow this caller (403)."""
-        access = self.admin_access()
-        if access == "off":
-            raise UserFacingError(403, say("admin_off"))
-        if access == "password" and not settings().password_check(password):
-            raise UserFacingError(403, say("wrong_password"), "password")
-
-    def load(self, domain_id: str | None, password: str | None = None) -> str:
-        """Load a domain's model now (behind the GPU gate); returns the sentence to show."""
-        self.authorize(password)
-        spec = self.spec(domain_id)
-        try:
-            with self.gate.slot():
-                model = self.registry.get(spec)
-        except QueueFullError as exc:
-            raise UserFacingError(503, say("queue_full")) from exc
-        except ModelUnavailableError as exc:
-            raise UserFacingError(503, str(exc), "domain") from exc
-        return say("loaded", domain=spec.id, seconds=model.load_seconds)
-
     def preload(self, domain_ids: list[str]) -> list[str]:
         """Load these domains' models now, at start-up (ZeroGPU's pattern: models on CUDA before any
         GPU call); returns the ids loaded. A domain that cannot load is logged and skipped."""
@@ -385,39 +332,6 @@ class AppService:
                 continue
             loaded.append(domain_id)
         return loaded
-
-    def unload(self, domain_id: str | None, password: str | None = None) -> str:
-        self.authorize(password)
-        spec = self.spec(domain_id)
-        done = self.registry.unload(self.registry.key_for(spec))
-        return say("unloaded" if done else "not_loaded", domain=spec.id)
-
-    def delete(self, domain_id: str | None, password: str | None = None) -> str:
-        """Remove a fine-tuned model (its registration and the folder its job wrote); others are refused."""
-        self.authorize(password)
-        spec = self.spec(domain_id)
-        try:
-            return self.finetune.remove(spec.id)
-        except DeleteRefused as exc:
-            raise UserFacingError(409, str(exc), "domain") from exc
-
-    def models(self) -> list[ModelRow]:
-        loaded: dict[str, LoadedModel] = {m.key: m for m in self.registry.loaded()}
-        rows = []
-        for spec in self.domains.values():
-            model = loaded.get(self.registry.key_for(spec))
-            if model is None:
-                rows.append(ModelRow(spec.id, self.state(spec), optimization=spec.optimization))
-                continue
-            acceleration = self.registry.acceleration(spec)
-            rows.append(
-                ModelRow(
-                    spec.id, "loaded", str(model.device), str(model.dtype).replace("torch.", ""),
-                    round(model.nbytes / 2**20, 1), round(model.load_seconds, 2),
-                    f"{acceleration.level} → {acceleration.applied}", acceleration.state,
-                )
-            )
-        return rows
 
     # ------------------------------------------------------------------ health
 

@@ -175,7 +175,8 @@ class FinetuneService:
         seconds = estimate_seconds(chosen, side, self._device_kind())
         if seconds is None:
             return say("duration_after_start", steps=chosen.max_steps)
-        return say("duration_measured", time=format_seconds(seconds))
+        time_zh, time_en = duration_words(seconds)
+        return say("duration_measured", time_zh=time_zh, time_en=time_en)
 
     def _preset(self, base: str | None, preset: str | None) -> Preset:
         return capped(preset_for(preset or DEFAULT_PRESET, self._native_side(base)))
@@ -427,9 +428,10 @@ def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def format_seconds(seconds: float) -> str:
+def duration_words(seconds: float) -> tuple[str, str]:
+    """("2 分 2 秒", "2 min 2 s"): a duration in each language, for a sentence that says it once in each."""
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     if hours:
-        return f"{hours} 小时 {minutes} 分 / {hours} h {minutes} min"
-    return f"{minutes} 分 {secs} 秒 / {minutes} min {secs} s" if minutes else f"{secs} 秒 / {secs} s"
+        return f"{hours} 小时 {minutes} 分", f"{hours} h {minutes} min"
+    return (f"{minutes} 分 {secs} 秒", f"{minutes} min {secs} s") if minutes else (f"{secs} 秒", f"{secs} s")

@@ -15,8 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-from ..demo import world
 from ..training.options import add_arguments as add_train_arguments
+from .cli_common import CLIError, FLAG_NAMES, add_model_arguments, add_sampling_arguments, open_service
+from .cli_eval import add_eval_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-class CLIError(Exception):
-    """A user-facing failure: printed as one line, exit status 2."""
 
 
 def quiet_libraries() -> None:
@@ -59,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_domains, light=True)
 
     p = sub.add_parser("generate", help="generate images into a folder")
-    _add_model_arguments(p)
+    add_model_arguments(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
-    _add_sampling_arguments(p)
+    add_sampling_arguments(p)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--sampler", default=None)
@@ -71,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_generate)
 
     p = sub.add_parser("predict", help="EasyNLP predict mode: TSV of idx<TAB>text -> idx<TAB>text<TAB>imgbase64")
-    _add_model_arguments(p)
+    add_model_arguments(p)
     p.add_argument("--input", type=Path, required=True)
     p.add_argument("--output", type=Path, required=True)
-    _add_sampling_arguments(p)
+    add_sampling_arguments(p)
     p.add_argument("--sampler", default=None)
     p.set_defaults(handler=cmd_predict)
 
@@ -115,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="a folder or zip (metadata.jsonl or .txt captions), or an EasyNLP TSV")
     p.set_defaults(handler=cmd_check_data, light=True)
 
-    p = sub.add_parser("import", help="turn an EasyNLP fine-tune folder or a single-file SD checkpoint into a registered domain")
-    p.add_argument("path", type=Path, help="an EasyNLP/CompVis folder (config.json + pytorch_model.bin ...) or a .safetensors/.ckpt file")
+    p = sub.add_parser("import", help="turn a model (a diffusers folder or a zip the Models tab exported, an EasyNLP fine-tune folder, "
+                       "a single-file SD checkpoint) into a registered domain")
+    p.add_argument("path", type=Path, help="a diffusers folder or a zip of one, an EasyNLP/CompVis folder (config.json + pytorch_model.bin ...) "
+                   "or a .safetensors/.ckpt file")
     p.add_argument("--name", required=True, help="id of the new domain (lowercase letters, digits, - and _)")
     p.add_argument("--config", default=None,
                    help="for a single file: a diffusers model folder of the same architecture, or a domain id, giving configs and vocabulary")
@@ -126,43 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser(
-        "eval", help="demo prompt adherence, or with --data: FID and Chinese CLIP score against a test set",
-        description="Two modes. Without --data: prompt adherence on the demo world's test split (or another set), "
-        "judged by the demo judge: report.json + contact_sheet.png. With --data: one image per caption of a test set "
-        "(or --images-per-caption), generated as the app generates them with fixed seeds (image j of caption i: "
-        "seed + i * images-per-caption + j), then FID against the real pictures (pytorch-fid's Inception features), "
-        "the Chinese CLIP score of the images against their captions and, with --clip-model, text-to-image "
-        "R@1/5/10 over the real pairs: report.json + images/.",
-    )
-    _add_model_arguments(p)
-    p.add_argument("--data", type=Path, default=None,
-                   help="test pairs: an EasyNLP TSV (idx<TAB>text<TAB>imgbase64) or a folder / zip of images with captions "
-                   "(metadata.jsonl or .txt beside each image); switches to FID / CLIP-score mode")
-    p.add_argument("--out", type=Path, default=Path("eval-out"), help="folder for report.json (and the images)")
-    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the domain's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the domain's)")
-    p.add_argument("--seed", type=int, default=0, help="the first image's seed; each further image takes the next")
-    p.add_argument("--images-per-prompt", "--images-per-caption", dest="images_per_prompt", type=int, default=None,
-                   help="images drawn per prompt or caption, each with its own seed (default: 3 for the demo eval, 1 with --data)")
-    demo_mode = p.add_argument_group("demo adherence (without --data)")
-    demo_mode.add_argument("--set", dest="eval_set", choices=world.EVAL_SETS, default=None,
-                           help="test (default): the held-out test combinations; validation: for choosing steps and guidance; unseen: phrasings training never used")
-    demo_mode.add_argument("--num-prompts", type=int, default=None, help="default: every prompt of the set")
-    data_mode = p.add_argument_group("FID and CLIP score (with --data)")
-    data_mode.add_argument("--sampler", default=None, help="default: the domain's")
-    data_mode.add_argument("--super-resolution", action=argparse.BooleanOptionalAction, default=None,
-                           help="x4 super-resolution of the generated images (default: the domain's); compare at the test pictures' size")
-    data_mode.add_argument("--fid-weights", type=Path, default=None,
-                           help="a local copy of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache, downloaded once)")
-    data_mode.add_argument("--stand-in-features", action="store_true", default=None,
-                           help="where the standard weights cannot be had: the same network with seeded random weights; "
-                           "reported as fid_stand_in, never as FID, and not comparable with published figures")
-    data_mode.add_argument("--clip-model", default=None,
-                           help="Chinese CLIP model (hub id or local folder) for the CLIP score, and adds R@1/5/10 over the real pairs "
-                           "(default for the score alone: OFA-Sys/chinese-clip-vit-base-patch16, downloaded once)")
-    p.set_defaults(handler=cmd_eval)
-
+    add_eval_command(sub)
     add_dev_commands(sub)
     return parser
 
@@ -180,19 +143,6 @@ def add_dev_commands(sub) -> None:
     importlib.import_module("rapid_diffusion_dev.cli").register(sub)
 
 
-def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--domain", help="a domain id (see `rapid-diffusion domains`)")
-    group.add_argument("--model", help="a diffusers Stable Diffusion folder or hub id (owner/name[@revision])")
-
-
-def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the domain's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the domain's)")
-    p.add_argument("--seed", type=int, default=None, help="image i uses seed+i (default: random)")
-    p.add_argument("--num-images", type=int, default=1)
-
-
 def cmd_domains(args) -> int:
     """Valid domains to stdout; each skipped file is logged to stderr. Fails only when none is valid."""
     from ..domains import load_domains
@@ -203,34 +153,6 @@ def cmd_domains(args) -> int:
     if not specs:
         raise CLIError("没有可用的域 / no valid domain")
     return 0
-
-
-def open_service(args):
-    """The service and the domain spec named by ``--domain`` or ``--model`` (its model loaded)."""
-    from ..models.registry import ModelRegistry
-    from ..service.app import AppService, UserFacingError
-
-    registry = ModelRegistry(progress=lambda message: print(message, file=sys.stderr), background_warmup=False)
-    service = AppService(registry)
-    try:
-        if args.domain:
-            spec = service.spec(args.domain)
-            service.load(args.domain)
-        else:
-            spec = service.model_spec(args.model)
-    except UserFacingError as exc:
-        raise CLIError(exc.message) from exc
-    return service, spec
-
-
-# A refusal names the flag the user typed.
-FLAG_NAMES = {
-    field: (flag, flag) for field, flag in {
-        "prompt": "--prompt", "negative_prompt": "--negative-prompt", "num_inference_steps": "--steps",
-        "guidance_scale": "--guidance", "seed": "--seed", "num_images": "--num-images", "height": "--height",
-        "width": "--width", "sampler": "--sampler", "super_resolution": "--super-resolution",
-    }.items()
-}
 
 
 def cmd_generate(args) -> int:
@@ -401,11 +323,12 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_import(args) -> int:
-    """Progress on stderr; the new model's folder and domain on stdout, like ``train``."""
-    from ..models.importing import ImportFailed, import_checkpoint
+    """Progress on stderr; the new model's folder and domain on stdout, like ``train``. The Models tab's import path."""
+    from ..models.checkpoints import ImportFailed
+    from ..service.models import import_any
 
     try:
-        result = import_checkpoint(args.path, args.name, config=args.config, log=lambda line: print(line, file=sys.stderr))
+        result = import_any(args.path, args.name, config=args.config, log=lambda line: print(line, file=sys.stderr))
     except ImportFailed as exc:
         raise CLIError(str(exc)) from exc
     print(f"model: {result.model_dir}")
@@ -425,117 +348,3 @@ def cmd_train(args) -> int:
         return run(config_from_args(args))
     except (TrainingError, ModelUnavailableError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
-
-
-EVAL_DATA_OPTIONS = {"sampler": "--sampler", "super_resolution": "--super-resolution", "fid_weights": "--fid-weights", "stand_in_features": "--stand-in-features", "clip_model": "--clip-model"}
-EVAL_DEMO_OPTIONS = {"eval_set": "--set", "num_prompts": "--num-prompts"}
-
-
-def cmd_eval(args) -> int:
-    check_eval_mode(args)
-    if args.data is not None:
-        return cmd_eval_data(args)
-    from ..demo.evaluate import evaluate
-
-    eval_set = args.eval_set or "test"
-    images_per_prompt = 3 if args.images_per_prompt is None else args.images_per_prompt
-    service, spec = open_service(args)
-    report = evaluate(spec, service.registry, out=args.out, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
-                      seed=args.seed, images_per_prompt=images_per_prompt, eval_set=eval_set)
-    print(f"{report['num_images']} images ({report['num_prompts']} {eval_set} prompts x {report['images_per_prompt']})")
-    print(", ".join(f"{k} {v:.1%}" for k, v in report["accuracy"].items()))
-    print(f"VAE round trip on off-palette colours: mean error {report['vae_colour_error']:.1f} / 255 (median over objects)")
-    print(f"report: {args.out / 'report.json'}")
-    print(f"contact sheet: {args.out / 'contact_sheet.png'}")
-    return 0
-
-
-def check_eval_mode(args) -> None:
-    """Refuse an option of the other mode rather than ignore it."""
-    from ..messages import say
-
-    if args.data is None:
-        given = [flag for dest, flag in EVAL_DATA_OPTIONS.items() if getattr(args, dest) is not None]
-        if given:
-            raise CLIError(say("eval_needs_data", flags=", ".join(given)))
-    else:
-        given = [flag for dest, flag in EVAL_DEMO_OPTIONS.items() if getattr(args, dest) is not None]
-        if given:
-            raise CLIError(say("eval_demo_only", flags=", ".join(given)))
-
-
-def cmd_eval_data(args) -> int:
-    """FID / CLIP score / R@K of the model's images for a test set's captions (rapid_diffusion.evaluation).
-
-    The metrics' weights are loaded first, so a missing one is reported before any image is generated.
-    """
-    from ..evaluation.run import evaluate_generation, load_metrics
-    from ..messages import say
-
-    pairs = read_eval_pairs(args.data)
-    metrics = load_metrics(args.fid_weights, bool(args.stand_in_features), args.clip_model)
-    for name, message in metrics.unavailable.items():
-        print(f"{name}: {message}", file=sys.stderr)
-    if not metrics.anything:
-        raise CLIError(say("nothing_to_measure"))
-    service, spec = open_service(args)
-    sampling, generate = eval_generator(service, spec, args, len(pairs))
-    report = evaluate_generation(pairs, generate, sampling, metrics, data=str(args.data), out=args.out)
-    for line in report.summary_lines():
-        print(line)
-    print(f"report: {args.out / 'report.json'}")
-    return 0
-
-
-def read_eval_pairs(path: Path) -> list:
-    """The usable pairs of a test set, read and checked by the fine-tuning data reader; skipped items on stderr."""
-    from ..training.data import check_path
-    from ..messages import say
-
-    report = check_path(path)
-    if report.issues or report.notes:
-        print("\n".join(report.lines()), file=sys.stderr)
-    if not report.pairs:
-        raise CLIError(say("no_eval_pairs", path=path))
-    return report.pairs
-
-
-# eval --data's flags, and the test set's captions, as a refusal names them.
-EVAL_FLAG_NAMES = {**FLAG_NAMES, "num_images": ("--images-per-caption",) * 2, "prompt": ("描述", "caption")}
-
-
-def eval_generator(service, spec, args, captions: int):
-    """The run's sampling settings (the domain's defaults filled in; validated up to the last caption's seeds,
-    before anything is generated) and ``generate(caption, first_seed, count)`` through the service, as the app
-    generates."""
-    from dataclasses import replace
-
-    from ..evaluation.report import Sampling
-    from ..service.inputs import request_from_inputs
-    from ..messages import say
-    from ..generation.request import Limits, RequestError
-    from ..service.app import UserFacingError
-
-    per_caption = 1 if args.images_per_prompt is None else args.images_per_prompt
-    request = request_from_inputs("-", num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                                  num_images=per_caption, sampler=args.sampler, super_resolution=args.super_resolution)
-    try:
-        request = request.resolve(spec)
-        replace(request, seed=request.seed + (captions - 1) * per_caption).validate(Limits.from_env())
-    except RequestError as exc:
-        name_zh, name_en = EVAL_FLAG_NAMES.get(exc.field, (exc.field, exc.field))
-        raise CLIError(say("invalid_field", field_zh=name_zh, field_en=name_en, reason_zh=exc.reason_zh, reason_en=exc.reason)) from exc
-    sampling = Sampling(
-        model=f"{spec.id} ({spec.model.describe()})", seed=request.seed, steps=request.num_inference_steps,
-        sampler=request.sampler, guidance=request.guidance_scale, width=request.width, height=request.height,
-        negative_prompt=request.negative_prompt, super_resolution=request.super_resolution, images_per_caption=request.num_images,
-    )
-
-    def generate(caption: str, first_seed: int, count: int):
-        request_i = replace(request, prompt=caption, seed=first_seed, num_images=count)
-        try:
-            return service.generate(request_i, spec, field_names=EVAL_FLAG_NAMES).images
-        except UserFacingError as exc:
-            raise CLIError(exc.message) from exc
-
-    return sampling, generate

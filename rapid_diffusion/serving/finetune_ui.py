@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from ..service.finetune import FinetuneService, Form, JobView, format_seconds
+from ..messages import say
+from ..service.finetune import FinetuneService, Form, JobView, duration_words
 from ..training.options import DEFAULT_PRESET, PRESET_LABELS, defaults
 
 POLL_SECONDS = 2.0
@@ -33,7 +34,7 @@ def progress_html(view: JobView) -> str:
     if not view.max_steps:
         return ""
     left = view.eta_seconds
-    left_text = "" if left is None else f" · 剩余约 {format_seconds(left)} / about {format_seconds(left)} left"
+    left_text = "" if left is None else " · " + say("time_left", **dict(zip(("time_zh", "time_en"), duration_words(left))))
     return (
         f'<progress value="{view.step}" max="{view.max_steps}" style="width:100%"></progress>'
         f"<div>{view.step}/{view.max_steps} 步 / steps{left_text}</div>"
@@ -152,6 +153,11 @@ def build_finetune_tab(service: FinetuneService) -> dict:
     with gr.Row():
         mine = gr.Dropdown(service.finetuned_choices(), value=None, label="我的微调模型 / my fine-tuned models", scale=3)
         delete_button = gr.Button("删除模型 / Delete model", variant="stop", scale=1)
+    with gr.Row(visible=False, elem_id="finetune-confirm") as confirm_row:  # deleting asks first
+        confirm_text = gr.Markdown()
+        confirm_button = gr.Button("确认删除 / Yes, delete", variant="stop")
+        cancel_button = gr.Button("取消 / Cancel")
+    deleted = gr.Markdown(elem_id="finetune-deleted")  # the poll never writes here, so the sentence stays
     new_domain = gr.Textbox(visible="hidden")  # rendered (so its change event fires), never shown
 
     form_inputs = [name, base, steps, learning_rate, batch_size, accumulation, resolution, train_text_encoder,
@@ -180,8 +186,14 @@ def build_finetune_tab(service: FinetuneService) -> dict:
         domain = view.new_domain if view.new_domain and view.new_domain != known else gr.skip()
         return (view.job_id, view.status_markdown, progress_html(view), *heavy, domain, view.revision)
 
+    def on_ask_delete(domain_id):
+        if not domain_id:
+            return gr.update(visible=False), "", say("no_model_picked")
+        names = dict((model_id, label) for label, model_id in service.finetuned_choices())
+        return gr.update(visible=True), f"**{say('confirm_delete', name=names.get(domain_id, domain_id))}**", ""
+
     def on_delete(domain_id, pw):
-        return service.delete(domain_id, pw), f"deleted:{domain_id}"
+        return gr.update(visible=False), service.delete(domain_id, pw), f"deleted:{domain_id}"
 
     def on_preset(base_id, preset_key):
         return (*service.preset_fields(base_id, preset_key), service.duration(base_id, preset_key))
@@ -199,10 +211,12 @@ def build_finetune_tab(service: FinetuneService) -> dict:
     start_button.click(on_start, inputs=[uploads, captions, password, *form_inputs], outputs=[job_id, report], **private)
     stop_button.click(on_stop, inputs=[job_id, password], outputs=status, **private)
     resume_button.click(on_resume, inputs=[job_id, password], outputs=[job_id, report], **private)
-    delete_button.click(on_delete, inputs=[mine, password], outputs=[status, new_domain], **private)
+    delete_button.click(on_ask_delete, inputs=mine, outputs=[confirm_row, confirm_text, deleted], **private)
+    cancel_button.click(lambda: (gr.update(visible=False), ""), outputs=[confirm_row, deleted], **private)
+    confirm_button.click(on_delete, inputs=[mine, password], outputs=[confirm_row, deleted, new_domain], **private)
     new_domain.change(refresh_lists, inputs=base, outputs=[base, mine], **private)
     timer = gr.Timer(POLL_SECONDS)
     seen = gr.State(None)
     poll_outputs = [job_id, status, progress, loss_plot, samples, comparison, new_domain, seen]
     timer.tick(on_poll, inputs=[job_id, password, new_domain, seen], outputs=poll_outputs, show_progress="hidden", **private)
-    return {"new_domain": new_domain, "status": status, "loss_plot": loss_plot, "timer": timer, "job_id": job_id}
+    return {"new_domain": new_domain, "status": status, "loss_plot": loss_plot, "timer": timer, "job_id": job_id, "mine": mine}

@@ -8,16 +8,11 @@ Images are served as the PNG files ``GenerationResult.png_bytes`` writes, settin
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import json
 import logging
 import queue
-import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
@@ -26,30 +21,17 @@ import torch
 from ..domains import OPTIMIZATION_LEVELS, DomainSpec
 from ..messages import say
 from ..generation.pipeline import GenerationCancelled, GenerationResult
-from ..generation.request import GenerationRequest
 from ..generation.preview import PreviewCallback
 from ..service.inputs import request_from_inputs
 from ..generation.samplers import SAMPLER_LABELS
 from ..service.app import AppService, UserFacingError
+from .models_ui import build_models_tab
+from .named_api import build_named_api
+from .ui_common import GPU_GROUP, STATE_LABELS, acceleration_label, generate_on_gpu, level_label, save_pngs, spec_or_error
 from ..settings import settings
 
 log = logging.getLogger(__name__)
 
-GPU_GROUP = "gpu"
-STATE_LABELS = {
-    "loaded": "已加载 loaded",
-    "offline-ready": "本地可用 offline-ready",
-    "cached": "已缓存 cached",
-    "needs-download": "需下载 needs-download",
-    "incomplete": "下载未完成 incomplete",
-    "missing": "缺失 missing",
-}
-ACCELERATION_LABELS = {
-    "eager": "未加速 eager",
-    "compiling": "编译中 compiling",
-    "compiled": "已加速 accelerated",
-    "failed": "未加速 eager (加速失败 failed)",
-}
 # Each widget's label, and the name a refusal of its value uses (Chinese, English).
 LABELS = {
     "prompt": ("提示词", "Prompt"),
@@ -71,10 +53,6 @@ def label(field_name: str, note: str = "") -> str:
 
 
 COMMON_SIZES = ("512x512", "512x768", "768x512", "768x768", "256x256")
-MODEL_COLUMNS = [
-    "领域 Domain", "状态 State", "设备 Device", "精度 Dtype", "内存 Memory (MB)", "加载 Load (s)", "优化 Optimization", "加速 Acceleration",
-]
-
 
 class StopFlags:
     """One stop flag per browser session: the Stop button sets it, the denoising loop reads it."""
@@ -106,20 +84,7 @@ class UiContext:
     stop_flags: StopFlags = field(default_factory=StopFlags)
 
     def spec(self, domain_id: str | None) -> DomainSpec:
-        try:
-            return self.service.spec(domain_id)
-        except UserFacingError as exc:
-            log.info("refused: %s", exc.message)
-            raise ui_error(exc.message) from exc
-
-
-def ui_error(message: str) -> gr.Error:
-    """The error toast: the service's bilingual sentence under a bilingual title.
-
-    No traceback in the server log (Gradio prints one per ``gr.Error`` by default): a refused
-    input is logged as one line where it is refused.
-    """
-    return gr.Error(message, title=say("error_title"), print_exception=False)
+        return spec_or_error(self.service, domain_id)
 
 
 def build_ui(service: AppService | None = None) -> gr.Blocks:
@@ -136,16 +101,21 @@ def build_ui(service: AppService | None = None) -> gr.Blocks:
             with gr.Tab("文生图 / Text to image"):
                 domain = build_generate_tab(ctx)
             with gr.Tab("模型 / Models") as models_tab:
-                models = build_models_tab(ctx, demo, models_tab)
+                models = build_models_tab(ctx.service, demo, models_tab)
             with gr.Tab("微调 / Fine-tune"):
                 finetune = build_finetune(ctx)
-        build_named_api(ctx)
+        build_named_api(ctx.service)
         refresh_picker = [lambda d: domain_picker_update(ctx, d if d in ctx.service.domains else None), domain, domain]
         demo.load(*refresh_picker, api_visibility="private")
-        for changed in filter(None, [finetune.get("new_domain"), models.get("deleted")]):
+        for changed in filter(None, [finetune.get("new_domain"), models.get("changed")]):
             changed.change(*refresh_picker, api_visibility="private")
-            if "domain" in models:
-                changed.change(lambda: models_picker_update(ctx), None, models["domain"], api_visibility="private")
+        if "picker" in models and "new_domain" in finetune:
+            finetune["new_domain"].change(lambda m: gr.update(choices=ctx.service.models.choices(), value=m),
+                                          models["picker"], models["picker"], api_visibility="private")
+        if "mine" in finetune:  # the fine-tuned models as they are now: at page load, and after the Models tab changed one
+            for trigger in filter(None, [demo.load, models.get("changed") and models["changed"].change]):
+                trigger(lambda: gr.update(choices=ctx.service.finetune.finetuned_choices(), value=None), None, finetune["mine"],
+                        api_visibility="private")
     return demo
 
 
@@ -298,7 +268,7 @@ def make_ui_generate(ctx: UiContext):
         flag = ctx.stop_flags.start(session)
 
         def run(preview):
-            return generate_on_gpu(ctx.service, gen_request, spec.id, level, progress_reporter(progress), flag.is_set, preview)
+            return generate_on_gpu(ctx.service, gen_request, spec.id, level, progress_reporter(progress), flag.is_set, preview, LABELS)
 
         try:
             if live_preview:
@@ -346,46 +316,11 @@ def stream_previews(run: Callable[[PreviewCallback], GenerationResult]):
     return outcome["result"]
 
 
-def generate_on_gpu(
-    service: AppService, request: GenerationRequest, domain_id: str, optimization: str | None, progress, should_stop, preview=None,
-    field_names=LABELS,
-) -> GenerationResult:
-    """A UI request through the service (whose GPU part is ``spaces.GPU``'s on ZeroGPU); errors -> ``gr.Error``."""
-    try:
-        return service.generate(request, domain_id, optimization=optimization, progress=progress, should_stop=should_stop,
-                                preview=preview, field_names=field_names)
-    except UserFacingError as exc:
-        log.info("generation refused for domain %s: %s", domain_id, exc.message)
-        raise ui_error(exc.message) from exc
-    except GenerationCancelled:
-        raise
-    except Exception as exc:
-        log.exception("generation failed for domain %s", domain_id)
-        raise ui_error(say("internal_error")) from exc
-
-
 def progress_reporter(progress: gr.Progress):
     def report(done: int, total: int) -> None:
         progress((done, total), desc="去噪 / Denoising", unit="steps")
 
     return report
-
-
-OUTPUT_LIFETIME_S = 3600  # as long as Gradio keeps its cached copies (delete_cache below)
-
-
-def save_pngs(result: GenerationResult) -> list[Path]:
-    """Write the PNGs (settings embedded) to a temp folder; Gradio serves them from copies in its cache.
-
-    Files older than ``OUTPUT_LIFETIME_S`` are removed first, so the folder stays small.
-    """
-    folder = Path(tempfile.gettempdir()) / "rapid-diffusion-outputs"
-    cutoff = time.time() - OUTPUT_LIFETIME_S
-    for old in folder.glob("*.png") if folder.is_dir() else []:
-        with contextlib.suppress(FileNotFoundError):
-            if old.stat().st_mtime < cutoff:
-                old.unlink()
-    return result.save(folder)
 
 
 def timings_markdown(result: GenerationResult) -> str:
@@ -426,11 +361,10 @@ def domain_markdown(service: AppService, spec: DomainSpec) -> str:
 def acceleration_markdown(service: AppService, spec: DomainSpec) -> str:
     """What the domain runs on once loaded: 编译中 while its optimised pipeline is built, then 已加速."""
     if spec.optimization == "none" or service.state(spec) != "loaded":
-        return f" · 加速 / Acceleration: {spec.optimization}"
+        return f" · 加速 / Acceleration: {level_label(spec.optimization)}"
     acceleration = service.registry.acceleration(spec)
-    label = ACCELERATION_LABELS.get(acceleration.state, acceleration.state)
     reason = f"（{acceleration.reason}）" if acceleration.state == "failed" and acceleration.reason else ""
-    return f" · 加速 / Acceleration: **{label}** ({acceleration.level} → {acceleration.applied}){reason}"
+    return f" · 加速 / Acceleration: **{acceleration_label(acceleration)}**{reason}"
 
 
 def usable(service: AppService, spec: DomainSpec | None) -> bool:
@@ -477,104 +411,6 @@ def token_count_markdown(ctx: UiContext, domain_id: str | None, prompt: str | No
     return f"⚠️ {count} — {' '.join(notes)}" if notes else count
 
 
-def build_models_tab(ctx: UiContext, demo: gr.Blocks, tab: gr.Tab) -> dict[str, gr.components.Component]:
-    """The loaded models and their cost; loading, unloading and deleting only where the host allows it.
-
-    On a public host without a password the buttons are not built at all, so no event exists
-    for a stranger to call; with a password every action checks it on the server. Returns the
-    domain picker and ``deleted`` (a hidden box that changes when a model is deleted).
-    """
-    table = gr.Dataframe(headers=MODEL_COLUMNS, value=models_table(ctx.service), interactive=False, label="模型 / Models", elem_id="models-table")
-    memory = gr.Markdown(device_memory_markdown())
-    gr.Markdown(domain_errors_markdown(ctx.service), elem_id="domain-errors")
-    access = ctx.service.admin_access()
-    outputs, components = [table, memory], {}
-    if access == "off":
-        gr.Markdown(say("admin_off"), elem_id="models-status")
-    else:
-        with gr.Row():
-            domain = gr.Dropdown([(s.title, s.id) for s in ctx.service.domains.values()], label="领域 / Domain", scale=3)
-            password = gr.Textbox(label="密码 / Password", type="password", scale=2, visible=access == "password")
-            load_btn = gr.Button("加载 / Load", variant="primary", scale=1)
-            unload_btn = gr.Button("卸载 / Unload", scale=1)
-            delete_btn = gr.Button("删除 / Delete", variant="stop", scale=1, elem_id="models-delete")
-        status = gr.Markdown(elem_id="models-status")
-        deleted = gr.Textbox(visible=False)
-        components = {"domain": domain, "deleted": deleted}
-        outputs = [table, memory, status]
-        load_btn.click(
-            lambda d, pw: models_action(ctx, ctx.service.load, d, pw),
-            [domain, password],
-            outputs,
-            concurrency_id=GPU_GROUP,
-            concurrency_limit=ctx.service.gate.slots,
-            api_visibility="private",
-        )
-        unload_btn.click(lambda d, pw: models_action(ctx, ctx.service.unload, d, pw), [domain, password], outputs, api_visibility="private")
-        delete_btn.click(lambda d, pw: delete_action(ctx, d, pw), [domain, password], [*outputs, deleted], api_visibility="private")
-    refresh_btn = gr.Button("刷新 / Refresh", size="sm")
-    refresh_btn.click(lambda: models_view(ctx, "")[: len(outputs)], None, outputs, api_visibility="private")
-    for shown in (demo.load, tab.select):  # a model loaded by a generation shows when the tab is opened
-        shown(lambda: models_table(ctx.service), None, table, api_visibility="private")
-    return components
-
-
-def models_table(service: AppService) -> list[list[Any]]:
-    return [
-        [row.domain, STATE_LABELS.get(row.state, row.state), row.device, row.dtype,
-         "" if row.memory_mb is None else row.memory_mb, "" if row.load_seconds is None else row.load_seconds, row.optimization,
-         ACCELERATION_LABELS.get(row.acceleration, row.acceleration) if row.state == "loaded" else ""]
-        for row in service.models()
-    ]
-
-
-def domain_errors_markdown(service: AppService) -> str:
-    """The domain files skipped at start-up (file name and field, never a path), so the owner sees why one is missing."""
-    errors = service.skipped_domain_files()
-    if not errors:
-        return ""
-    lines = [f"- `{e['file']}` · {e['field']}: {e['problem']}" for e in errors]
-    return f"**⚠️ {say('skipped_domain_files')}**\n\n" + "\n".join(lines)
-
-
-def device_memory_markdown() -> str:
-    if not torch.cuda.is_available():
-        return "设备 / Device: CPU (no CUDA)"
-    used = torch.cuda.memory_allocated() / 2**30
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    return f"设备 / Device: {torch.cuda.get_device_name(0)} · 显存 / GPU memory {used:.1f} / {total:.1f} GiB"
-
-
-def models_view(ctx: UiContext, message: str):
-    return models_table(ctx.service), device_memory_markdown(), message
-
-
-def models_picker_update(ctx: UiContext):
-    return gr.update(choices=[(s.title, s.id) for s in ctx.service.domains.values()], value=None)
-
-
-def delete_action(ctx: UiContext, domain_id: str | None, password: str | None):
-    """Delete a fine-tuned model; ``deleted`` changes only when one was removed, refreshing every picker."""
-    before = set(ctx.service.domains)
-    table, memory, message = models_action(ctx, ctx.service.delete, domain_id, password)
-    gone = before - set(ctx.service.domains)
-    return table, memory, message, f"deleted:{','.join(sorted(gone))}" if gone else gr.skip()
-
-
-def models_action(ctx: UiContext, action: Callable[[str, str | None], str], domain_id: str | None, password: str | None):
-    """Load, unload or delete (``action``, a service method); a refusal is a toast and a status
-    line, and the table stays on screen."""
-    try:
-        if not domain_id:
-            raise UserFacingError(422, say("no_domain"), "domain")
-        message = action(domain_id, password)
-    except UserFacingError as exc:
-        log.info("model action refused for domain %s: %s", domain_id, exc.message)
-        gr.Warning(exc.message, title=say("error_title"))
-        return models_view(ctx, f"⛔ {exc.message}")
-    return models_view(ctx, message)
-
-
 def build_finetune(ctx: UiContext) -> dict[str, Any]:
     """The Fine-tune tab from ``finetune_ui`` (its ``new_domain`` output refreshes the picker).
 
@@ -590,74 +426,3 @@ def build_finetune(ctx: UiContext) -> dict[str, Any]:
         gr.Markdown("微调界面未安装 / The fine-tuning tab is not available in this build.")
         return {}
     return build_finetune_tab(ctx.service.finetune) or {}
-
-
-def build_named_api(ctx: UiContext) -> None:
-    """``/generate`` for ``gradio_client``, with parameters in the diffusers vocabulary."""
-    with gr.Column(visible=False):
-        inputs = [
-            gr.Textbox(label="prompt"),
-            gr.Textbox(label="negative_prompt", value=None),
-            gr.Textbox(label="domain"),
-            RawNumber(label="num_inference_steps", precision=0),
-            RawNumber(label="guidance_scale"),
-            RawNumber(label="seed", precision=0),
-            RawNumber(label="num_images", precision=0),
-            gr.Textbox(label="sampler"),
-            gr.Radio([True, False], value=None, label="super_resolution"),
-        ]
-        outputs = [gr.Gallery(label="images", format="png"), gr.JSON(label="info")]
-        trigger = gr.Button(visible=False)
-    trigger.click(
-        make_api_generate(ctx),
-        inputs,
-        outputs,
-        api_name="generate",
-        concurrency_id=GPU_GROUP,
-        concurrency_limit=ctx.service.gate.slots,
-    )
-
-
-NAMED_API_FIELDS = {name: (name, name) for name in LABELS}
-
-
-class RawNumber(gr.Number):
-    """A number input of the named API that hands its value on unconverted.
-
-    ``gr.Number`` rounds to its precision (1.5 became 2) and fails without a message on NaN or
-    text; the core instead refuses such a value with the same bilingual reason the UI gives.
-    Rendered as a plain number field.
-    """
-
-    def preprocess(self, payload):
-        return payload
-
-    def get_block_name(self) -> str:
-        return "number"
-
-
-def make_api_generate(ctx: UiContext):
-    def generate(
-        prompt: str,
-        negative_prompt: str | None = None,
-        domain: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int | None = None,
-        num_images: int | None = None,
-        sampler: str | None = None,
-        super_resolution: bool | None = None,
-    ):
-        """Generate images; any parameter left empty takes the domain's default."""
-        spec = ctx.spec(domain)
-        request = request_from_inputs(
-            prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            seed=seed, num_images=num_images, sampler=sampler, super_resolution=super_resolution,
-        )
-        result = generate_on_gpu(ctx.service, request, spec.id, None, None, None, None, NAMED_API_FIELDS)
-        paths = save_pngs(result)
-        info = {"seeds": result.seeds, "timings": result.timings, "notes": result.notes, "settings": result.settings}
-        return [(str(p), f"seed {s}") for p, s in zip(paths, result.seeds)], json.loads(json.dumps(info, default=str))
-
-    return generate
-

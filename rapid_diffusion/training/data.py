@@ -96,6 +96,7 @@ REASONS = {
     "duplicate_name": ("压缩包内文件名重复", "duplicate name in the archive"),
     "encrypted": ("压缩包条目已加密", "encrypted zip entry"),
     "bad_archive": ("压缩包损坏或无法读取", "corrupt or unreadable zip archive"),
+    "no_pictures": ("压缩包里没有图片", "the zip holds no pictures"),
     "bad_compression": ("不支持的压缩方式", "unsupported compression method"),
     "nested_archive": ("压缩包内的压缩包不会被打开", "nested archive, not opened"),
     "bad_encoding": ("文字编码无法识别（请用 UTF-8）", "unknown text encoding (use UTF-8)"),
@@ -159,9 +160,10 @@ class DataReport:
         return len({issue.item for issue in self.issues})
 
     def summary(self) -> str:
+        pairs, skipped = len(self.pairs), self.skipped
         return (
-            f"可用 {len(self.pairs)} 对，跳过 {self.skipped} 项 / "
-            f"{len(self.pairs)} usable pairs, {self.skipped} items skipped"
+            f"可用 {pairs} 对，跳过 {skipped} 项 / "
+            f"{pairs} usable {'pair' if pairs == 1 else 'pairs'}, {skipped} {'item' if skipped == 1 else 'items'} skipped"
         )
 
     def lines(self) -> list[str]:
@@ -506,7 +508,7 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
-def _normal_name(name: str) -> str:
+def normal_name(name: str) -> str:
     """``./a.png`` and ``a.png`` name the same entry."""
     return PurePosixPath(name.replace("\\", "/")).as_posix()
 
@@ -527,10 +529,12 @@ def _check_zip(checker: _Checker, path: Path) -> None:
             for item, name, text in rows:
                 _check_zip_member(checker, archive, members, name, text)
             return
-        for name in sorted(members):
-            if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
-                text = _zip_sidecar_caption(checker, archive, members, name)
-                _check_zip_member(checker, archive, members, name, text)
+        images = [name for name in sorted(members) if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES]
+        if not any(PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES for name in archive.namelist()):
+            return checker.reject(path.name, "no_pictures")
+        for name in images:
+            text = _zip_sidecar_caption(checker, archive, members, name)
+            _check_zip_member(checker, archive, members, name, text)
 
 
 def _safe_zip_members(checker: _Checker, archive: zipfile.ZipFile, zip_name: str) -> dict[str, zipfile.ZipInfo]:
@@ -539,12 +543,12 @@ def _safe_zip_members(checker: _Checker, archive: zipfile.ZipFile, zip_name: str
     duplicates: set[str] = set()
     total = 0
     for info in archive.infolist():
-        name = _normal_name(info.filename)
+        name = normal_name(info.filename)
         if info.is_dir():
             if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
                 checker.reject(info.filename, "is_directory", f"in {zip_name}")
             continue
-        problem = _zip_entry_problem(checker.limits, info, total)
+        problem = zip_entry_problem(checker.limits, info, total)
         if problem is None and (name in members or name in duplicates):
             problem = ("duplicate_name", f"in {zip_name}")
             duplicates.add(name)
@@ -557,7 +561,7 @@ def _safe_zip_members(checker: _Checker, archive: zipfile.ZipFile, zip_name: str
     return members
 
 
-def _zip_entry_problem(limits: DataLimits, info: zipfile.ZipInfo, total: int) -> tuple[str, str] | None:
+def zip_entry_problem(limits: DataLimits, info: zipfile.ZipInfo, total: int) -> tuple[str, str] | None:
     """Why an entry cannot be read safely, from its header alone."""
     name = info.filename
     problem = _name_problem(name)
@@ -607,7 +611,7 @@ def _check_zip_member(checker: _Checker, archive: zipfile.ZipFile, members: dict
     problem = _name_problem(name)
     if problem:
         return checker.reject(name, problem)
-    info = members.get(_normal_name(name))
+    info = members.get(normal_name(name))
     if info is None:
         if not any(issue.item == name for issue in checker.report.issues):
             checker.reject(name, "missing_file")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..domains import load_domains, user_domains_dir
 from ..messages import say
-from ..paths import home_dir
+from ..paths import home_dir, models_dir
 from .run_files import ACTIVE_STATES, CONFIG_FILE, STOP_FILE, read_losses, read_status, read_validation_losses, write_json_atomic
 from .options import TrainConfig
 
@@ -243,7 +243,8 @@ def delete_finetuned(domain_id: str, jobs: JobManager | None = None) -> str:
     """Remove a fine-tuned model: its domain YAML in the user folder and its run folder.
 
     Shipped and configured domains are refused, and so is a model whose job is still training.
-    The folder is deleted only when the trainer wrote it (it holds ``status.json``), so a YAML
+    The folder is deleted only when the trainer wrote it (it holds ``status.json``) or the importer did
+    (it is in ``$RAPID_DIFFUSION_HOME/models``), so a YAML
     pointing at some other folder loses its registration, never the files. Returns a sentence.
     """
     spec = load_domains().get(domain_id)
@@ -254,6 +255,6 @@ def delete_finetuned(domain_id: str, jobs: JobManager | None = None) -> str:
     if running is not None and folder is not None and running.folder.resolve() == folder:
         raise DeleteRefused("该模型正在训练，请先停止 / this model is training; stop it first")
     spec.source_file.unlink(missing_ok=True)
-    if folder is not None and (folder / "status.json").is_file():
+    if folder is not None and ((folder / "status.json").is_file() or folder.parent == models_dir().resolve()):
         shutil.rmtree(folder, ignore_errors=True)
     return f"已删除模型「{spec.title_zh}」 / deleted {spec.title_en}"

@@ -850,8 +850,7 @@ def register_domain(config: TrainConfig, model_dir: Path, resolution: int, base_
     en = f"{name} (based on {base_en})" + (" · stopped early" if stopped else "")
     data = {
         "title": {"zh": zh, "en": en},
-        "description": f"Full fine-tune of {config.base} on {len(read_losses(config.output))} steps of your pairs"
-                       + (" (stopped early / 提前停止)" if stopped else ""),
+        "description": finetune_description(base_zh, base_en, len(read_losses(config.output)), stopped),
         "model": {"path": str(Path(model_dir).resolve())},
         "examples": examples,
         "height": max(64, resolution // 8 * 8),
@@ -869,6 +868,13 @@ def register_domain(config: TrainConfig, model_dir: Path, resolution: int, base_
         )
     write_domain_yaml(domain_id, data)
     return domain_id
+
+
+def finetune_description(base_zh: str, base_en: str, steps: int, stopped: bool) -> str:
+    """The model card's line, Chinese first: what it was tuned from and for how long."""
+    zh = f"在「{base_zh}」上用你的图文对完整微调 {steps} 步" + ("（提前停止）" if stopped else "")
+    en = f"full fine-tune of {base_en} on {steps} steps of your pairs" + (" (stopped early)" if stopped else "")
+    return f"{zh} / {en}"
 
 
 def short_title(title: str) -> str:
