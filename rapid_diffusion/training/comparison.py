@@ -89,8 +89,8 @@ def finish_comparison(files: RunFiles, base_folder: Path, validation_prompts: li
     figures: dict = {"outside_prompts": outside_prompts}
     if fit_loss_after is not None:
         figures["fit_loss_after"] = fit_loss_after
-    if outside and before_outside.is_dir() and after_outside.is_dir() and before_outside != after_outside:
-        before_images, after_images = images_of(before_outside), images_of(after_outside)
+    before_images, after_images = images_of(before_outside), images_of(after_outside)
+    if outside and before_outside != after_outside and before_images and len(before_images) == len(after_images):
         figures["outside_changed"] = pixel_change(before_images, after_images)
         if judge_applies(base_folder):
             figures["judge_before"] = judged_score(before_images, outside_prompts)

@@ -133,10 +133,11 @@ class Validator:
             prompts = self.prompts + (self.outside_prompts if before_or_after else [])
             if prompts:
                 images = self._images(unet, text_encoder, ema, prompts)
-                folder = save_images(images[:len(self.prompts)], step_folder(self.files.folder / SAMPLES_DIR, step))
-                if before_or_after:
+                if self.prompts:
+                    folder = save_images(images[:len(self.prompts)], step_folder(self.files.folder / SAMPLES_DIR, step))
+                    self.files.update(latest_samples=str(folder), **({"final_samples": str(folder)} if final else {}))
+                if before_or_after and self.outside_prompts:
                     save_images(images[len(self.prompts):], step_folder(self.files.folder / OUTSIDE_DIR, step))
-                self.files.update(latest_samples=str(folder), **({"final_samples": str(folder)} if final else {}))
         self.accelerator.wait_for_everyone()
         return fit_loss
 
