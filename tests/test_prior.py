@@ -135,11 +135,11 @@ def test_the_figures_read_as_sentences_and_a_missing_clip_model_as_one_bilingual
 
 
 def test_the_time_estimate_includes_the_prior_pairs_generation(monkeypatch):
-    monkeypatch.setitem(options.SECONDS_PER_STEP, ("small", "cpu", False), 0.5)
-    monkeypatch.setitem(options.SECONDS_PER_STEP, ("small", "cpu", True), 0.75)
-    monkeypatch.setitem(options.SECONDS_PER_PRIOR_IMAGE, ("small", "cpu"), 2.0)
+    monkeypatch.setitem(options.SECONDS_PER_STEP, ("small", "cpu"), 0.5)
+    monkeypatch.setitem(options.PRIOR_STEP_COST, ("small", "cpu"), 1.5)
+    monkeypatch.setitem(options.PRIOR_IMAGE_COST, ("small", "cpu"), 2.0)
     quick = PRESETS["small"]["quick"]
     assert estimate_seconds(quick, 64, "cpu", "off") == 0.5 * quick.max_steps
-    with_prior = 0.75 * quick.max_steps + 2.0 * options.PRIOR_IMAGES["small"]
+    with_prior = 0.5 * 1.5 * quick.max_steps + 0.5 * 2.0 * options.PRIOR_IMAGES["small"]
     assert estimate_seconds(quick, 64, "cpu", "normal") == estimate_seconds(quick, 64, "cpu", "strong") == with_prior
     assert estimate_seconds(PRESETS["large"]["quick"], 512, "cpu", "normal") is None, "unmeasured: said after the first steps"

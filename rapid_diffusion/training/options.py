@@ -295,14 +295,17 @@ def preset_for(key: str, native_side: int) -> Preset:
     return PRESETS[size_class(native_side)][key]
 
 
-# Seconds per step of a whole quick-preset run (loading, validation, saving included), measured by
-# ``python -m rapid_diffusion_dev.bench.finetune_concept --preset quick --threads 2`` on the 2-core CPU machine with the
-# demo model, keyed by (base size, device, prior preservation on). Without prior pairs: v3 111 s (pink) and 137 s
-# (half disc) for 300 steps, 0.41 s on average; v4 0.48 s on a day the same machine ran 1.2x slower throughout;
-# v5 0.35 s on a faster day. With prior pairs every step also trains on a batch of them (twice the UNet work):
-# PRIOR_STEP_SECONDS_MEASURED. Large bases have no measurement here: the tab shows the time left after the first steps instead.
-SECONDS_PER_STEP = {("small", "cpu", False): 0.41}
-SECONDS_PER_PRIOR_IMAGE = {}
+# Seconds per step of a whole quick-preset run without prior pairs (loading, validation, saving included), measured by
+# ``python -m rapid_diffusion_dev.bench.finetune_concept --preset quick --threads 2 --prior-preservation off`` on the
+# 2-core CPU machine with the demo model: v3 111 s (pink) and 137 s (half disc) for 300 steps, 0.41 s on average; v4
+# 0.48 s on a day the same machine ran 1.2x slower throughout; v5 0.35 s on a faster day. Large bases have no
+# measurement here: the tab shows the time left after the first steps instead.
+SECONDS_PER_STEP = {("small", "cpu"): 0.41}
+# With prior preservation, measured against a run without in the same session (the machine's load changes from day
+# to day; the ratios less): a step trains on half a batch more (PRIOR_BATCH_SHARE), PRIOR_STEP_COST times as long;
+# drawing one prior pair takes PRIOR_IMAGE_COST steps' time (benchmarks/README.md, 2026-12-05).
+PRIOR_STEP_COST = {("small", "cpu"): 1.41}
+PRIOR_IMAGE_COST = {("small", "cpu"): 0.47}
 
 # The prior pairs, by base size: how many the base draws before training (DreamBooth's paper draws
 # 200 per class, diffusers' script 100), and the weight of their loss for each choice of the tab's
@@ -359,15 +362,12 @@ def prior_images(native_side: int) -> int:
 
 
 def estimate_seconds(preset: Preset, native_side: int, device: str, prior_preservation: str) -> float | None:
-    """The whole run: the prior pairs' generation (when on) and the steps, from measured seconds; None unmeasured."""
-    size, with_prior = size_class(native_side), prior_preservation != "off"
-    per_step = SECONDS_PER_STEP.get((size, device, with_prior))
-    if per_step is None:
-        return None
-    if not with_prior:
-        return per_step * preset.max_steps
-    per_image = SECONDS_PER_PRIOR_IMAGE.get((size, device))
-    return None if per_image is None else per_step * preset.max_steps + per_image * prior_images(native_side)
+    """The whole run: the prior pairs' generation (when on) and the steps, from measured times; None unmeasured."""
+    key = (size_class(native_side), device)
+    per_step = SECONDS_PER_STEP.get(key)
+    if per_step is None or prior_preservation == "off":
+        return None if per_step is None else per_step * preset.max_steps
+    return per_step * (PRIOR_STEP_COST[key] * preset.max_steps + PRIOR_IMAGE_COST[key] * prior_images(native_side))
 
 
 # ----------------------------------------------------------------------------- names
