@@ -92,12 +92,12 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "bad_whole_number": ("「{field}」须为整数（收到 {value}）", "'{field}' must be a whole number, got {value}"),
     "compare_closer_held_out": (
-        "更接近你的图片：留出图片上的损失 {before:.4f} → {after:.4f}（降低 {lower:.1f}%）",
-        "closer to your pictures: loss on the held-out pictures {before:.4f} → {after:.4f} ({lower:.1f}% lower)",
+        "与你的图片的接近程度：留出图片上的损失 {before:.4f} → {after:.4f}（{change:+.1f}%，越低越接近）",
+        "how close to your pictures: loss on the held-out pictures {before:.4f} → {after:.4f} ({change:+.1f}%; lower is closer)",
     ),
     "compare_closer_training": (
-        "更接近你的图片：训练图片上的损失 {before:.4f} → {after:.4f}（降低 {lower:.1f}%；图片太少，没有留出）",
-        "closer to your pictures: loss on training pictures {before:.4f} → {after:.4f} ({lower:.1f}% lower; too few pictures to hold any out)",
+        "与你的图片的接近程度：训练图片上的损失 {before:.4f} → {after:.4f}（{change:+.1f}%，越低越接近；图片太少，没有留出）",
+        "how close to your pictures: loss on training pictures {before:.4f} → {after:.4f} ({change:+.1f}%; lower is closer; too few pictures to hold any out)",
     ),
     "compare_outside_changed": (
         "上传以外的 {count} 个提示词：同一种子的图片平均变化 {changed:.1f}%（0 = 没变）",

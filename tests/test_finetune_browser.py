@@ -89,10 +89,11 @@ def test_fine_tune_on_the_defaults_in_the_browser_then_generate_with_the_new_mod
         expect(page.locator("#before-after img").first).to_be_visible(timeout=60_000)
         assert page.locator("#before-after img").count() == 12, "(2 held-out captions + 4 outside prompts) x (before, after)"
         expect(page.get_by_text("种子 / seed 0").first).to_be_visible()
-        page.locator("#before-after img").first.click()  # the gallery's captions show in its preview
-        expect(page.locator("#before-after").get_by_text("上传以外 / outside the upload").first).to_be_attached()
+        page.locator("#before-after img").nth(4).click()  # the gallery's captions show in its preview
+        expect(page.locator("#before-after").get_by_text("上传以外 / outside the upload").first).to_be_visible()
+        page.keyboard.press("Escape")
         figures = page.locator("#comparison-figures")
-        expect(figures).to_contain_text("更接近你的图片：留出图片上的损失")
+        expect(figures).to_contain_text("与你的图片的接近程度：留出图片上的损失")
         expect(figures).to_contain_text("上传以外的 4 个提示词")
         expect(figures).to_contain_text("演示评分（颜色/形状/位置）")
         expect(figures).to_contain_text("Chinese CLIP score: no CLIP weights on this machine (offline), not computed")

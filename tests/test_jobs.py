@@ -113,7 +113,7 @@ def test_job_trains_from_its_run_json_then_the_tab_shows_before_after_and_the_na
     ]
     assert (job.folder / "prior" / "metadata.jsonl").is_file() and job.status()["prior_pairs"] > 0
     assert view.figures == comparison_lines(read_comparison(job.folder)) and len(view.figures) == 3
-    assert view.figures[0].startswith("更接近你的图片：训练图片上的损失") and "上传以外的 3 个提示词" in view.figures[1]
+    assert view.figures[0].startswith("与你的图片的接近程度：训练图片上的损失") and "上传以外的 3 个提示词" in view.figures[1]
     assert view.figures[2] == say("compare_clip_unavailable")
     assert finetune_ui.figures_markdown(view) == "\n".join(f"- {line}" for line in view.figures)
     before, after = (np.asarray(Image.open(path)) for path, _ in view.comparison[:2])

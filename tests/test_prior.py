@@ -123,12 +123,12 @@ def test_the_figures_read_as_sentences_and_a_missing_clip_model_as_one_bilingual
                "outside_changed": 3.25, "judge_before": 0.9, "judge_after": 0.81, "clip_unavailable": True}
     lines = comparison_lines(figures)
     assert lines == [
-        say("compare_closer_held_out", before=0.5, after=0.4, lower=20.0),
+        say("compare_closer_held_out", before=0.5, after=0.4, change=-20.0),
         say("compare_outside_changed", count=2, changed=3.25),
         say("compare_outside_judge", before=0.9, after=0.81, kept=90.0),
         say("compare_clip_unavailable"),
     ]
-    assert "0.5000 → 0.4000（降低 20.0%）" in lines[0] and "(90% kept)" in lines[2]
+    assert "0.5000 → 0.4000（-20.0%，越低越接近）" in lines[0] and "(90% kept)" in lines[2]
     assert lines[3] == "中文 CLIP 分数：本机没有 CLIP 权重（离线），未计算 / Chinese CLIP score: no CLIP weights on this machine (offline), not computed"
     clip = {"clip": {"held_out_before": 20.0, "held_out_after": 25.5, "outside_before": 30.0, "outside_after": 29.0}}
     assert comparison_lines(clip) == [say("compare_clip", **clip["clip"])]

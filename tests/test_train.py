@@ -118,7 +118,7 @@ def test_cli_training_lowers_the_loss_and_registers_a_loadable_model(test_domain
     assert [len(list((run / "outside" / step).glob("*.png"))) for step in ("step-000000", "step-000030")] == [3, 3]
     assert 0 < comparison["outside_changed"] < 100
     assert all(line in out for line in comparison_lines(comparison)) and len(comparison_lines(comparison)) == 3
-    assert "训练图片上的损失" in out and "上传以外的 3 个提示词" in out and "no CLIP weights on this machine" in out
+    assert "与你的图片的接近程度：训练图片上的损失" in out and "上传以外的 3 个提示词" in out and "no CLIP weights on this machine" in out
 
     pipe = StableDiffusionPipeline.from_pretrained(run, safety_checker=None, requires_safety_checker=False)
     assert {p.suffix for p in (run / "unet").iterdir()} == {".json", ".safetensors"}

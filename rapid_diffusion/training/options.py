@@ -311,7 +311,7 @@ PRIOR_IMAGE_COST = {("small", "cpu"): 0.47}
 # 200 per class, diffusers' script 100), and the weight of their loss for each choice of the tab's
 # "keep what the model knew" (DreamBooth's prior_loss_weight is 1). benchmarks/README.md has the runs.
 PRIOR_IMAGES = {"small": 48, "large": 100}
-PRIOR_WEIGHTS = {"off": 0.0, "normal": 1.0, "strong": 2.0}
+PRIOR_WEIGHTS = {"off": 0.0, "normal": 0.5, "strong": 1.0}
 # Prior pairs per step, as a share of the user's pairs in the batch: DreamBooth pairs them one to one;
 # half keeps the step 1.5x (not 2x) as long, and the weight, not the count, sets how much they count.
 PRIOR_BATCH_SHARE = 0.5

@@ -157,7 +157,7 @@ def comparison_lines(comparison: dict) -> list[str]:
     if "fit_loss_before" in comparison and "fit_loss_after" in comparison:
         before, after = comparison["fit_loss_before"], comparison["fit_loss_after"]
         key = "compare_closer_held_out" if comparison.get("fit_on") == "held_out" else "compare_closer_training"
-        lines.append(say(key, before=before, after=after, lower=100 * (before - after) / before if before else 0.0))
+        lines.append(say(key, before=before, after=after, change=100 * (after - before) / before if before else 0.0))
     if "outside_changed" in comparison:
         lines.append(say("compare_outside_changed", count=len(comparison.get("outside_prompts", [])), changed=comparison["outside_changed"]))
     if "judge_before" in comparison and "judge_after" in comparison:
