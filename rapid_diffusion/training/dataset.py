@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ..generation.pipeline import tokenize
-from .data import Pair
+from .pairs import Pair
 from .options import TrainConfig
 
 

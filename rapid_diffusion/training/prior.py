@@ -31,7 +31,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..domains import DomainSpec
-from .data import Pair
+from .pairs import Pair
 from .options import TrainConfig
 from .run_files import PRIOR_DIR, RunFiles
 from .validation import Sampling, render, save_images

@@ -28,7 +28,8 @@ and guidance amplifies them, see benchmarks/README.md), not the measurement. ``-
 
 ``--preset`` trains exactly what the Fine-tune tab starts on its defaults (the preset's steps, rate
 and batch, pairs held out for validation, samples and a checkpoint every fifth of the run); the
-wall time it prints is what ``training.options.SECONDS_PER_STEP`` stores for the tab's estimate.
+wall time it prints is what ``training.options.SECONDS_PER_STEP`` (prior preservation off) and
+``PRIOR_STEP_COST`` / ``PRIOR_IMAGE_COST`` (on, as ratios to off in the same session) store for the tab's estimate.
 """
 
 from __future__ import annotations
