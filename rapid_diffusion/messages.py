@@ -7,6 +7,7 @@ their own. Request-field reasons (``RequestError``) come with both halves from t
 from __future__ import annotations
 
 import re
+from typing import Any, Mapping
 
 MESSAGES: dict[str, tuple[str, str]] = {
     "invalid_field": ("「{field_zh}」无效：{reason_zh}", "Invalid {field_en}: {reason_en}"),
@@ -18,11 +19,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "internal_error": ("服务器内部错误，请稍后再试。", "Internal server error; please try again later."),
     "stopped": ("已停止生成", "Generation stopped"),
     "body_not_json": ("请求体不是合法 JSON", "The body is not valid JSON"),
-    "body_not_object": ("请求体须为 JSON 对象", "The body must be a JSON object"),
     "body_too_large": ("请求体超过 {limit} 字节", "The body exceeds {limit} bytes"),
-    "unknown_field": ("未知字段「{field}」，可用：{known}", "Unknown field '{field}'; known: {known}"),
-    "wrong_type": ("字段「{field}」类型应为 {expected}", "'{field}' must be {expected}, got {value}"),
-    "missing_text": ("缺少字段 text（提示词）", "Missing field 'text' (the prompt)"),
     "loaded": ("已加载 {domain}（{seconds:.1f} 秒）", "Loaded {domain} in {seconds:.1f}s"),
     "unloaded": ("已卸载 {domain}", "Unloaded {domain}"),
     "not_loaded": ("{domain} 未加载", "{domain} was not loaded"),
@@ -70,6 +67,12 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "cross_origin": ("不接受其他网站页面发来的请求（{origin}）", "Requests from other sites' pages are refused ({origin})"),
     "method_not_allowed": ("不支持此方法（{method}），请用 {allowed}", "Method {method} not allowed; use {allowed}"),
     "no_such_api": ("没有这个接口：{path}", "No such API path: {path}"),
+    "invalid_body": ("请求体无效：{reason_zh}", "Invalid body: {reason_en}"),
+    "api_token_missing": ("此接口需要令牌（Authorization 请求头）", "This API needs a token (the Authorization header)"),
+    "api_token_wrong": ("令牌或签名不正确", "Wrong token or signature"),
+    "api_token_date": (
+        "签名请求须带 Date 请求头，且与当前时间相差不远", "A signed request needs a Date header close to the current time"
+    ),
     "no_job_yet": ("还没有训练任务", "no training job yet"),
     "unknown_base": ("未知的基础模型", "unknown base model {base!r}"),
     "bad_learning_rate": ("学习率应是一个数，例如 1e-5", "the learning rate must be a number such as 1e-5: {value!r}"),
@@ -218,6 +221,46 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "not comparable with the paper's or any published figures",
     ),
 }
+
+
+# pydantic's validation error types -> the reason shown beside the field, Chinese and English: the
+# one translation of every pydantic model's refusals. Values come from the error's ``ctx``, plus
+# {got} (the value sent, shortened), {length} (of a sent string or list), {msg} (pydantic's own
+# sentence) and whatever the caller adds (e.g. {known}).
+VALIDATION_REASONS: dict[str, tuple[str, str]] = {
+    "missing": ("缺少此字段", "this field is required"),
+    "extra_forbidden": ("未知字段，可用：{known}", "unknown field; known: {known}"),
+    "string_type": ("须为文本（收到 {got}）", "must be a string, got {got}"),
+    "int_type": ("须为整数（收到 {got}）", "must be an integer, got {got}"),
+    "float_type": ("须为数（收到 {got}）", "must be a number, got {got}"),
+    "bool_type": ("须为 true 或 false（收到 {got}）", "must be true or false, got {got}"),
+    "finite_number": ("须为有限的数（收到 {got}）", "must be a finite number, got {got}"),
+    "greater_than_equal": ("须不小于 {ge}（收到 {got}）", "must be at least {ge}, got {got}"),
+    "less_than_equal": ("须不大于 {le}（收到 {got}）", "must be at most {le}, got {got}"),
+    "string_too_short": ("不能为空", "must not be empty"),
+    "string_too_long": ("最多 {max_length} 个字符（收到 {length} 个）", "must be at most {max_length} characters, got {length}"),
+    "too_short": ("至少须有 {min_length} 项", "must hold at least {min_length} items"),
+    "too_long": ("最多 {max_length} 项（收到 {length} 项）", "may hold at most {max_length} items, got {length}"),
+    "model_attributes_type": ("须为 JSON 对象（收到 {got}）", "must be a JSON object, got {got}"),
+    "model_type": ("须为 JSON 对象（收到 {got}）", "must be a JSON object, got {got}"),
+    "list_type": ("须为列表（收到 {got}）", "must be a list, got {got}"),
+}
+VALIDATION_FALLBACK = ("无效（{msg}）", "{msg}")
+
+
+def validation_reason(error: Mapping[str, Any], **values: Any) -> tuple[str, str]:
+    """(Chinese, English) reason for one pydantic error (an item of ``ValidationError.errors()``)."""
+    zh, en = VALIDATION_REASONS.get(error["type"], VALIDATION_FALLBACK)
+    sent = error.get("input")
+    filled = {
+        "got": repr(sent) if len(repr(sent)) <= 40 else repr(sent)[:37] + "...",
+        "length": len(sent) if isinstance(sent, (str, list, dict)) else "?",
+        "msg": error.get("msg", ""),
+        "known": "-",
+        **error.get("ctx", {}),
+        **values,
+    }
+    return zh.format(**filled), en.format(**filled)
 
 
 def say(key: str, **values) -> str:

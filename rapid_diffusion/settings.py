@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .access import PasswordCheck, hash_password, parse_hash
+from .access import ApiTokenCheck, PasswordCheck, hash_password, parse_hash
 
 PREFIX = "RAPID_DIFFUSION_"
 
@@ -76,6 +76,17 @@ class Settings(BaseSettings):
     hf_hub_cache: Path | None = Field(None, validation_alias=AliasChoices("HF_HUB_CACHE"),
                                       description="the hub cache (default HF_HOME/hub)")
 
+    # The JSON API's token (SECURITY.md): set, every /api/... route needs it
+    api_token: SecretStr | None = Field(None, validation_alias=_env("API_TOKEN"),
+                                        description="the JSON API's token (a Space secret or the environment); clients send it "
+                                                    "signed (PAI-EAS: PredictClient.set_token) or as the Authorization header")
+    api_token_file: Path | None = Field(None, validation_alias=_env("API_TOKEN_FILE"),
+                                        description="a file holding the token (its first line), so the token need not sit in "
+                                                    "the process environment; set this or API_TOKEN, not both")
+    api_clock_skew: float = Field(900.0, gt=0, le=3600, validation_alias=_env("API_CLOCK_SKEW"),
+                                  description="seconds a signed request's Date may stray beyond the span of the world's time "
+                                              "zones (the official client stamps local time as GMT)")
+
     # Fine-tuning
     finetune: bool = Field(True, validation_alias=_env("FINETUNE"), description="the Fine-tune tab and jobs")
     finetune_password_hash: str | None = Field(None, validation_alias=_env("FINETUNE_PASSWORD_HASH"),
@@ -108,7 +119,7 @@ class Settings(BaseSettings):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
-    @field_validator("device", "finetune_password", "finetune_password_hash", "finetune_max_steps", "space_id", "host", "max_memory_gb",
+    @field_validator("device", "api_token", "api_token_file", "finetune_password", "finetune_password_hash", "finetune_max_steps", "space_id", "host", "max_memory_gb",
                      "concurrency", "hf_home", "hf_hub_cache", mode="before")
     @classmethod
     def _blank_is_none(cls, value):
@@ -159,6 +170,27 @@ class Settings(BaseSettings):
             return PasswordCheck(self.finetune_password_hash)
         if self.finetune_password:
             return PasswordCheck(hash_password(self.finetune_password.get_secret_value()))
+        return None
+
+    @cached_property
+    def api_token_check(self) -> ApiTokenCheck | None:
+        """Checks the JSON API's token, or None when no token is set (the API is then open).
+
+        ValueError when both sources are set or the file is missing or empty: the server refuses to start.
+        """
+        if self.api_token is not None and self.api_token_file is not None:
+            raise ValueError("set RAPID_DIFFUSION_API_TOKEN or RAPID_DIFFUSION_API_TOKEN_FILE, not both")
+        if self.api_token_file is not None:
+            try:
+                lines = self.api_token_file.expanduser().read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ValueError(f"RAPID_DIFFUSION_API_TOKEN_FILE cannot be read: {exc.strerror}") from None
+            token = lines[0].strip() if lines else ""
+            if not token:
+                raise ValueError("RAPID_DIFFUSION_API_TOKEN_FILE is empty")
+            return ApiTokenCheck(token, self.api_clock_skew)
+        if self.api_token is not None:
+            return ApiTokenCheck(self.api_token.get_secret_value().strip(), self.api_clock_skew)
         return None
 
     @property

@@ -207,7 +207,7 @@ def cmd_kg_demo_eval(args) -> int:
     import json
     from dataclasses import asdict
 
-    from rapid_diffusion.generation.pipeline import run_pipeline
+    from rapid_diffusion.generation.pipeline import generate
     from rapid_diffusion.generation.request import GenerationRequest
     from rapid_diffusion.knowledge import KnowledgeGraph
 
@@ -221,7 +221,7 @@ def cmd_kg_demo_eval(args) -> int:
     def image_for(encoder):
         def image(prompt: str, seed: int):
             with model.lock:
-                return run_pipeline(model.pipe, GenerationRequest(prompt=prompt, seed=seed), spec=spec, encode_prompt=encoder).images[0]
+                return generate(model.pipe, [GenerationRequest(prompt=prompt, seed=seed)], spec=spec, encode_prompt=encoder)[0].images[0]
 
         return image
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 from helpers import write_domain
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads, as a 2-core host has; one per worker when pytest-xdist runs a worker per core.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)

@@ -65,6 +65,11 @@ def write_domain(folder: Path, domain_id: str, model_path: Path, **overrides) ->
     return path
 
 
+def generate_one(request, spec, *, registry: ModelRegistry, **callbacks):
+    """One request through the registry's model, under its lock (``LoadedModel.run``): its one result."""
+    return registry.get(spec).run(spec, [request], **callbacks)[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rapid_diffusion.generation import pipeline
-from rapid_diffusion.generation.pipeline import generate
+from helpers import generate_one
 from rapid_diffusion.generation.request import GenerationRequest
 from rapid_diffusion.models.registry import ModelRegistry
 from rapid_diffusion.speed import compile_cache, levels as optimize
@@ -44,13 +44,13 @@ def test_first_request_is_served_eagerly_and_the_swap_is_whole(compiling_registr
     started = threading.Event()
     monkeypatch.setattr(optimize, "apply_optimization", slow_optimiser(started))
     served = []
-    original_run = pipeline.run_pipeline
+    original_run = pipeline.generate
 
     def recording_run(pipe, *args, **kwargs):
         served.append((getattr(pipe, "half_built", False), getattr(pipe, "optimised", False)))
         return original_run(pipe, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "run_pipeline", recording_run)
+    monkeypatch.setattr(pipeline, "generate", recording_run)
     spec = compiling_registry.spec("fast")
     model = compiling_registry.get(spec)
     assert compiling_registry.acceleration(spec).state == "compiling"
@@ -59,7 +59,7 @@ def test_first_request_is_served_eagerly_and_the_swap_is_whole(compiling_registr
 
     def request(seed: int):
         try:
-            results.append(generate(GenerationRequest(prompt="红色圆形", seed=seed, num_inference_steps=2), spec, registry=compiling_registry))
+            results.append(generate_one(GenerationRequest(prompt="红色圆形", seed=seed, num_inference_steps=2), spec, registry=compiling_registry))
         except Exception as exc:  # the assertion below shows which
             errors.append(exc)
 
@@ -76,7 +76,7 @@ def test_first_request_is_served_eagerly_and_the_swap_is_whole(compiling_registr
     acceleration = compiling_registry.acceleration(spec)
     assert (acceleration.state, acceleration.level, acceleration.applied) == ("compiled", "auto", "compile")
     assert model.pipe.optimised and model.optimization == "compile"
-    generate(GenerationRequest(prompt="红色圆形", seed=0, num_inference_steps=2), spec, registry=compiling_registry)
+    generate_one(GenerationRequest(prompt="红色圆形", seed=0, num_inference_steps=2), spec, registry=compiling_registry)
     assert served[-1] == (False, True)
 
 
@@ -92,7 +92,7 @@ def test_failed_optimisation_stays_eager_and_says_why(compiling_registry, monkey
     acceleration = compiling_registry.acceleration(spec)
     assert acceleration.state == "failed" and "no kernel" in acceleration.reason
     assert compiling_registry.get(spec).pipe is eager
-    result = generate(GenerationRequest(prompt="红色圆形", seed=0, num_inference_steps=2), spec, registry=compiling_registry)
+    result = generate_one(GenerationRequest(prompt="红色圆形", seed=0, num_inference_steps=2), spec, registry=compiling_registry)
     assert len(result.images) == 1
 
 

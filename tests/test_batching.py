@@ -12,7 +12,7 @@ import pytest
 from rapid_diffusion.generation import pipeline
 from rapid_diffusion.service import app as service
 from rapid_diffusion.service.batching import GpuGate, Member, QueueFullError
-from rapid_diffusion.generation.pipeline import GenerationCancelled, run_batch, run_pipeline
+from rapid_diffusion.generation.pipeline import GenerationCancelled, generate
 from rapid_diffusion.generation.request import GenerationRequest
 from rapid_diffusion.service.app import AppService, UserFacingError
 
@@ -28,9 +28,9 @@ def test_batched_images_equal_unbatched_ones_per_seed(registry):
         GenerationRequest(prompt="红色圆形", seed=5, num_images=2, num_inference_steps=3),
         GenerationRequest(prompt="蓝色正方形", negative_prompt="", seed=9, num_inference_steps=3),
     ]
-    batched = run_batch(pipe, requests, spec=spec)
+    batched = generate(pipe, requests, spec=spec)
     for request, result in zip(requests, batched):
-        alone = run_pipeline(pipe, request, spec=spec)
+        [alone] = generate(pipe, [request], spec=spec)
         assert result.seeds == alone.seeds and result.settings["prompt"] == request.prompt
         for mine, reference in zip(pixels(result), pixels(alone)):
             assert np.abs(mine - reference).max() <= 1  # float rounding of a larger batch, at most one level
@@ -40,7 +40,7 @@ def test_a_batch_refuses_mixed_shapes(registry):
     spec = registry.spec("tiny")
     requests = [GenerationRequest(prompt="猫", seed=1, height=64), GenerationRequest(prompt="猫", seed=1, height=128)]
     with pytest.raises(ValueError, match="one size"):
-        run_batch(registry.get(spec).pipe, requests, spec=spec)
+        generate(registry.get(spec).pipe, requests, spec=spec)
 
 
 def concurrently(calls) -> tuple[list, list]:
@@ -64,19 +64,19 @@ def test_service_batches_concurrent_requests(registry, monkeypatch):
     monkeypatch.setenv("RAPID_DIFFUSION_BATCH_WINDOW_MS", "300")
     app = AppService(registry, GpuGate())
     batches = []
-    real = pipeline.generate_batch
+    real = pipeline.generate
 
-    def spy(requests, *args, **kwargs):
+    def spy(pipe, requests, **kwargs):
         batches.append(len(requests))
-        return real(requests, *args, **kwargs)
+        return real(pipe, requests, **kwargs)
 
-    monkeypatch.setattr(service, "generate_batch", spy)
+    monkeypatch.setattr(pipeline, "generate", spy)
     requests = [GenerationRequest(prompt="红色圆形", seed=seed, num_inference_steps=2) for seed in (1, 2, 3)]
     results, errors = concurrently([lambda r=r: app.generate(r, "tiny") for r in requests])
     assert not errors and batches == [3]
     spec = registry.spec("tiny")
     for request, result in zip(requests, results):
-        alone = run_pipeline(registry.get(spec).pipe, request, spec=spec)
+        [alone] = generate(registry.get(spec).pipe, [request], spec=spec)
         assert np.abs(pixels(result)[0] - pixels(alone)[0]).max() <= 1
 
 

@@ -152,6 +152,8 @@ def test_restart_reads_the_cache_the_cold_process_left(restore_threads):
     result = run_restart(BenchConfig(model="tiny-random", runs=1, levels=("openvino",)), log=lambda message: None, threads=1)
     entry = result["levels"]["openvino"]
     assert [r["applied"] for r in entry["cold"] + entry["warm"]] == ["openvino", "openvino"]
+    # The cold process converted; the warm one read what the cold one left (OpenVINO's own log line).
+    assert [r["read_cache"] for r in entry["cold"] + entry["warm"]] == [False, True]
     assert entry["warm_over_cold"] == pytest.approx(entry["warm_setup_s"] / entry["cold_setup_s"])
     assert "| openvino | openvino |" in restart_table(result)
 

@@ -403,11 +403,12 @@ def test_eval_command_scores_a_test_set_offline(test_domains, registry, tiny_cli
     assert "不是标准 FID" in report["feature_extractor"] and report["clip_model"] == str(tiny_clip_dir)
     assert [item["seeds"] for item in report["items"]] == [[5], [6]]
     assert "fid_stand_in:" in out.stdout and "fid:" not in out.stdout
-    from rapid_diffusion.generation.pipeline import GenerationRequest, generate
+    from helpers import generate_one
+    from rapid_diffusion.generation.request import GenerationRequest
     from rapid_diffusion.models.registry import ModelRegistry
 
     spec = ModelRegistry().spec("tiny")
-    expected = generate(GenerationRequest(prompt=CAPTIONS[1], num_inference_steps=2, seed=6), spec, registry=registry).images[0]
+    expected = generate_one(GenerationRequest(prompt=CAPTIONS[1], num_inference_steps=2, seed=6), spec, registry=registry).images[0]
     saved = Image.open(tmp_path / "out" / report["items"][1]["files"][0])
     assert np.array_equal(np.asarray(saved), np.asarray(expected))
 

@@ -29,7 +29,7 @@ import ldm_layouts
 from helpers import REPO_ROOT, write_domain
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.models.importing import ImportFailed, import_checkpoint, imported_models_dir
-from rapid_diffusion.generation.pipeline import generate, run_pipeline
+from rapid_diffusion.generation.pipeline import generate
 from rapid_diffusion.generation.request import GenerationRequest
 from rapid_diffusion.models.registry import ModelRegistry
 from rapid_diffusion.training.train import TrainConfig, TrainingError, train
@@ -70,13 +70,14 @@ def request() -> GenerationRequest:
 def imported_image(domain_id: str, registry: ModelRegistry | None = None):
     """Generated the way every face does: domain spec -> registry (its prompt-encoder hook) -> generate."""
     registry = registry or ModelRegistry(device=torch.device("cpu"), dtype=torch.float32)
-    return np.asarray(generate(request(), load_domains()[domain_id], registry=registry).images[0], dtype=np.int16)
+    spec = load_domains()[domain_id]
+    return np.asarray(registry.get(spec).run(spec, [request()])[0].images[0], dtype=np.int16)
 
 
 def original_image(pipe, domain_id: str, encode_prompt=None):
     """The original pipeline with the imported domain's settings (size, steps, guidance, sampler)."""
     spec = load_domains()[domain_id]
-    return np.asarray(run_pipeline(pipe, request(), spec=spec, encode_prompt=encode_prompt).images[0], dtype=np.int16)
+    return np.asarray(generate(pipe, [request()], spec=spec, encode_prompt=encode_prompt)[0].images[0], dtype=np.int16)
 
 
 def leftovers(home: Path, name: str) -> list[str]:

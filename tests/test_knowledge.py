@@ -213,6 +213,7 @@ def test_nonzero_projection_changes_only_the_entity_tokens_inputs(graph, pipe):
     # The encoder is causal: outputs before the first entity token are untouched, later ones change.
     assert torch.equal(injected[0, :4], plain[0, :4]) and not torch.allclose(injected[0, 4:], plain[0, 4:])
     assert not pipe.text_encoder.get_input_embeddings()._forward_hooks
+    assert pipe.text_encoder.needs_torch_forward is False  # set only while the hook is held
 
 
 def test_projection_is_the_only_trainable_knowledge_parameter(graph, pipe):
@@ -253,7 +254,7 @@ def test_describe_entities_says_what_the_graph_knows(graph, pipe):
 def test_registry_uses_the_knowledge_encoder_only_when_the_model_has_it(
     graph, graph_dir, pipe, copy_model, test_domains, tiny_model_dir
 ):
-    from rapid_diffusion.generation.pipeline import generate
+    from helpers import generate_one
     from rapid_diffusion.generation.request import GenerationRequest
     from rapid_diffusion.models.registry import ModelRegistry
 
@@ -279,7 +280,7 @@ def test_registry_uses_the_knowledge_encoder_only_when_the_model_has_it(
 
     def image(domain, prompt):
         request = GenerationRequest(prompt=prompt, seed=0, num_inference_steps=1)
-        return torch.tensor(list(generate(request, registry.spec(domain), registry=registry).images[0].getdata()))
+        return torch.tensor(list(generate_one(request, registry.spec(domain), registry=registry).images[0].getdata()))
 
     assert not torch.equal(image("kg", "番茄"), image("tiny", "番茄"))
     assert [folder for folder, *_ in loads] == [tiny_model_dir, without_knowledge, with_knowledge]

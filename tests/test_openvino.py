@@ -153,18 +153,24 @@ def test_cache_off_writes_nothing(plain, monkeypatch, tmp_path):
 
 
 def test_text_encoder_falls_back_to_torch_when_its_embeddings_are_hooked(converted, plain):
-    """Knowledge injection hooks the token embeddings; the converted graph would bypass the hook."""
+    """Knowledge injection hooks the token embeddings and flags the encoder (``needs_torch_forward``,
+    as ``KnowledgeTextEncoder`` does); the converted graph would bypass the hook."""
     pipe, *_ = converted
     ids = pipe.tokenizer(PROMPT, padding="max_length", return_tensors="pt").input_ids
-    shift = lambda module, args, output: output + 1.0  # noqa: E731
+    # Not a constant shift: the encoder's layer norms would remove one, and the test could not fail.
+    shift = lambda module, args, output: output + torch.linspace(-1.0, 1.0, output.shape[-1])  # noqa: E731
     handles = [p.text_encoder.get_input_embeddings().register_forward_hook(shift) for p in (pipe, plain)]
+    pipe.text_encoder.needs_torch_forward = True
     try:
         with torch.no_grad():
             hooked, reference = pipe.text_encoder(ids)[0], plain.text_encoder(ids)[0]
     finally:
+        pipe.text_encoder.needs_torch_forward = False
         for handle in handles:
             handle.remove()
     assert torch.allclose(hooked, reference, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(pipe.text_encoder(ids)[0], hooked, atol=1e-3)  # the hook mattered; unflagged: the converted graph
 
 
 def test_auto_picks_openvino_on_cpu_then_compile_then_none(monkeypatch):

@@ -65,10 +65,10 @@ def test_missing_flash_attn_falls_back_to_sdpa(pipe, monkeypatch):
 
 
 def test_compiler_missing_reasons(monkeypatch):
-    import torch.utils._triton
-
-    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    monkeypatch.setattr(optimize, "triton_installed", lambda: False)
     assert compiler_missing(torch.device("cuda")) == "Triton is not installed"
+    monkeypatch.setattr(optimize, "triton_installed", lambda: True)
+    assert compiler_missing(torch.device("cuda")) is None
     monkeypatch.setattr(optimize.shutil, "which", lambda name: None)
     assert compiler_missing(torch.device("cpu")) == "no C++ compiler on PATH"
     assert "no inductor backend" in compiler_missing(torch.device("meta"))
@@ -98,7 +98,7 @@ def test_compile_failing_at_warm_up_falls_back_and_still_matches(pipe, tiny_mode
 
 def test_registry_applies_the_domain_level(tmp_path, tiny_model_dir, monkeypatch):
     from helpers import write_domain
-    from rapid_diffusion.generation.pipeline import generate
+    from helpers import generate_one
     from rapid_diffusion.generation.request import GenerationRequest
     from rapid_diffusion.models.registry import ModelRegistry
 
@@ -110,7 +110,7 @@ def test_registry_applies_the_domain_level(tmp_path, tiny_model_dir, monkeypatch
     registry = ModelRegistry(device=torch.device("cpu"), dtype=torch.float32)
     spec = registry.spec("fast")
     assert registry.get(spec).optimization == "flash"
-    result = generate(GenerationRequest(prompt="蓝色正方形", seed=1, num_inference_steps=2), spec, registry=registry)
+    result = generate_one(GenerationRequest(prompt="蓝色正方形", seed=1, num_inference_steps=2), spec, registry=registry)
     assert result.images[0].size == (64, 64)
 
 

@@ -7,7 +7,8 @@ from rapid_diffusion.messages import say
 from PIL import Image
 
 from rapid_diffusion.generation import request
-from rapid_diffusion.generation.pipeline import GenerationCancelled, generate, read_png_settings
+from rapid_diffusion.generation.pipeline import GenerationCancelled, read_png_settings
+from helpers import generate_one
 from rapid_diffusion.generation.request import MAX_SEED, GenerationRequest, Limits, RequestError, inspect_prompt
 from rapid_diffusion.generation.samplers import SAMPLERS
 
@@ -24,7 +25,7 @@ def spec(registry):
 def run(registry, spec, **fields):
     fields.setdefault("prompt", "一个红色的圆形")
     fields.setdefault("seed", 7)
-    return generate(GenerationRequest(**fields), spec, registry=registry)
+    return generate_one(GenerationRequest(**fields), spec, registry=registry)
 
 
 def test_defaults_come_from_the_domain(registry, spec):
@@ -52,7 +53,7 @@ def test_image_i_uses_seed_plus_i_and_reproduces_alone(registry, spec):
 
 
 def test_random_seed_is_reported_and_reproducible(registry, spec):
-    result = generate(GenerationRequest(prompt="蓝色正方形"), spec, registry=registry)
+    result = generate_one(GenerationRequest(prompt="蓝色正方形"), spec, registry=registry)
     replay = run(registry, spec, prompt="蓝色正方形", seed=result.seeds[0])
     assert np.array_equal(pixels(result), pixels(replay))
 
@@ -151,7 +152,7 @@ def test_progress_counts_the_requested_steps_once_each(registry, spec, sampler):
     steps, evaluations = [], []
     hook = registry.get(spec).pipe.unet.register_forward_hook(lambda *args: evaluations.append(1))
     try:
-        result = generate(
+        result = generate_one(
             GenerationRequest(prompt="红色", seed=1, sampler=sampler),
             spec,
             registry=registry,
@@ -165,7 +166,7 @@ def test_progress_counts_the_requested_steps_once_each(registry, spec, sampler):
 
 def test_stop_cancels(registry, spec):
     with pytest.raises(GenerationCancelled):
-        generate(GenerationRequest(prompt="红色", seed=1), spec, registry=registry, should_stop=lambda: True)
+        generate_one(GenerationRequest(prompt="红色", seed=1), spec, registry=registry, should_stop=lambda: True)
 
 
 def test_a_sampler_does_not_depend_on_the_one_before(registry, spec):

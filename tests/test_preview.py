@@ -8,7 +8,7 @@ import pytest
 
 from rapid_diffusion.domains import load_domains
 from rapid_diffusion.generation import preview
-from rapid_diffusion.generation.pipeline import generate
+from helpers import generate_one
 from rapid_diffusion.generation.request import GenerationRequest
 from rapid_diffusion.paths import DEMO_MODEL_DIR, SHIPPED_DOMAINS_DIR
 
@@ -35,7 +35,7 @@ def test_previews_every_five_steps_show_the_object_where_and_as_the_image_has_it
     registry = ModelRegistry(domains={"demo": spec})
     shown = []
     request = GenerationRequest(prompt="左边有一个大的红色圆形", seed=3, num_images=2, sampler=sampler)
-    result = generate(request, spec, registry=registry, preview=lambda step, images: shown.append((step, images)))
+    result = generate_one(request, spec, registry=registry, preview=lambda step, images: shown.append((step, images)))
     assert [step for step, _ in shown] == [5, 10, 15, 20]
     for last, final in zip(shown[-1][1], result.images):
         assert last.size == final.size == (64, 64)
@@ -52,13 +52,13 @@ def test_previews_every_five_steps_show_the_object_where_and_as_the_image_has_it
 
 def test_no_preview_no_preview_work(registry, monkeypatch):
     monkeypatch.setattr(preview, "pipeline_projection", lambda pipe: pytest.fail("no preview was asked for"))
-    result = generate(GenerationRequest(prompt="红色", seed=1), registry.spec("tiny"), registry=registry)
+    result = generate_one(GenerationRequest(prompt="红色", seed=1), registry.spec("tiny"), registry=registry)
     assert result.images and preview.previewer(registry.get(registry.spec("tiny")).pipe, None, 5) is None
 
 
 def test_preview_every_step_on_the_tiny_model(registry):
     spec = registry.spec("tiny")
     shown = []
-    generate(GenerationRequest(prompt="红色", seed=1, num_images=2), spec, registry=registry, preview=lambda s, ims: shown.append((s, ims)), preview_every=1)
+    generate_one(GenerationRequest(prompt="红色", seed=1, num_images=2), spec, registry=registry, preview=lambda s, ims: shown.append((s, ims)), preview_every=1)
     assert [step for step, _ in shown] == [1, 2, 3, 4]
     assert all(len(images) == 2 and images[0].size == (64, 64) for _, images in shown)

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from rapid_diffusion.generation import pipeline
 from rapid_diffusion.service import app as service
 from rapid_diffusion.domains import load_domains
-from rapid_diffusion.models.registry import ModelRegistry
+from rapid_diffusion.models.registry import LoadedModel, ModelRegistry
 from rapid_diffusion.service.app import AppService, GpuGate, UserFacingError
 
 from helpers import write_domain
@@ -123,7 +123,30 @@ def test_wrong_method_is_405_and_unknown_api_paths_404_in_the_api_shape(app_clie
         assert response.status_code == 404, (method, path)
         assert set(response.json()) == {"error", "field"} and "没有这个接口" in response.json()["error"]
     assert app_client.get("/api/openapi.json").status_code == 200, "the API's own docs still answer"
+    assert "swagger" in app_client.get("/docs").text.lower(), "and its OpenAPI page, not the UI"
     assert app_client.get("/").status_code == 200, "and the UI"
+
+
+@pytest.mark.slow
+def test_with_an_api_token_on_a_public_host_the_json_api_needs_it_and_the_web_ui_keeps_its_own_rules(registry, monkeypatch):
+    monkeypatch.setenv("RAPID_DIFFUSION_PUBLIC", "1")
+    monkeypatch.setenv("RAPID_DIFFUSION_API_TOKEN", "public-host-token")
+    body = json.dumps({"text": "猫", "seed": 1, "num_inference_steps": 1})
+    with running_server(registry) as url:
+        refused = httpx.post(f"{url}/api/predict/tiny", content=body, headers={"content-type": "application/json"})
+        assert refused.status_code == 401 and "needs a token" in refused.json()["error"]
+        page = httpx.post(f"{url}/api/predict/tiny", content=body, headers={"content-type": "text/plain", "origin": url,
+                                                                           "authorization": "public-host-token"})
+        assert page.status_code == 415, "a simple request is refused even with the token"
+        answered = httpx.post(f"{url}/api/predict/tiny", content=body, headers={"content-type": "application/json",
+                                                                               "authorization": "public-host-token"}, timeout=60)
+        assert answered.status_code == 200 and answered.json()["seeds"] == [1]
+        posted = httpx.post(f"{url}/gradio_api/call/generate", content=json.dumps({"data": ["猫", None, "tiny", 1, None, 1, None, None, None]}),
+                            headers={"content-type": "application/json"})
+        assert posted.status_code == 200, posted.text
+        answer = httpx.get(f"{url}/gradio_api/call/generate/{posted.json()['event_id']}", timeout=60).text
+        assert answer.startswith("event: complete"), "a stranger still generates in the web UI, without the token"
+        assert httpx.get(f"{url}/docs").status_code == 200 and httpx.get(f"{url}/healthz").status_code == 200
 
 
 # ----------------------------------------------------------------------------- what the server reads
@@ -183,8 +206,8 @@ def test_a_slow_request_body_is_timed_out(registry, monkeypatch):
 @pytest.mark.slow
 def test_a_client_that_disconnects_gives_up_its_place_in_the_queue(registry, monkeypatch):
     runs = []
-    real_generate = service.generate
-    monkeypatch.setattr(service, "generate", lambda *a, **k: runs.append(1) or real_generate(*a, **k))
+    real_run = LoadedModel.run
+    monkeypatch.setattr(LoadedModel, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
     gate = GpuGate(1, 4)
     with running_server(registry, gate) as url:
         with gate.slot():  # someone else is generating

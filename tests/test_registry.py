@@ -212,7 +212,7 @@ def test_eviction_releases_outside_the_registry_lock(test_domains, copy_model):
 
 def test_a_model_unloaded_before_its_lock_is_unavailable_and_says_try_again(registry):
     from rapid_diffusion import errors
-    from rapid_diffusion.generation.pipeline import generate
+    from helpers import generate_one
     from rapid_diffusion.generation.request import GenerationRequest
 
     spec = registry.spec("tiny")
@@ -224,7 +224,7 @@ def test_a_model_unloaded_before_its_lock_is_unavailable_and_says_try_again(regi
 
     registry.unload(model.key)
     with pytest.raises(ModelUnavailableError, match="请重试.*try again"):
-        generate(GenerationRequest(prompt="红色圆形", seed=0, num_inference_steps=1), spec, registry=StaleRegistry())
+        generate_one(GenerationRequest(prompt="红色圆形", seed=0, num_inference_steps=1), spec, registry=StaleRegistry())
     assert ModelUnavailableError is errors.ModelUnavailableError
 
 

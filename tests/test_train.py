@@ -286,7 +286,7 @@ def test_knowledge_run_trains_the_projection_and_the_new_domain_injects_entities
     from safetensors.torch import load_file
 
     from rapid_diffusion.domains import load_domains
-    from rapid_diffusion.generation.pipeline import generate
+    from helpers import generate_one
     from rapid_diffusion.generation.request import GenerationRequest
     from rapid_diffusion.models.registry import ModelRegistry
 
@@ -323,7 +323,7 @@ def test_knowledge_run_trains_the_projection_and_the_new_domain_injects_entities
     model = ModelRegistry(domains={"kg-run": spec}, device=torch.device("cpu"), dtype=torch.float32).get(spec)
     assert model.encode_prompt is not None
     request = GenerationRequest(prompt="一个西红柿", num_inference_steps=2, seed=0)
-    generated = generate(request, spec, registry=ModelRegistry(domains={"kg-run": spec}, device=torch.device("cpu"), dtype=torch.float32))
+    generated = generate_one(request, spec, registry=ModelRegistry(domains={"kg-run": spec}, device=torch.device("cpu"), dtype=torch.float32))
     assert any("西红柿（番茄） → 颜色: 红色" in note for note in generated.notes), generated.notes
 
 

@@ -8,10 +8,9 @@ import httpx
 import pytest
 import torch
 
-from rapid_diffusion.service import app as service
 from rapid_diffusion.domains import DomainSpec, ModelSource, load_domains
 from rapid_diffusion.generation.pipeline import read_png_settings
-from rapid_diffusion.models.registry import ModelRegistry
+from rapid_diffusion.models.registry import LoadedModel, ModelRegistry
 from rapid_diffusion.service.app import AppService, GpuGate
 from rapid_diffusion.serving.ui import (
     UiContext,
@@ -179,16 +178,16 @@ def test_stop_button_flag_interrupts_the_denoising_loop(ctx, ui_generate):
 
 
 def test_out_of_memory_gives_advice_and_the_next_request_works(ui_generate, monkeypatch):
-    real_generate = service.generate
+    real_run = LoadedModel.run
     calls = []
 
-    def generate_oom_once(*args, **kwargs):
+    def run_oom_once(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real_generate(*args, **kwargs)
+        return real_run(self, *args, **kwargs)
 
-    monkeypatch.setattr(service, "generate", generate_oom_once)
+    monkeypatch.setattr(LoadedModel, "run", run_oom_once)
     with pytest.raises(gr.Error) as error:
         ui_generate(**ui_args(num_images=8.0), progress=lambda *a, **k: None)
     assert "显存不足" in error.value.message and "fewer images" in error.value.message

@@ -287,7 +287,7 @@ def test_offline_without_weights_is_unavailable(tmp_path, monkeypatch):
 
 
 def test_generation_uses_esrgan_or_labels_the_lanczos_fallback(tmp_path, registry, test_domains, tiny_model_dir, copy_model, monkeypatch):
-    from rapid_diffusion.generation.pipeline import generate
+    from helpers import generate_one
     from rapid_diffusion.generation.request import GenerationRequest
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -301,11 +301,11 @@ def test_generation_uses_esrgan_or_labels_the_lanczos_fallback(tmp_path, registr
     specs = registry.reload_domains()
     request = GenerationRequest(prompt="红色圆形", seed=0, num_inference_steps=1, super_resolution=True)
 
-    upscaled = generate(request, specs["withsr"], registry=registry)
+    upscaled = generate_one(request, specs["withsr"], registry=registry)
     assert upscaled.images[0].size == (256, 256) and upscaled.settings["upscaler"] == "esrgan"
     assert upscaled.timings["super_resolution"] > 0 and not upscaled.notes
 
-    fallback = generate(request, specs["offline"], registry=registry)  # HF_HUB_OFFLINE, nothing cached
+    fallback = generate_one(request, specs["offline"], registry=registry)  # HF_HUB_OFFLINE, nothing cached
     assert fallback.images[0].size == (256, 256) and fallback.settings["upscaler"] == "lanczos"
     assert any("lanczos" in note and "ESRGAN" in note for note in fallback.notes)
 

@@ -1,4 +1,4 @@
-"""Prompt-adherence evaluation: generate the prompts of one evaluation set through ``generate()``,
+"""Prompt-adherence evaluation: generate the prompts of one evaluation set through the registry's model,
 judge every image, write ``report.json`` and ``contact_sheet.png``; and the VAE's colour round trip.
 
 Evaluation sets (``world.EVAL_SETS``): ``test`` (the world's test combinations: what the README
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..generation.pipeline import generate
 from ..generation.request import GenerationRequest
 from . import judge, world
 
@@ -131,7 +130,7 @@ def evaluate(spec, registry, out: Path | None = None, num_prompts: int | None = 
     for i, (prompt, scene) in enumerate(prompts):
         first_seed = seed + i * images_per_prompt
         request = GenerationRequest(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, seed=first_seed, num_images=images_per_prompt)
-        result = generate(request, spec, registry=registry)
+        [result] = registry.get(spec).run(spec, [request])
         expected = judge.parse_caption(prompt)
         for image_seed, image in zip(result.seeds, result.images):
             detected = judge.judge_image(image)

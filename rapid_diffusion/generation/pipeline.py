@@ -21,8 +21,6 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ..domains import DomainSpec
-from ..errors import ModelUnavailableError
-from ..messages import say
 from .preview import PreviewCallback, previewer
 from .request import GenerationRequest, PromptReport, inspect_prompt
 from .samplers import SAMPLER_TITLES, make_scheduler
@@ -145,65 +143,6 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def generate(
-    request: GenerationRequest,
-    spec: DomainSpec,
-    *,
-    registry,
-    progress: ProgressCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    preview: PreviewCallback | None = None,
-    preview_every: int = 5,
-) -> GenerationResult:
-    """Generate images for ``request`` with the domain ``spec``: the call every face makes.
-
-    ``preview(step, images)``, if given, gets cheap RGB projections of the latents every
-    ``preview_every`` sampler steps (see :mod:`.preview`).
-
-    The domain's pipeline is loaded through ``registry`` (a :class:`~rapid_diffusion.models.registry.ModelRegistry`,
-    passed in so that the pipeline never reaches for a global) on first use; its lock makes one
-    request at a time run on it.
-    """
-    model = registry.get(spec)
-    with model.lock:
-        if model.pipe is None:
-            raise ModelUnavailableError(say("model_just_unloaded", title=spec.title_zh, domain=spec.id))
-        return run_pipeline(
-            model.pipe,
-            request,
-            spec=spec,
-            progress=progress,
-            should_stop=should_stop,
-            preview=preview,
-            preview_every=preview_every,
-            encode_prompt=model.encode_prompt,
-            upscaler=model.upscaler,
-        )
-
-
-def run_pipeline(
-    pipe,
-    request: GenerationRequest,
-    *,
-    spec: DomainSpec,
-    progress: ProgressCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    preview: PreviewCallback | None = None,
-    preview_every: int = 5,
-    encode_prompt: PromptEncoder | None = None,
-    upscaler: Upscaler | None = None,
-) -> GenerationResult:
-    """Run one request through ``pipe`` (a loaded ``StableDiffusionPipeline``): a batch of one.
-
-    ``request`` is resolved against ``spec`` (defaults, validation) here, once. The caller
-    owns concurrency: a pipeline runs one request at a time (the registry's model lock).
-    """
-    return run_batch(
-        pipe, [request], spec=spec, progress=progress, should_stop=should_stop, preview=preview,
-        preview_every=preview_every, encode_prompt=encode_prompt, upscaler=upscaler,
-    )[0]
-
-
 def finish_request(
     pipe,
     request: GenerationRequest,
@@ -250,31 +189,12 @@ def model_scheduler_config(pipe) -> dict[str, Any]:
     return pipe.__dict__["model_scheduler_config"]
 
 
-def generate_batch(
-    requests: list[GenerationRequest],
-    spec: DomainSpec,
-    *,
-    registry,
-    progress: ProgressCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> list[GenerationResult]:
-    """:func:`generate` for several requests of one shape (see :func:`run_batch`), under one model lock."""
-    model = registry.get(spec)
-    with model.lock:
-        if model.pipe is None:
-            raise ModelUnavailableError(say("model_just_unloaded", title=spec.title_zh, domain=spec.id))
-        return run_batch(
-            model.pipe, requests, spec=spec, progress=progress, should_stop=should_stop,
-            encode_prompt=model.encode_prompt, upscaler=model.upscaler,
-        )
-
-
 def batch_key(request: GenerationRequest) -> tuple:
     """Requests with equal keys can share a UNet batch: same size, steps, guidance and sampler."""
     return (request.height, request.width, request.num_inference_steps, request.guidance_scale, request.sampler)
 
 
-def run_batch(
+def generate(
     pipe,
     requests: list[GenerationRequest],
     *,
@@ -286,7 +206,13 @@ def run_batch(
     encode_prompt: PromptEncoder | None = None,
     upscaler: Upscaler | None = None,
 ) -> list[GenerationResult]:
-    """Run several requests with one :func:`batch_key` as one UNet batch, one result each.
+    """Generate images for ``requests`` with ``pipe`` (a loaded ``StableDiffusionPipeline``): the one
+    generation function. Several requests must share one :func:`batch_key`; they run as one UNet batch,
+    one result each. Each request is resolved against ``spec`` (defaults, validation) here, once.
+
+    The caller owns concurrency: a pipeline runs one batch at a time (the registry model's lock, see
+    ``LoadedModel.run``). ``encode_prompt`` replaces the pipeline's text encoding (the knowledge-enhanced
+    encoder), ``upscaler`` the Lanczos stand-in for super-resolution.
 
     Each image keeps its own generator (``seed + i`` of its request), so it equals the image of
     the request run alone, up to the float rounding of a larger batch. Stage timings are the

@@ -42,6 +42,16 @@ class Limits:
     min_side: int = 64
     max_side: int = 1024
 
+    def bounds(self) -> dict[str, tuple[int | float, int | float]]:
+        """Each number's (lowest, highest) allowed value: what :meth:`GenerationRequest.validate`
+        checks and what a face's schema (the JSON API's OpenAPI page) shows."""
+        return {
+            "num_inference_steps": (1, self.max_steps),
+            "guidance_scale": (0.0, self.max_guidance),
+            "num_images": (1, self.max_images),
+            "seed": (0, MAX_SEED),
+        }
+
     @classmethod
     def from_env(cls) -> "Limits":
         current = settings()
@@ -86,10 +96,11 @@ class GenerationRequest:
     def validate(self, limits: Limits) -> None:
         _check_text("prompt", self.prompt, limits.max_prompt_chars, required=True)
         _check_text("negative_prompt", self.negative_prompt, limits.max_prompt_chars, required=False)
-        _check_int("num_inference_steps", self.num_inference_steps, 1, limits.max_steps)
-        _check_number("guidance_scale", self.guidance_scale, 0.0, limits.max_guidance)
-        _check_int("num_images", self.num_images, 1, limits.max_images)
-        _check_int("seed", self.seed, 0, MAX_SEED)
+        bounds = limits.bounds()
+        _check_int("num_inference_steps", self.num_inference_steps, *bounds["num_inference_steps"])
+        _check_number("guidance_scale", self.guidance_scale, *bounds["guidance_scale"])
+        _check_int("num_images", self.num_images, *bounds["num_images"])
+        _check_int("seed", self.seed, *bounds["seed"])
         if self.seed + self.num_images - 1 > MAX_SEED:
             raise RequestError(
                 "seed",

@@ -72,10 +72,13 @@ class KnowledgeTextEncoder(nn.Module):
         hook = self.text_encoder.get_input_embeddings().register_forward_hook(
             lambda module, inputs, output: output + delta.to(output.dtype)
         )
+        # An accelerated text encoder (speed.openvino) reads this flag and runs torch, which honours the hook.
+        self.text_encoder.needs_torch_forward = True
         try:
             return self.text_encoder(input_ids, attention_mask=attention_mask)[0]
         finally:
             hook.remove()
+            self.text_encoder.needs_torch_forward = False
 
 
 @dataclass

@@ -22,6 +22,9 @@ import torch
 from ..speed.warmup import Acceleration, build_optimised, outcome, warmer_for
 from ..domains import DomainSpec, ModelSource, domain_files_signature, load_domains
 from ..errors import ModelUnavailableError
+from ..generation import pipeline
+from ..generation.pipeline import GenerationResult
+from ..generation.request import GenerationRequest
 from ..messages import MESSAGES, say
 from .hub import (  # noqa: F401  (re-exported: callers import these from the registry)
     _progress_tqdm,
@@ -53,6 +56,14 @@ class LoadedModel:
     encode_prompt: Callable | None = None
     upscaler: Callable | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def run(self, spec: DomainSpec, requests: list[GenerationRequest], **callbacks) -> list[GenerationResult]:
+        """:func:`~rapid_diffusion.generation.pipeline.generate` on this model, holding its lock (a
+        pipeline runs one batch at a time); ``callbacks`` are that function's progress, stop and preview."""
+        with self.lock:
+            if self.pipe is None:
+                raise ModelUnavailableError(say("model_just_unloaded", title=spec.title_zh, domain=spec.id))
+            return pipeline.generate(self.pipe, requests, spec=spec, encode_prompt=self.encode_prompt, upscaler=self.upscaler, **callbacks)
 
 
 def pick_device() -> tuple[torch.device, torch.dtype]:

@@ -30,7 +30,7 @@ from ..training.jobs import DeleteRefused, JobManager
 from ..messages import say
 from ..generation.pipeline import GenerationCancelled, GenerationResult
 from ..generation.request import GenerationRequest, PromptReport, RequestError, inspect_prompt
-from ..generation.pipeline import ProgressCallback, batch_key, generate, generate_batch
+from ..generation.pipeline import ProgressCallback, batch_key
 from ..generation.preview import PreviewCallback
 from ..models.registry import LoadedModel, ModelRegistry, ModelUnavailableError, adhoc_spec, default_registry, native_size
 from ..settings import settings
@@ -262,13 +262,9 @@ class AppService:
         spec = domain if isinstance(domain, DomainSpec) else self.spec(domain)
         if optimization:
             spec = replace(spec, optimization=optimization)
+        resolved = self.check(request, spec, field_names)
         try:
-            resolved = request.resolve(spec)
             return self._run_on_gpu(resolved, spec, progress, should_stop, preview)
-        except RequestError as exc:
-            name_zh, name_en = (field_names or {}).get(exc.field, (exc.field, exc.field))
-            message = say("invalid_field", field_zh=name_zh, field_en=name_en, reason_zh=exc.reason_zh, reason_en=exc.reason)
-            raise UserFacingError(422, message, name_en) from exc
         except QueueFullError as exc:
             raise UserFacingError(503, say("queue_full")) from exc
         except ModelUnavailableError as exc:
@@ -278,6 +274,18 @@ class AppService:
             raise UserFacingError(503, say("out_of_memory")) from exc
         except GpuUnavailableError as exc:
             raise UserFacingError(503, say("gpu_unavailable", reason=str(exc))) from exc
+
+    def check(self, request: GenerationRequest, domain: str | DomainSpec | None,
+              field_names: Mapping[str, tuple[str, str]] | None = None) -> GenerationRequest:
+        """``request`` resolved against the domain's rules (what :meth:`generate` runs); 422 naming the
+        field as ``field_names`` says the face shows it. Lets a face check several requests before running any."""
+        spec = domain if isinstance(domain, DomainSpec) else self.spec(domain)
+        try:
+            return request.resolve(spec)
+        except RequestError as exc:
+            name_zh, name_en = (field_names or {}).get(exc.field, (exc.field, exc.field))
+            message = say("invalid_field", field_zh=name_zh, field_en=name_en, reason_zh=exc.reason_zh, reason_en=exc.reason)
+            raise UserFacingError(422, message, name_en) from exc
 
     def _run_on_gpu(self, request, spec, progress, should_stop, preview) -> GenerationResult:
         """Through the GPU gate: concurrent same-shape requests of this domain share one UNet batch
@@ -306,10 +314,7 @@ class AppService:
         def work() -> None:
             progress = lambda done, total: events.put(GpuProgress(done, total))  # noqa: E731
             try:
-                if len(requests) == 1:
-                    results = [generate(requests[0], spec, registry=self.registry, progress=progress, should_stop=stop.is_set, preview=preview)]
-                else:
-                    results = generate_batch(requests, spec, registry=self.registry, progress=progress, should_stop=stop.is_set)
+                results = self.registry.get(spec).run(spec, requests, progress=progress, should_stop=stop.is_set, preview=preview)
                 events.put(GpuResults(results))
             except BaseException as exc:  # handed to the caller as data
                 if not isinstance(exc, (GenerationCancelled, ModelUnavailableError, torch.cuda.OutOfMemoryError)):

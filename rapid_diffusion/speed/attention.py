@@ -17,20 +17,23 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models import attention_dispatch
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+from diffusers.utils import is_flash_attn_3_available, is_flash_attn_available, is_flash_attn_version
 
 FLASH_BACKENDS = ("flash", "_flash_3")
+FLASH_ATTN_MIN_VERSION = "2.6.3"  # the oldest flash-attn diffusers' "flash" backend accepts
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def flash_attn_available() -> bool:
-    """flash-attn 2 importable at a version diffusers supports (``pip install .[flash]``)."""
-    return bool(attention_dispatch._CAN_USE_FLASH_ATTN)
+    """flash-attn 2 installed at a version diffusers supports (``pip install .[flash]``), by diffusers'
+    public checks; should its import still fail, choosing the backend raises and the level falls back
+    to PyTorch SDPA with the reason logged (``levels.choose_attention``)."""
+    return is_flash_attn_available() and is_flash_attn_version(">=", FLASH_ATTN_MIN_VERSION)
 
 
 def flash_attn_3_available() -> bool:
-    return bool(attention_dispatch._CAN_USE_FLASH_ATTN_3)
+    return is_flash_attn_3_available()
 
 
 def is_hopper(device: torch.device) -> bool:
@@ -146,8 +149,10 @@ class DispatchAttnProcessor:
 
 
 def check_backend(backend: str) -> None:
-    """Raise ``RuntimeError`` when the backend's package is missing (diffusers' own check)."""
-    attention_dispatch._check_attention_backend_requirements(AttentionBackendName(backend))
+    """Raise ``RuntimeError`` when the backend's package is missing or too old (diffusers' public checks)."""
+    usable = {"flash": flash_attn_available, "_flash_3": flash_attn_3_available}.get(AttentionBackendName(backend).value)
+    if usable is not None and not usable():
+        raise RuntimeError(f"attention backend '{backend}' needs flash-attn (>= {FLASH_ATTN_MIN_VERSION}; FlashAttention-3 for '_flash_3')")
 
 
 def set_attention_backend(model: torch.nn.Module, backend: str, pad_multiple: int | None = None) -> None:

@@ -26,6 +26,7 @@ compiler toolchain, no OpenVINO); :func:`apply_optimization` returns the level a
 
 from __future__ import annotations
 
+import importlib.util
 import locale
 import shutil
 from contextlib import contextmanager
@@ -177,13 +178,16 @@ def use_fast_attention(pipe, log: Callable[[str], None]) -> str:
     return backend
 
 
+def triton_installed() -> bool:
+    """Triton, inductor's CUDA kernel compiler (a public check: is the package importable)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def compiler_missing(device: torch.device) -> str | None:
     """Why ``torch.compile`` (inductor) cannot build kernels for ``device``; None when it can."""
     device = torch.device(device)
     if device.type == "cuda":
-        from torch.utils._triton import has_triton
-
-        return None if has_triton() else "Triton is not installed"
+        return None if triton_installed() else "Triton is not installed"
     if device.type == "cpu":
         return None if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++") else "no C++ compiler on PATH"
     return f"no inductor backend for device type '{device.type}'"

@@ -295,16 +295,15 @@ def unet_forward(compiled: OpenVinoModule, unet):
 
 
 def text_encoder_forward(compiled: OpenVinoModule, text_encoder):
-    """OpenVINO for plain encoding; torch when a caller hooks the embeddings (knowledge injection),
-    passes a mask or asks for hidden states, which the converted graph does not provide."""
+    """OpenVINO for plain encoding; torch when a caller hooks the embeddings (the knowledge injection
+    sets ``needs_torch_forward`` on the encoder while its hook is held), passes a mask or asks for
+    hidden states, which the converted graph does not provide."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     torch_forward = type(text_encoder).forward.__get__(text_encoder)
-    embeddings = text_encoder.get_input_embeddings()
-
     def forward(input_ids=None, attention_mask=None, *args, **kwargs):
         extra = args or any(value not in (None, False) for key, value in kwargs.items() if key != "return_dict")
-        if extra or attention_mask is not None or embeddings._forward_hooks or embeddings._forward_pre_hooks:
+        if extra or attention_mask is not None or getattr(text_encoder, "needs_torch_forward", False):
             return torch_forward(input_ids, attention_mask, *args, **kwargs)
         return BaseModelOutputWithPooling(last_hidden_state=compiled(input_ids.long()))
 

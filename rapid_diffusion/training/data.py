@@ -432,8 +432,10 @@ def _check_tsv(checker: _Checker, stream: BinaryIO, name: str = "") -> None:
         if len(encoded) > checker.limits.max_base64_chars:
             checker.reject(item, "oversized", f"image field {len(encoded)} chars")
             continue
+        # Both alphabets, padded or not: EasyNLP reads images with urlsafe_b64decode, others write standard base64.
+        encoded = encoded.strip().replace("-", "+").replace("_", "/")
         try:
-            data = base64.b64decode(encoded.strip(), validate=True)
+            data = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
         except (binascii.Error, ValueError):
             checker.reject(item, "bad_base64")
             continue

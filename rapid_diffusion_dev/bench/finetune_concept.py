@@ -12,7 +12,7 @@ Two concepts (``--concept``):
 24 pairs of the new concept (in the world's own phrasings; ``--num-old N`` mixes in N pairs of the
 old world, as the README's older runs did) go through the trainer (the code path of ``rapid-diffusion
 train`` and the Fine-tune tab), with prior preservation as the tab's default or ``--prior-preservation``.
-Before and after, through ``generate()`` with the domain's defaults (2 seeds per prompt): the
+Before and after, through the registry's model (``LoadedModel.run``) with the domain's defaults (2 seeds per prompt): the
 new-concept rate on 12 prompts naming it, and the judge's colour / shape / position scores on 12
 ordinary world prompts (every palette colour at least once); "kept" is the after score in % of the base's.
 
@@ -173,12 +173,13 @@ def old_prompts(world) -> list[str]:
     ]
 
 
-def measure(spec, registry, concept: str, judge, world, generate, GenerationRequest, sheet: Path) -> dict:
+def measure(spec, registry, concept: str, judge, world, GenerationRequest, sheet: Path) -> dict:
     """The rates, and every image in ``sheet``: a column per prompt, a row per seed, the world's prompts above."""
     hit = is_half_disc if concept == "shape" else is_pink
 
     def images_of(prompts: list[str]) -> list[list[Image.Image]]:
-        return [generate(GenerationRequest(prompt=p, seed=SEEDS[0], num_images=len(SEEDS)), spec, registry=registry).images for p in prompts]
+        model = registry.get(spec)
+        return [model.run(spec, [GenerationRequest(prompt=p, seed=SEEDS[0], num_images=len(SEEDS))])[0].images for p in prompts]
 
     old, new = images_of(old_prompts(world)), images_of(new_prompts(world, concept))
     contact_sheet(old + new, len(SEEDS)).save(sheet)
@@ -253,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from rapid_diffusion.demo import judge, world
-    from rapid_diffusion.generation.pipeline import generate
     from rapid_diffusion.generation.request import GenerationRequest
     from rapid_diffusion.models.registry import ModelRegistry
     from rapid_diffusion.training.options import preset_config, preset_for
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.before is not None and args.before.is_file():
         before = json.loads(args.before.read_text(encoding="utf-8"))
     else:
-        before = measure(spec, registry, args.concept, judge, world, generate, GenerationRequest, args.out / "before.png")
+        before = measure(spec, registry, args.concept, judge, world, GenerationRequest, args.out / "before.png")
         if args.before is not None:
             args.before.write_text(json.dumps(before, ensure_ascii=False, indent=1), encoding="utf-8")
     print(f"before: new-{args.concept} rate {before['new_concept_rate']:.0%}, old {before['old']}", flush=True)
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train: {result.state}, {pairs} pairs, {args.steps} steps, {seconds:.0f} s, loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}", flush=True)
 
     tuned_registry = ModelRegistry(**cpu)
-    after = measure(tuned_registry.spec(domain_id), tuned_registry, args.concept, judge, world, generate, GenerationRequest, args.out / "after.png")
+    after = measure(tuned_registry.spec(domain_id), tuned_registry, args.concept, judge, world, GenerationRequest, args.out / "after.png")
     print(f"after: new-{args.concept} rate {after['new_concept_rate']:.0%}, old {after['old']}", flush=True)
     kept = 100 * old_score(after) / old_score(before)
     status, comparison = read_status(config.output), read_comparison(config.output)

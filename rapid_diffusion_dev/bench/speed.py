@@ -3,7 +3,7 @@
 Every level gets its own copy of one set of weights. Runs are interleaved (one run of every
 level per round) so that load from other processes on a shared machine hits all levels alike.
 Each round times the plain call ``pipe(prompt, ...)`` end to end, as a user of diffusers would
-call it, and the project's staged path (:func:`rapid_diffusion.generation.pipeline.run_pipeline`) for the
+call it, and the project's staged path (:func:`rapid_diffusion.generation.pipeline.generate`) for the
 per-stage figures. ``speedup`` is the plain median end-to-end latency over the best level's.
 """
 
@@ -220,14 +220,14 @@ def plain_call(pipe, config: BenchConfig, height: int, width: int, count: int = 
 
 
 def time_round(pipe, record: LevelRecord, config, height, width, spec, upscaler, device) -> np.ndarray:
-    from rapid_diffusion.generation.pipeline import run_pipeline
+    from rapid_diffusion.generation.pipeline import generate
     from rapid_diffusion.generation.request import GenerationRequest
 
     start = time.perf_counter()
     images = plain_call(pipe, config, height, width)
     record.end_to_end.append(synchronized(start, device))
     request = GenerationRequest(prompt=config.prompt, seed=config.seed, super_resolution=upscaler is not None)
-    result = run_pipeline(pipe, request, spec=spec, upscaler=upscaler)
+    [result] = generate(pipe, [request], spec=spec, upscaler=upscaler)
     for stage, seconds in result.timings.items():
         record.stages.setdefault(stage, []).append(seconds)
     record.unet_evaluations = len(pipe.scheduler.timesteps)
@@ -548,10 +548,11 @@ def restart_setup(model_name: str, level: str, threads: int | None, process_star
     model = load_bench_model(model_name, lambda message: None)
     loaded = time.perf_counter()
     side = native_side(model.pipe)
-    applied = apply_optimization(model.pipe, level, log=lambda message: None, height=side, width=side, max_images=4)
+    messages: list[str] = []
+    applied = apply_optimization(model.pipe, level, log=messages.append, height=side, width=side, max_images=4)
     done = time.perf_counter()
     return {"applied": applied, "load_s": loaded - start, "optimise_s": done - loaded, "setup_s": done - start,
-            "imports_s": start - process_start}
+            "imports_s": start - process_start, "read_cache": any("read from the cache" in m for m in messages)}
 
 
 def run_restart(config: BenchConfig, log: Callable[[str], None] = print, threads: int | None = None) -> dict:
@@ -574,7 +575,8 @@ def run_restart(config: BenchConfig, log: Callable[[str], None] = print, threads
                                           capture_output=True, text=True, check=True)
                     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
                     runs.append(json.loads(line[len("RESULT "):]))
-                    log(f"{level} {label} {round_index + 1}: setup {runs[-1]['setup_s']:.1f}s ({runs[-1]['applied']})")
+                    log(f"{level} {label} {round_index + 1}: setup {runs[-1]['setup_s']:.1f}s ({runs[-1]['applied']}"
+                        f"{', read the cache' if runs[-1]['read_cache'] else ''})")
         cold_median = statistics.median(r["setup_s"] for r in cold)
         warm_median = statistics.median(r["setup_s"] for r in warm)
         levels[level] = {"cold": cold, "warm": warm, "cold_setup_s": cold_median, "warm_setup_s": warm_median,
