@@ -1,10 +1,10 @@
 """What every diffusion training loop here shares: the denoising loss, EMA, the learning-rate schedule.
 
-Used by the fine-tuner (``trainer.py``, which also takes the pair-batch loss :func:`diffusion_loss`
-and :func:`prior_preservation_loss` from here), the demo model's recipe
-(``rapid_diffusion_dev/recipes/train_demo.py``) and the knowledge demo
-(``rapid_diffusion_dev/knowledge_demo/finetune_demo.py``), so that a fix to the loss or to the way a
-schedule is trained reaches all three. (Tokenisation is the pipeline's, ``generation.pipeline.tokenize``;
+Used by the fine-tuner (``trainer.py``, the runtime's one loop, which also takes the pair-batch loss
+:func:`diffusion_loss` and :func:`prior_preservation_loss` from here; the knowledge demo
+``rapid_diffusion_dev/knowledge_demo/finetune_demo.py`` trains through it) and by the demo model's
+from-scratch recipe (``rapid_diffusion_dev/recipes/train_demo.py``: a VAE stage, an object-weighted
+loss, EMA-chosen weights), so that a fix to the loss or to the way a schedule is trained reaches both. (Tokenisation is the pipeline's, ``generation.pipeline.tokenize``;
 loading is the registry's, ``models.registry.load_pipeline``; the domain YAML is the domain
 schema's, ``domains.write_domain_yaml``.)
 """
