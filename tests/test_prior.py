@@ -30,17 +30,18 @@ DEMO_EXAMPLES = ["左边有一个大的红色圆形", "中间有一个蓝色的�
 
 def test_new_words_are_what_most_captions_share_and_no_example_contains():
     pink = ["左边有一个大的粉色圆形", "右边有一个小的粉色正方形", "中间是粉色的三角形", "下面有一个粉色星形"]
-    assert new_words(pink, DEMO_EXAMPLES) == ["粉"], "下 is in one caption of four: a word, not the concept"
+    assert new_words(pink, DEMO_EXAMPLES) == ["粉色"], "下 is in one caption of four: a word, not the concept; 粉 grows to 粉色"
     half_disc = ["左边有一个大的红色半圆形", "右边有一个小的蓝色半圆形", "一个绿色的半圆形"]
-    assert new_words(half_disc, DEMO_EXAMPLES) == ["半"]
-    assert new_words(["我的小猫在左边", "我的小猫在中间"], DEMO_EXAMPLES) == ["猫在", "我"], "runs of unknown characters, longest first"
+    assert new_words(half_disc, DEMO_EXAMPLES) == ["半圆形"], "every caption has 圆形 after 半; what comes before varies"
+    assert new_words(["我的小猫在左边", "我的小猫在中间"], DEMO_EXAMPLES) == ["我的小猫在"], "two runs, one shared phrase"
+    assert new_words(["小猫", "一个小猫", "猫在左边", "大猫"], DEMO_EXAMPLES) == ["猫"], "neighbours differ or end the caption"
 
 
 def test_outside_prompts_are_the_examples_then_the_captions_without_their_new_words():
-    captions = ["左边有一个大的红色半圆形", "右边有一个小的蓝色半圆形", "左边有一个大的红色半圆形"]
+    captions = ["左边有一个大的粉色圆形", "右边有一个小的粉色星形", "左边有一个大的粉色圆形", "粉色"]
     prompts = outside_prompts(captions, DEMO_EXAMPLES)
-    assert prompts == [*DEMO_EXAMPLES, "右边有一个小的蓝色圆形"], "the first stripped caption is an example already; duplicates go"
-    assert not any("半" in p for p in prompts) and not set(prompts) & set(captions)
+    assert prompts == [*DEMO_EXAMPLES, "左边有一个大的圆形", "右边有一个小的星形"], "duplicates and empty prompts go"
+    assert not any("粉" in p for p in prompts) and not set(prompts) & set(captions)
     plan = prior_plan(prompts, 8, seed=3)
     assert [p for p, _ in plan] == (prompts * 2)[:8] and len({s for _, s in plan}) == 8 and min(s for _, s in plan) > 3
 

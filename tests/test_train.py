@@ -104,11 +104,12 @@ def test_cli_training_lowers_the_loss_and_registers_a_loadable_model(test_domain
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "done" and status["domain_id"] == "tiny-ft"
 
-    # prior preservation, on by default: the tiny domain's examples and the captions without 块 (no example has it)
+    # prior preservation, on by default: the tiny domain's examples and the captions without their new word: 块 (no
+    # example has it), grown to 色的方块, the phrase both captions share around it
     examples = ["一个红色的圆形", "蓝色正方形", "左边有一个小的绿色三角形"]
     rows = [json.loads(line) for line in (run / "prior" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == PRIOR_IMAGES["small"] == status["prior_pairs"]
-    assert [row["text"] for row in rows[:5]] == [*examples, "红色的方", "蓝色的方"]
+    assert [row["text"] for row in rows[:5]] == [*examples, "红", "蓝"]
     assert len({row["seed"] for row in rows}) == len(rows) and all((run / "prior" / row["file_name"]).is_file() for row in rows)
     assert all(row["prior_loss"] > 0 for row in read_losses(run))
     # the before/after figures, printed by the CLI from the run's comparison.json

@@ -8,9 +8,12 @@ about the new thing, and every step adds their loss, weighted (``core.prior_pres
 The prompts (:func:`outside_prompts`): the base domain's example prompts, then the user's captions
 with the new words taken out. **New words**, kept simple: runs of characters that no example prompt
 of the base domain contains and that at least a third of the captions contain (the concept an
-upload teaches is in most of its captions; a word only a few captions use is left alone). So
-``左边有一个大的粉色圆形`` on the demo base loses 粉 ("左边有一个大的色圆形": a circle of the base's
-own choosing) and ``右边有一个小的红色半圆形`` loses 半 (a red circle: what the base draws for it).
+upload teaches is in most of its captions; a word only a few captions use is left alone), each grown
+left and right while every caption holding it has the same next character (no segmenter needed). So
+``左边有一个大的粉色圆形`` on the demo base loses 粉色 ("左边有一个大的圆形": a circle of the base's
+own colour) and ``右边有一个小的红色半圆形`` loses 半圆形 ("右边有一个小的红色": something red, of the
+base's own shape). Taking out only 半 left "…红色圆形" under nearly every prior pair, circles the
+new word then had to be told apart from (benchmarks/README.md).
 
 The number of prior pairs is fixed per base size (:data:`rapid_diffusion.training.options.PRIOR_IMAGES`),
 so the tab's time estimate can include their generation before any upload. They are written to
@@ -46,14 +49,32 @@ def base_examples(base_spec: DomainSpec | None) -> list[str]:
 
 
 def new_words(captions: list[str], examples: list[str]) -> list[str]:
-    """Runs of characters no example contains, in at least a third of the captions (longest first)."""
+    """Runs of characters no example contains, in at least a third of the captions, each grown to the
+    whole phrase its captions agree on (longest first): 粉 -> 粉色, 半 -> 半圆形."""
     known = set("".join(examples))
     counts: dict[str, int] = {}
     for caption in captions:
         for run in set(re.findall(r"\S+", "".join(c if c not in known else " " for c in caption))):
             counts[run] = counts.get(run, 0) + 1
     needed = max(1, math.ceil(len(captions) / 3))
-    return sorted((word for word, count in counts.items() if count >= needed), key=lambda w: (-len(w), w))
+    words = {grown(run, [c for c in captions if run in c]) for run, count in counts.items() if count >= needed}
+    return sorted(words, key=lambda w: (-len(w), w))
+
+
+def grown(run: str, captions: list[str]) -> str:
+    """``run`` extended left and right while every caption holding it has the same next character there."""
+    word = run
+    for step in (-1, 1):
+        while True:
+            neighbours = set()
+            for caption in captions:
+                at = caption.find(word)
+                index = at - 1 if step < 0 else at + len(word)
+                neighbours.add(caption[index] if 0 <= index < len(caption) and not caption[index].isspace() else None)
+            if len(neighbours) != 1 or None in neighbours:
+                break
+            word = neighbours.pop() + word if step < 0 else word + neighbours.pop()
+    return word
 
 
 def without_words(caption: str, words: list[str]) -> str:
