@@ -15,6 +15,10 @@ os.environ["RAPID_DIFFUSION_HOME"] = tempfile.mkdtemp(prefix="rapid-diffusion-te
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# A worker per core (pytest-xdist): one thread each, inherited by the CLIs and servers tests start, so
+# an image made in a subprocess equals one made here bit for bit (float sums depend on the thread count).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import shutil
 from pathlib import Path
@@ -24,7 +28,7 @@ import torch
 from helpers import write_domain
 
 # Two threads, as a 2-core host has; one per worker when pytest-xdist runs a worker per core.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)

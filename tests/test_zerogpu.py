@@ -104,19 +104,19 @@ def test_the_ui_handler_crosses_the_boundary_pickled_with_progress_previews_and_
 
 def test_stopping_closes_the_gpu_function_which_stops_the_denoising_loop(tiny_registry, monkeypatch):
     """Closing the generator (what ``spaces`` forwards to its worker) ends the run at the next step."""
-    import rapid_diffusion.service.app as app
+    from rapid_diffusion.models.registry import LoadedModel
 
     steps: list[int] = []
-    real_generate = app.generate
+    real_run = LoadedModel.run
 
-    def counting_generate(request, spec, *, progress, **kwargs):
+    def counting_run(self, spec, requests, *, progress, **kwargs):
         def counted(done, total):
             steps.append(done)
             progress(done, total)
 
-        return real_generate(request, spec, progress=counted, **kwargs)
+        return real_run(self, spec, requests, progress=counted, **kwargs)
 
-    monkeypatch.setattr(app, "generate", counting_generate)
+    monkeypatch.setattr(LoadedModel, "run", counting_run)
     service = AppService(tiny_registry, GpuGate(1, 4))
     spec = service.spec("tiny")
     request = GenerationRequest(prompt="猫", num_inference_steps=50, seed=1).resolve(spec)
