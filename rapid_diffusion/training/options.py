@@ -309,10 +309,10 @@ PRIOR_IMAGE_COST = {("small", "cpu"): 0.47}
 
 # The prior pairs, by base size: how many the base draws before training (DreamBooth's paper draws
 # 200 per class, diffusers' script 100), and the weight of their loss for each choice of the tab's
-# "keep what the model knew" (DreamBooth's prior_loss_weight is 1). On the demo world (uploads of 24 pictures of a
-# new colour or a new shape, quick preset, one training seed each) it did not help: pink 83% learnt, outside prompts
-# 92.9% kept (off: 100%, 94.3%); half disc 54%, 84.3% (off: 100%, 90.0%); normal at 0.5 taught the half disc only
-# 12% (84.3% kept). benchmarks/README.md has the runs.
+# "keep what the model knew" (DreamBooth's prior_loss_weight is 1). On the demo world (uploads of only 24 pictures of
+# a new colour or a new shape, quick preset, one training seed each): pink 100% learnt, outside prompts 100% kept
+# (off: 100%, 94.3%); half disc 54%, 87.1% kept (off: 100%, 90.0%); normal at 0.5 taught the half disc only 12%.
+# benchmarks/README.md has the runs.
 PRIOR_IMAGES = {"small": 48, "large": 100}
 PRIOR_WEIGHTS = {"off": 0.0, "normal": 1.0, "strong": 2.0}
 # Prior pairs per step, as a share of the user's pairs in the batch: DreamBooth pairs them one to one;
