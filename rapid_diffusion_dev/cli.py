@@ -61,6 +61,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's cores, at most 2; 1 can be faster where other jobs load the cores)")
     p.add_argument("--init-from", type=Path, default=None, help="continue training this pipeline folder (keeps its VAE)")
     p.add_argument("--vae-from", type=Path, default=None, help="keep this pipeline folder's VAE; train the UNet and text encoder from scratch")
+    p.add_argument("--vae-eval-scenes", type=int, default=None, help="VAE round trips judged after the VAE stage")
+    p.add_argument("--validation-steps", type=int, default=None, help="sampler steps of the validation images")
     p.set_defaults(handler=cmd_train_demo)
 
     p = dev.add_parser("train-sr", help="train the demo domain's compact SR model on its world (64->256)")
@@ -190,6 +192,8 @@ def cmd_train_demo(args) -> int:
         "threads": args.threads,
         "init_from": args.init_from,
         "vae_from": args.vae_from,
+        "vae_eval_scenes": args.vae_eval_scenes,
+        "validation_steps": args.validation_steps,
     }
     config = replace(TrainConfig(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
     print(f"model: {train_demo(config, log=lambda line: print(line, flush=True))}")

@@ -91,7 +91,7 @@ def test_train_demo_runs_end_to_end_with_tiny_settings(tmp_path):
 
     from rapid_diffusion_dev.recipes.train_demo import TrainConfig, train_demo
 
-    config = TrainConfig(out=tmp_path / "model", num_scenes=32, vae_steps=2, vae_batch_size=2, unet_steps=2, batch_size=4, log_every=1, validate_every=0, validation_steps=1, guidance_choices=(5.0,))
+    config = TrainConfig(out=tmp_path / "model", num_scenes=32, vae_steps=2, vae_batch_size=2, unet_steps=2, batch_size=4, log_every=1, validate_every=0, validation_steps=1, guidance_choices=(5.0,), vae_eval_scenes=4)
     lines: list[str] = []
     train_demo(config, log=lines.append)
     assert any(line.startswith("vae step 2/2") for line in lines) and any("diffusion step 2/2" in line for line in lines)
@@ -115,7 +115,8 @@ def test_train_demo_cli_trains_and_saves_a_pipeline(tmp_path):
     """The command as a user runs it, with tiny settings (and v3's VAE loss, ``--vae-edge-weight 0``)."""
     out = tmp_path / "model"
     command = [sys.executable, "-m", "rapid_diffusion", "dev", "train-demo", "--out", str(out), "--vae-steps", "1", "--vae-edge-weight", "0",
-               "--steps", "1", "--batch-size", "2", "--num-scenes", "16", "--threads", "1"]
+               "--steps", "1", "--batch-size", "2", "--num-scenes", "16", "--threads", "1", "--vae-eval-scenes", "2",
+               "--validation-steps", "1"]
     done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -129,7 +130,8 @@ def test_train_demo_can_keep_a_trained_vae(tmp_path):
 
     from rapid_diffusion_dev.recipes.train_demo import TrainConfig, train_demo
 
-    tiny = dict(num_scenes=16, vae_steps=1, vae_batch_size=2, unet_steps=1, batch_size=2, validate_every=0, validation_steps=1, guidance_choices=())
+    tiny = dict(num_scenes=16, vae_steps=1, vae_batch_size=2, unet_steps=1, batch_size=2, validate_every=0, validation_steps=1, guidance_choices=(),
+                vae_eval_scenes=2)
     first = train_demo(TrainConfig(out=tmp_path / "a", **tiny), log=lambda line: None)
     lines: list[str] = []
     second = train_demo(TrainConfig(out=tmp_path / "b", seed=1, vae_from=first, **tiny), log=lines.append)

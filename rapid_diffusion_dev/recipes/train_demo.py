@@ -75,6 +75,7 @@ class TrainConfig:
     vae_scenes: int = 40000
     vae_off_palette_rate: float = 0.5
     vae_initial_logvar: float = -10.0
+    vae_eval_scenes: int = 100  # round trips judged after the VAE stage (and as many off-palette objects)
     object_weight: float = 5.0
     unet_steps: int = 13000
     schedule_steps: int | None = 15600
@@ -420,9 +421,10 @@ def train_demo(config: TrainConfig, log: Callable[[str], None] = print) -> Path:
         log(f"VAE from {config.vae_from}; UNet and text encoder from scratch")
     else:
         vae = train_vae(make_vae_images(config), config, log)
-        ceiling = reconstruction_adherence(vae, config.device)
+        ceiling = reconstruction_adherence(vae, config.device, num_scenes=config.vae_eval_scenes)
         log("vae round trip, judged: " + ", ".join(f"{k} {v:.0%}" for k, v in ceiling.items()))
-        log(f"vae round trip on off-palette colours: mean error {vae_colour_error(vae):.1f} / 255 (median over objects)")
+        colour_error = vae_colour_error(vae, num_objects=config.vae_eval_scenes)
+        log(f"vae round trip on off-palette colours: mean error {colour_error:.1f} / 255 (median over objects)")
     latents = encode_latents(vae, images, config.device)
     if not (config.init_from or config.vae_from):
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
