@@ -111,6 +111,38 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "bad_whole_number": ("「{field}」须为整数（收到 {value}）", "'{field}' must be a whole number, got {value}"),
     "duration_measured": ("预计用时约 {time_zh}（本机实测）", "about {time_en} on this machine (measured)"),
     "time_left": ("剩余约 {time_zh}", "about {time_en} left"),
+    "compare_closer_held_out": (
+        "与你的图片的接近程度：留出图片上的损失 {before:.4f} → {after:.4f}（{change:+.1f}%，越低越接近）",
+        "how close to your pictures: loss on the held-out pictures {before:.4f} → {after:.4f} ({change:+.1f}%; lower is closer)",
+    ),
+    "compare_closer_training": (
+        "与你的图片的接近程度：训练图片上的损失 {before:.4f} → {after:.4f}（{change:+.1f}%，越低越接近；图片太少，没有留出）",
+        "how close to your pictures: loss on training pictures {before:.4f} → {after:.4f} ({change:+.1f}%; lower is closer; too few pictures to hold any out)",
+    ),
+    "compare_outside_changed": (
+        "上传以外的 {count} 个提示词：同一种子的图片平均变化 {changed:.1f}%（0 = 没变）",
+        "{count} prompts from outside the upload: their same-seed images changed {changed:.1f}% on average (0 = unchanged)",
+    ),
+    "compare_outside_judge": (
+        "上传以外的提示词，演示评分（颜色/形状/位置）：{before:.2f} → {after:.2f}（保留 {kept:.0f}%）",
+        "prompts from outside the upload, demo judge (colour/shape/position): {before:.2f} → {after:.2f} ({kept:.0f}% kept)",
+    ),
+    "compare_clip": (
+        "中文 CLIP 分数：留出描述 {held_out_before:.1f} → {held_out_after:.1f}，上传以外 {outside_before:.1f} → {outside_after:.1f}",
+        "Chinese CLIP score: held-out captions {held_out_before:.1f} → {held_out_after:.1f}, outside prompts {outside_before:.1f} → {outside_after:.1f}",
+    ),
+    "compare_clip_outside": (
+        "中文 CLIP 分数：上传以外 {outside_before:.1f} → {outside_after:.1f}",
+        "Chinese CLIP score: outside prompts {outside_before:.1f} → {outside_after:.1f}",
+    ),
+    "compare_clip_unavailable": (
+        "中文 CLIP 分数：本机没有 CLIP 权重（离线），未计算",
+        "Chinese CLIP score: no CLIP weights on this machine (offline), not computed",
+    ),
+    "prior_generating": (
+        "保留原有能力：基础模型正在生成上传以外的图片 {done}/{total}",
+        "keeping what the model knew: the base model is drawing pictures from outside the upload, {done}/{total}",
+    ),
     "import_no_such_path": ("找不到 {path}", "{path} does not exist"),
     "import_bad_name": (
         "名称只能用小写字母、数字、- 或 _（最多 64 个，字母或数字开头）：「{name}」",

@@ -164,7 +164,7 @@ def finished_finetune(model_dir: Path, base_spec, name: str = "我的模型", st
 
     from rapid_diffusion.paths import home_dir
     from rapid_diffusion.training.options import TrainConfig
-    from rapid_diffusion.training.train import register_domain
+    from rapid_diffusion.training.publish import register_domain
 
     folder = home_dir() / "jobs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     shutil.copytree(model_dir, folder)

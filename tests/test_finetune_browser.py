@@ -1,9 +1,11 @@
 """The Fine-tune tab as a stranger and as a non-programmer meet it, on a real server.
 
 - A stranger with ``gradio_client`` finds no fine-tune endpoint and cannot start one by name.
-- In headless Chromium, on the demo model and the tab's defaults (Advanced untouched): upload a
-  zip of pairs, name the model, Start, wait, see the before/after grid, find the model in the
-  Generate tab's picker under its name, generate with it.
+- In headless Chromium, on the demo model and the tab's defaults (Advanced untouched, 保留原有能力 /
+  keep what the model knew on its default): upload a zip of pairs, name the model, Start, wait, see
+  the before/after grid with the held-out captions and the prompts from outside the upload, and the
+  figures (closer to the uploads; the outside prompts' change and the demo judge's score; no CLIP
+  weights offline), find the model in the Generate tab's picker under its name, generate with it.
 
 The browser run caps the quick preset with the host setting ``RAPID_DIFFUSION_FINETUNE_MAX_STEPS``
 (300 steps take minutes on an idle CPU, far more on a shared one); the uncapped preset itself runs
@@ -80,12 +82,21 @@ def test_fine_tune_on_the_defaults_in_the_browser_then_generate_with_the_new_mod
         page.locator("input[type=file]").first.set_input_files(str(archive))
         page.get_by_label("新模型的名字 / name of the new model").fill("我的形状")
         expect(page.get_by_text("预计用时约")).to_be_visible(timeout=30_000)
+        expect(page.get_by_label("保留原有能力 / keep what the model knew")).to_have_value("普通 / normal")
         page.get_by_role("button", name="开始训练 / Start").click()
         expect(page.get_by_text("已开始训练「我的形状」")).to_be_visible(timeout=60_000)
         expect(page.get_by_text("完成 / done")).to_be_visible(timeout=900_000)
         expect(page.locator("#before-after img").first).to_be_visible(timeout=60_000)
-        assert page.locator("#before-after img").count() == 4, "2 held-out prompts x (before, after)"
+        assert page.locator("#before-after img").count() == 12, "(2 held-out captions + 4 outside prompts) x (before, after)"
         expect(page.get_by_text("种子 / seed 0").first).to_be_visible()
+        page.locator("#before-after img").nth(4).click()  # the gallery's captions show in its preview
+        expect(page.locator("#before-after").get_by_text("上传以外 / outside the upload").first).to_be_visible()
+        page.keyboard.press("Escape")
+        figures = page.locator("#comparison-figures")
+        expect(figures).to_contain_text("与你的图片的接近程度：留出图片上的损失")
+        expect(figures).to_contain_text("上传以外的 4 个提示词")
+        expect(figures).to_contain_text("演示评分（颜色/形状/位置）")
+        expect(figures).to_contain_text("Chinese CLIP score: no CLIP weights on this machine (offline), not computed")
         page.wait_for_timeout(3000)  # the loss plot (vega) draws after its data arrives
         page.screenshot(path=str(ARTIFACTS / "finetune.png"), full_page=True)
 

@@ -18,7 +18,7 @@ from rapid_diffusion.serving import finetune_ui
 from rapid_diffusion.service.finetune import FinetuneService, job_view
 from rapid_diffusion.training.jobs import DeleteRefused, Job, JobBusyError, JobManager, delete_finetuned
 from rapid_diffusion.messages import say
-from rapid_diffusion.training.run_files import complete_checkpoints
+from rapid_diffusion.training.run_files import comparison_lines, complete_checkpoints, read_comparison
 from rapid_diffusion.training.options import PRESETS, TrainConfig, defaults
 
 
@@ -91,6 +91,7 @@ def test_job_trains_from_its_run_json_then_the_tab_shows_before_after_and_the_na
     job = manager.job(outcome.job_id)
     config = TrainConfig.load(job.folder / "run.json")
     assert (config.name, config.max_steps, config.output, config.data) == ("我的粉色", 4, job.folder, job.folder / "data")
+    assert config.prior_preservation == defaults()["prior_preservation"] == "normal", "the tab's default keeps what the model knew"
     assert json.loads((job.folder / "job.json").read_text())["command"][-2:] == ["--config", str(job.folder / "run.json")]
     with pytest.raises(JobBusyError):
         manager.start(config, job.folder / "data")
@@ -104,8 +105,18 @@ def test_job_trains_from_its_run_json_then_the_tab_shows_before_after_and_the_na
     plot = finetune_ui.loss_plot_value(view)
     assert plot["columns"] == ["step", "loss", "series"]
     assert [row[0] for row in plot["data"] if row[2] == finetune_ui.TRAIN_SERIES] == [1, 2, 3, 4]
-    assert [label for _, label in view.comparison] == ["微调前 / before · 红色的方块 · 种子 / seed 0", "微调后 / after · 红色的方块 · 种子 / seed 0"]
-    before, after = (np.asarray(Image.open(path)) for path, _ in view.comparison)
+    outside = ["一个红色的圆形", "蓝色正方形", "左边有一个小的绿色三角形"]  # the tiny domain's examples
+    assert [label for _, label in view.comparison] == [
+        "微调前 / before · 红色的方块 · 种子 / seed 0", "微调后 / after · 红色的方块 · 种子 / seed 0",
+        *[f"微调{when} · 上传以外 / outside the upload · {prompt} · 种子 / seed 0"
+          for prompt in outside for when in ("前 / before", "后 / after")],
+    ]
+    assert (job.folder / "prior" / "metadata.jsonl").is_file() and job.status()["prior_pairs"] > 0
+    assert view.figures == comparison_lines(read_comparison(job.folder)) and len(view.figures) == 3
+    assert view.figures[0].startswith("与你的图片的接近程度：训练图片上的损失") and "上传以外的 3 个提示词" in view.figures[1]
+    assert view.figures[2] == say("compare_clip_unavailable")
+    assert finetune_ui.figures_markdown(view) == "\n".join(f"- {line}" for line in view.figures)
+    before, after = (np.asarray(Image.open(path)) for path, _ in view.comparison[:2])
     assert before.shape == after.shape == (32, 32, 3) and not np.array_equal(before, after)
     assert "4/4" in finetune_ui.progress_html(view)
     spec = registry.reload_domains()[view.new_domain]
@@ -121,7 +132,7 @@ def test_job_trains_from_its_run_json_then_the_tab_shows_before_after_and_the_na
 
 @pytest.mark.slow
 def test_sigterm_saves_a_usable_model_and_resume_finishes_the_job(service, manager, uploads, registry):
-    outcome = service.start(uploads, [["red.png", "红色的方块"]], form(steps=60, learning_rate="1e-4"))
+    outcome = service.start(uploads, [["red.png", "红色的方块"]], form(steps=60, learning_rate="1e-4", prior_preservation="off"))
     job = manager.job(outcome.job_id)
     wait_for(lambda: job.status().get("step", 0) >= 2, timeout=180)
     JobManager(manager.root).latest().terminate()
@@ -278,11 +289,13 @@ def test_cli_job_and_tab_defaults_are_the_train_config_defaults(service, tmp_pat
     assert by_label["省显存（更慢）/ save memory (slower)"] == schema["gradient_checkpointing"]
     assert by_label["权重平均（结果更平稳）/ weight averaging (smoother result)"] == schema["use_ema"]
     assert by_label["随机种子 / seed"] == schema["seed"]
+    assert by_label["保留原有能力 / keep what the model knew"] == schema["prior_preservation"]
 
 
 def test_presets_follow_the_base_and_say_how_long(service):
     assert service.preset_fields("tiny", "quick") == (300, "0.0002", 8, 1)
     assert "预计用时约" in service.duration("tiny", "quick")
+    assert service.duration("tiny", "quick") == service.duration("tiny", "quick", "normal") != service.duration("tiny", "quick", "off")
     big = service.preset_fields(None, "thorough")
     assert big[2] == 1 and big[3] > 1 and float(big[1]) <= 1e-5
     assert "开始后几步内显示剩余时间" in service.duration(None, "standard")

@@ -363,9 +363,14 @@ def test_demo_finetune_trains_the_projection_and_registers_a_knowledge_domain(co
 
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
     config = DemoFinetuneConfig(
-        out=tmp_path / "demo-kg", base=copy_model("base"), steps=2, batch_size=4, num_scenes=8, kg_dim=8, kg_epochs=3
+        out=tmp_path / "demo-kg", base=copy_model("base"), steps=2, batch_size=4, num_scenes=8
     )
     out = finetune_demo(config, log=lambda message: None)
+    from rapid_diffusion.training.run_files import read_losses, read_status
+
+    assert [row["step"] for row in read_losses(out)] == [1, 2] and read_status(out)["state"] == "done", "the product's trainer ran it"
+    captions = (tmp_path / "demo-kg-pairs" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(captions) == 8, "the generated pairs it trained on"
     projection = Knowledge.load(out / KNOWLEDGE_DIR).injector.projection.weight
     assert torch.count_nonzero(projection) > 0
     spec = load_domains([tmp_path / "home" / "domains"])["demo-kg"]

@@ -17,13 +17,16 @@ import torch
 from PIL import Image
 
 import rapid_diffusion.training.train as train_module
+from rapid_diffusion.training import checkpoints, core, dataset, preflight, trainer
 from rapid_diffusion.domains import load_domains
 from helpers import REPO_ROOT
 from rapid_diffusion.paths import DEMO_MODEL_DIR
 from rapid_diffusion.serving.cli import main as cli_main
 from rapid_diffusion.training.train import load_fp32_pipeline
-from rapid_diffusion.training.run_files import read_validation_losses
-from rapid_diffusion.training.train import TrainConfig, TrainingError, complete_checkpoints, read_losses, train
+from rapid_diffusion.training.options import PRIOR_IMAGES, PRIOR_WEIGHTS
+from rapid_diffusion.training.run_files import comparison_lines, read_comparison, read_validation_losses
+from rapid_diffusion.training.run_files import complete_checkpoints, read_losses
+from rapid_diffusion.training.train import TrainConfig, TrainingError, train
 
 SQUARES = {"红色的方块": (230, 30, 30), "蓝色的方块": (30, 30, 230)}
 
@@ -44,7 +47,7 @@ def write_pairs(folder: Path, extra_rows: list[dict] = ()) -> Path:
 def quick_config(base, data: Path, output: Path, **overrides) -> TrainConfig:
     settings = dict(
         base=str(base), data=data, output=output, max_steps=6, learning_rate=1e-3, resolution=32,
-        checkpoint_every=0, validation_every=0, lr_warmup_steps=0,
+        checkpoint_every=0, validation_every=0, lr_warmup_steps=0, prior_preservation="off",
     )
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -101,6 +104,23 @@ def test_cli_training_lowers_the_loss_and_registers_a_loadable_model(test_domain
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "done" and status["domain_id"] == "tiny-ft"
 
+    # prior preservation, on by default: the tiny domain's examples and the captions without their new word: 块 (no
+    # example has it), grown to 色的方块, the phrase both captions share around it
+    examples = ["一个红色的圆形", "蓝色正方形", "左边有一个小的绿色三角形"]
+    rows = [json.loads(line) for line in (run / "prior" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == PRIOR_IMAGES["small"] == status["prior_pairs"]
+    assert [row["text"] for row in rows[:5]] == [*examples, "红", "蓝"]
+    assert len({row["seed"] for row in rows}) == len(rows) and all((run / "prior" / row["file_name"]).is_file() for row in rows)
+    assert all(row["prior_loss"] > 0 for row in read_losses(run))
+    # the before/after figures, printed by the CLI from the run's comparison.json
+    comparison = read_comparison(run)
+    assert comparison["fit_on"] == "training" and comparison["fit_loss_after"] < comparison["fit_loss_before"]
+    assert comparison["outside_prompts"] == examples and comparison["clip_unavailable"] and "judge_before" not in comparison
+    assert [len(list((run / "outside" / step).glob("*.png"))) for step in ("step-000000", "step-000030")] == [3, 3]
+    assert 0 < comparison["outside_changed"] < 100
+    assert all(line in out for line in comparison_lines(comparison)) and len(comparison_lines(comparison)) == 3
+    assert "与你的图片的接近程度：训练图片上的损失" in out and "上传以外的 3 个提示词" in out and "no CLIP weights on this machine" in out
+
     pipe = StableDiffusionPipeline.from_pretrained(run, safety_checker=None, requires_safety_checker=False)
     assert {p.suffix for p in (run / "unet").iterdir()} == {".json", ".safetensors"}
     assert not (run / "model.tmp").exists()
@@ -115,6 +135,7 @@ def test_resume_uses_the_newest_complete_checkpoint_and_ignores_a_half_written_o
     run = tmp_path / "run"
     first = train(quick_config(tiny_model_dir, pairs, run, max_steps=4, checkpoint_every=2, use_ema=True), log=lambda *_: None)
     assert first.state == "done" and [p.name for p in complete_checkpoints(run)] == ["checkpoint-2"]
+    assert not (run / "prior").exists() and all("prior_loss" not in row for row in read_losses(run)), "off: no prior pairs"
     half_written = run / "checkpoints" / "tmp-checkpoint-6"
     shutil.copytree(run / "checkpoints" / "checkpoint-2", half_written)
     (half_written / "optimizer.bin").write_bytes(b"\0" * 10)
@@ -133,9 +154,16 @@ def test_stop_request_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, pa
     run = tmp_path / "run"
     (run).mkdir()
     (run / "STOP").touch()
-    monkeypatch.setattr(train_module.StopRequest, "requested", lambda self: len(read_losses(run)) >= 3)
-    stopped = train(quick_config(tiny_model_dir, pairs, run, max_steps=10), log=lambda *_: None)
+    monkeypatch.setattr(checkpoints.StopRequest, "requested", lambda self: len(read_losses(run)) >= 3)
+    weights = []
+    real_mix = trainer.prior_preservation_loss
+    monkeypatch.setattr(trainer, "prior_preservation_loss", lambda i, p, w: weights.append(w) or real_mix(i, p, w))
+    strong = dict(prior_preservation="strong", validation_inference_steps=2)
+    stopped = train(quick_config(tiny_model_dir, pairs, run, max_steps=10, **strong), log=lambda *_: None)
     assert stopped.state == "stopped" and stopped.step == 3
+    assert set(weights) == {PRIOR_WEIGHTS["strong"]} and len(weights) >= 3, "one term per forward pass, at the strong weight"
+    assert PRIOR_WEIGHTS["strong"] > PRIOR_WEIGHTS["normal"] > 0
+    drawn = {path.name: path.stat().st_mtime_ns for path in (run / "prior").iterdir()}
     assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-3"]
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "stopped" and "提前停止" in status["message"]
@@ -143,9 +171,11 @@ def test_stop_request_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, pa
     stopped_spec = load_domains()[stopped.domain_id]
     assert "提前停止" in stopped_spec.title_zh and stopped_spec.model.path == run.resolve()
 
-    monkeypatch.setattr(train_module.StopRequest, "requested", lambda self: False)
-    finished = train(quick_config(tiny_model_dir, pairs, run, max_steps=5, resume=True), log=lambda *_: None)
+    monkeypatch.setattr(checkpoints.StopRequest, "requested", lambda self: False)
+    finished = train(quick_config(tiny_model_dir, pairs, run, max_steps=5, resume=True, **strong), log=lambda *_: None)
     assert finished.state == "done" and finished.domain_id == stopped.domain_id
+    assert {path.name: path.stat().st_mtime_ns for path in (run / "prior").iterdir()} == drawn, "the same prior pairs, not drawn again"
+    assert read_comparison(run)["fit_loss_before"] is not None and "fit_loss_after" in read_comparison(run)
     assert [row["step"] for row in read_losses(run)] == [1, 2, 3, 4, 5]
     assert "提前停止" not in load_domains()[finished.domain_id].title_zh
 
@@ -170,7 +200,7 @@ def test_bf16_checkpointing_ema_with_a_frozen_text_encoder(tiny_model_dir, pairs
 
 def test_nan_loss_stops_the_run_with_a_clear_status(tiny_model_dir, pairs, tmp_path, monkeypatch):
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
-    real_loss = train_module.diffusion_loss
+    real_loss = trainer.diffusion_loss
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -178,7 +208,7 @@ def test_nan_loss_stops_the_run_with_a_clear_status(tiny_model_dir, pairs, tmp_p
         loss = real_loss(*args, **kwargs)
         return loss * math.nan if len(calls) == 3 else loss
 
-    monkeypatch.setattr(train_module, "diffusion_loss", poisoned)
+    monkeypatch.setattr(trainer, "diffusion_loss", poisoned)
     result = train(quick_config(tiny_model_dir, pairs, tmp_path / "run"), log=lambda *_: None)
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert result.state == "failed" and result.step == 3
@@ -188,7 +218,7 @@ def test_nan_loss_stops_the_run_with_a_clear_status(tiny_model_dir, pairs, tmp_p
 
 def test_preflight_refuses_settings_that_do_not_fit_and_says_what_to_change(tiny_model_dir, pairs, tmp_path, monkeypatch):
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(train_module, "available_memory", lambda device: 1024)
+    monkeypatch.setattr(preflight, "available_memory", lambda device: 1024)
     with pytest.raises(TrainingError) as failure:
         train(quick_config(tiny_model_dir, pairs, tmp_path / "run", use_ema=True), log=lambda *_: None)
     message = str(failure.value)
@@ -213,16 +243,16 @@ def test_memory_estimate_shrinks_with_the_advised_settings(tiny_model_dir):
     light = TrainConfig(
         base="x", data=Path("."), output=Path("."), gradient_checkpointing=True, mixed_precision="bf16", train_text_encoder=False
     )
-    assert train_module.estimate_memory(pipe, light, 64, cpu, False) < train_module.estimate_memory(pipe, heavy, 64, cpu, False)
+    assert preflight.estimate_memory(pipe, light, 64, cpu, False) < preflight.estimate_memory(pipe, heavy, 64, cpu, False)
 
 
 def test_center_crop_and_flip_are_plain_pil():
     image = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
-    resized = train_module.resize_short_side(image, 20)
+    resized = dataset.resize_short_side(image, 20)
     assert resized.size == (30, 20)
-    cropped = train_module.crop(resized, 20, None)
+    cropped = dataset.crop(resized, 20, None)
     assert cropped.size == (20, 20) and np.array_equal(np.asarray(cropped), np.asarray(resized)[:, 5:25])
-    tensor = train_module.to_tensor(cropped)
+    tensor = dataset.to_tensor(cropped)
     assert tensor.shape == (3, 20, 20) and -1.0 <= tensor.min() and tensor.max() <= 1.0
 
 
@@ -322,7 +352,7 @@ def save_state_then_die(self, output_dir=None, **kwargs):
 Accelerator.save_state = save_state_then_die
 base, data, run = sys.argv[1:4]
 train(TrainConfig(base=base, data=Path(data), output=Path(run), max_steps=6, learning_rate=1e-4, batch_size=2,
-                  checkpoint_every=2, keep_checkpoints=2, validation_every=0, lr_warmup_steps=0))
+                  checkpoint_every=2, keep_checkpoints=2, validation_every=0, lr_warmup_steps=0, prior_preservation="off"))
 """
 
 
@@ -544,13 +574,13 @@ def test_min_snr_weights_the_loss_per_sample_by_its_timestep():
 def record_denoising_loss_argument(monkeypatch, name: str) -> list:
     """The trainer's calls of the denoising loss still run; the list gets ``name``'s value of each."""
     seen = []
-    real = train_module.denoising_loss
+    real = core.denoising_loss
 
     def recording(*args, **kwargs):
         seen.append(kwargs.get(name))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "denoising_loss", recording)
+    monkeypatch.setattr(core, "denoising_loss", recording)
     return seen
 
 

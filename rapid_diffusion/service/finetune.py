@@ -15,7 +15,7 @@ comes back as the sentence to show, where the action's result would have been sh
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -24,12 +24,15 @@ from ..messages import say, without_paths
 from ..settings import settings
 from ..training.data import IMAGE_SUFFIXES, DataReport, check_uploads, write_pairs_folder
 from ..training.jobs import ACTIVE_STATES, DeleteRefused, Job, JobBusyError, JobManager, delete_finetuned
+from ..training.run_files import comparison_lines, read_comparison
 from ..training.options import (
     DEFAULT_PRESET,
+    PRIOR_PRESERVATION,
     Preset,
     TrainConfig,
     TrainingError,
     cadence,
+    defaults,
     estimate_seconds,
     name_problem,
     preset_for,
@@ -42,6 +45,7 @@ STATE_NAMES = {
     "starting": "启动中 / starting",
     "preparing": "准备中 / preparing",
     "checking": "检查数据 / checking data",
+    "generating": "生成保留用图片 / drawing pictures to keep what the model knew",
     "running": "训练中 / training",
     "saving": "保存中 / saving",
     "done": "完成 / done",
@@ -69,6 +73,7 @@ class Form:
     use_ema: bool
     seed: float | None
     prompt: str | None
+    prior_preservation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class JobView:
     comparison: list[tuple[str, str]]
     new_domain: str | None
     revision: str | None = None  # changes whenever the job's files do
+    figures: list[str] = field(default_factory=list)  # the before/after figures, one sentence each
 
 
 def empty_view() -> JobView:
@@ -168,11 +174,11 @@ class FinetuneService:
         chosen = self._preset(base, preset)
         return PresetFields(chosen.max_steps, f"{chosen.learning_rate:g}", chosen.batch_size, chosen.gradient_accumulation_steps)
 
-    def duration(self, base: str | None, preset: str | None) -> str:
-        """How long the preset takes here, from the measured per-step time, or when it will be known."""
+    def duration(self, base: str | None, preset: str | None, prior_preservation: str | None = None) -> str:
+        """How long the preset takes here (the prior pairs' generation included), from measured times, or when it will be known."""
         side = self._native_side(base)
         chosen = self._preset(base, preset)
-        seconds = estimate_seconds(chosen, side, self._device_kind())
+        seconds = estimate_seconds(chosen, side, self._device_kind(), prior_choice(prior_preservation))
         if seconds is None:
             return say("duration_after_start", steps=chosen.max_steps)
         time_zh, time_en = duration_words(seconds)
@@ -354,12 +360,17 @@ def config_from_form(form: Form) -> TrainConfig:
         gradient_accumulation_steps=whole_number(form.accumulation or 1, "gradient_accumulation_steps"),
         resolution=whole_number(form.resolution or 0, "resolution") or None, train_text_encoder=bool(form.train_text_encoder),
         mixed_precision=form.mixed_precision or "no", gradient_checkpointing=bool(form.gradient_checkpointing),
-        use_ema=bool(form.use_ema), seed=whole_number(form.seed or 0, "seed"),
+        use_ema=bool(form.use_ema), seed=whole_number(form.seed or 0, "seed"), prior_preservation=prior_choice(form.prior_preservation),
         validation_prompts=[form.prompt.strip()] if form.prompt and form.prompt.strip() else [],
         validation_every=cadence(steps), checkpoint_every=cadence(steps),
     )
     config.validate()
     return config
+
+
+def prior_choice(value: str | None) -> str:
+    """The tab's "keep what the model knew" choice; nothing chosen is the schema's default."""
+    return value if value in PRIOR_PRESERVATION else defaults()["prior_preservation"]
 
 
 def whole_number(value, field_name: str) -> int:
@@ -379,7 +390,8 @@ def job_view(job: Job) -> JobView:
     config = job.config()
     name = (config.name if config and config.name else None) or status.get("name") or "微调模型 / fine-tuned model"
     head = f"**{name}** · {STATE_NAMES.get(state, state)}"
-    text = without_paths("\n\n".join(filter(None, [head, status.get("message") or "", status.get("data")])))
+    progress = say("prior_generating", done=status.get("prior_done", 0), total=status.get("prior_total", 0)) if state == "generating" else ""
+    text = without_paths("\n\n".join(filter(None, [head, progress, status.get("message") or "", status.get("data")])))
     finished = state in ("done", "stopped")
     losses = job.losses()
     return JobView(
@@ -394,6 +406,7 @@ def job_view(job: Job) -> JobView:
         comparison_gallery(job, status) if finished else [],
         status.get("domain_id") if finished else None,
         f"{job.id}:{status.get('updated_at')}:{state}",
+        comparison_lines(read_comparison(job.folder)) if finished else [],
     )
 
 
@@ -407,15 +420,18 @@ def sample_gallery(job: Job) -> list[tuple[str, str]]:
 
 
 def comparison_gallery(job: Job, status: dict) -> list[tuple[str, str]]:
-    """Before / after for each validation prompt, side by side (pairs in a four-column gallery), same seed."""
-    before, after = job.before_after()
-    prompts = status.get("validation_prompts") or []
+    """Before / after, side by side (pairs in a four-column gallery), same seed: each validation prompt
+    (the held-out captions), then each prompt from outside the upload."""
     seed = status.get("validation_seed", 0)
     items = []
-    for i, (b, a) in enumerate(zip(before, after)):
-        prompt = prompts[i] if i < len(prompts) else ""
-        items.append((str(b), f"微调前 / before · {prompt} · 种子 / seed {seed}"))
-        items.append((str(a), f"微调后 / after · {prompt} · 种子 / seed {seed}"))
+    for (before, after), prompts, where in (
+        (job.before_after(), status.get("validation_prompts") or [], ""),
+        (job.outside_before_after(), status.get("outside_prompts") or [], "上传以外 / outside the upload · "),
+    ):
+        for i, (b, a) in enumerate(zip(before, after)):
+            prompt = prompts[i] if i < len(prompts) else ""
+            items.append((str(b), f"微调前 / before · {where}{prompt} · 种子 / seed {seed}"))
+            items.append((str(a), f"微调后 / after · {where}{prompt} · 种子 / seed {seed}"))
     return items
 
 

@@ -38,7 +38,8 @@ from ..models.hub import find_cached_snapshot
 from ..models.registry import Acceleration, LoadedModel, ModelRegistry
 from ..paths import SHIPPED_DOMAINS_DIR, models_dir
 from ..settings import settings
-from ..training.data import REASONS, ZIP_READ_ERRORS, DataLimits, normal_name, zip_entry_problem
+from ..training.data import ZIP_READ_ERRORS, normal_name, zip_entry_problem
+from ..training.pairs import REASONS, DataLimits
 from ..training.jobs import DeleteRefused
 from ..training.options import TrainConfig, TrainingError, name_problem
 from ..training.run_files import CONFIG_FILE, read_losses, read_status

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..messages import say
 from ..service.finetune import FinetuneService, Form, JobView, duration_words
-from ..training.options import DEFAULT_PRESET, PRESET_LABELS, defaults
+from ..training.options import DEFAULT_PRESET, PRESET_LABELS, PRIOR_LABELS, defaults
 
 POLL_SECONDS = 2.0
 STEP_AXIS, LOSS_AXIS, SERIES = "步数", "损失", "曲线"
@@ -62,6 +62,11 @@ def pictures(items: list[tuple[str, str]]) -> list[tuple[Image.Image, str]]:
         with Image.open(path) as image:
             shown.append((image.convert("RGB"), caption))
     return shown
+
+
+def figures_markdown(view: JobView) -> str:
+    """The before/after figures as a list under the comparison."""
+    return "\n".join(f"- {line}" for line in view.figures)
 
 
 def drawable(plot: dict) -> dict | None:
@@ -121,7 +126,14 @@ def build_finetune_tab(service: FinetuneService) -> dict:
                 [(label, key) for key, label in PRESET_LABELS.items()], value=DEFAULT_PRESET,
                 label="训练强度 / how much training",
             )
-            duration = gr.Markdown(service.duration(first_base, DEFAULT_PRESET))
+            keep = gr.Dropdown(
+                [(label, key) for key, label in PRIOR_LABELS.items()], value=schema["prior_preservation"],
+                label="保留原有能力 / keep what the model knew",
+                info="训练前先让原模型画一些上传以外的图，一起训练，新模型就不会忘掉原来会画的东西（多花一点时间）/ "
+                     "before training, the base model draws pictures outside your upload and trains on them too, "
+                     "so the new model does not forget what it could draw (takes a little longer)",
+            )
+            duration = gr.Markdown(service.duration(first_base, DEFAULT_PRESET, schema["prior_preservation"]))
             prompt = gr.Textbox(
                 label="对比用提示词（可不填：默认用几对留出的图片的描述）/ prompt for the before/after comparison "
                       "(optional: captions of a few held-out pairs by default)",
@@ -148,8 +160,10 @@ def build_finetune_tab(service: FinetuneService) -> dict:
     loss_plot = gr.LinePlot(x=PLOT_COLUMNS[0], y=PLOT_COLUMNS[1], color=PLOT_COLUMNS[2], title="损失（越低越好）/ loss (lower is better)",
                             x_title=STEP_AXIS, y_title=LOSS_AXIS, color_title=SERIES)
     samples = gr.Gallery(label="训练中的样图（固定种子）/ samples while training (fixed seed)", columns=6, height=240, object_fit="contain")
-    comparison = gr.Gallery(label="同一种子：微调前 / 微调后，两两并排 · same seed: before / after, side by side",
-                            columns=4, height=360, object_fit="contain", elem_id="before-after")
+    comparison = gr.Gallery(label="同一种子：微调前 / 微调后，两两并排（你的留出图片的描述，然后是上传以外的提示词）· "
+                                  "same seed: before / after, side by side (your held-out captions, then prompts from outside the upload)",
+                            columns=4, height=480, object_fit="contain", elem_id="before-after")
+    figures = gr.Markdown(elem_id="comparison-figures")
     with gr.Row():
         mine = gr.Dropdown(service.finetuned_choices(), value=None, label="我的微调模型 / my fine-tuned models", scale=3)
         delete_button = gr.Button("删除模型 / Delete model", variant="stop", scale=1)
@@ -161,7 +175,7 @@ def build_finetune_tab(service: FinetuneService) -> dict:
     new_domain = gr.Textbox(visible="hidden")  # rendered (so its change event fires), never shown
 
     form_inputs = [name, base, steps, learning_rate, batch_size, accumulation, resolution, train_text_encoder,
-                   mixed_precision, checkpointing, ema, seed, prompt]
+                   mixed_precision, checkpointing, ema, seed, prompt, keep]
 
     def on_check(files, rows, pw):
         return service.check(files, rows, pw)
@@ -180,9 +194,10 @@ def build_finetune_tab(service: FinetuneService) -> dict:
     def on_poll(current, pw, known, seen):
         view = service.view(current, pw)
         if view is None:
-            return None, "", "", None, [], [], gr.skip(), None
+            return None, "", "", None, [], [], "", gr.skip(), None
         unchanged = view.revision == seen  # re-sending an unchanged plot restarts its drawing every tick
-        heavy = (gr.skip(),) * 3 if unchanged else (drawable(loss_plot_value(view)), pictures(view.samples), pictures(view.comparison))
+        heavy = (gr.skip(),) * 4 if unchanged else (
+            drawable(loss_plot_value(view)), pictures(view.samples), pictures(view.comparison), figures_markdown(view))
         domain = view.new_domain if view.new_domain and view.new_domain != known else gr.skip()
         return (view.job_id, view.status_markdown, progress_html(view), *heavy, domain, view.revision)
 
@@ -195,8 +210,8 @@ def build_finetune_tab(service: FinetuneService) -> dict:
     def on_delete(domain_id, pw):
         return gr.update(visible=False), service.delete(domain_id, pw), f"deleted:{domain_id}"
 
-    def on_preset(base_id, preset_key):
-        return (*service.preset_fields(base_id, preset_key), service.duration(base_id, preset_key))
+    def on_preset(base_id, preset_key, keep_key):
+        return (*service.preset_fields(base_id, preset_key), service.duration(base_id, preset_key, keep_key))
 
     def refresh_lists(current_base):
         bases = service.base_choices()
@@ -206,8 +221,8 @@ def build_finetune_tab(service: FinetuneService) -> dict:
     private = dict(api_visibility="private")
     uploads.change(service.caption_rows, inputs=uploads, outputs=captions, **private)
     check_button.click(on_check, inputs=[uploads, captions, password], outputs=report, **private)
-    for trigger in (base.change, preset.change):
-        trigger(on_preset, inputs=[base, preset], outputs=[steps, learning_rate, batch_size, accumulation, duration], **private)
+    for trigger in (base.change, preset.change, keep.change):
+        trigger(on_preset, inputs=[base, preset, keep], outputs=[steps, learning_rate, batch_size, accumulation, duration], **private)
     start_button.click(on_start, inputs=[uploads, captions, password, *form_inputs], outputs=[job_id, report], **private)
     stop_button.click(on_stop, inputs=[job_id, password], outputs=status, **private)
     resume_button.click(on_resume, inputs=[job_id, password], outputs=[job_id, report], **private)
@@ -217,6 +232,6 @@ def build_finetune_tab(service: FinetuneService) -> dict:
     new_domain.change(refresh_lists, inputs=base, outputs=[base, mine], **private)
     timer = gr.Timer(POLL_SECONDS)
     seen = gr.State(None)
-    poll_outputs = [job_id, status, progress, loss_plot, samples, comparison, new_domain, seen]
+    poll_outputs = [job_id, status, progress, loss_plot, samples, comparison, figures, new_domain, seen]
     timer.tick(on_poll, inputs=[job_id, password, new_domain, seen], outputs=poll_outputs, show_progress="hidden", **private)
     return {"new_domain": new_domain, "status": status, "loss_plot": loss_plot, "timer": timer, "job_id": job_id, "mine": mine}

@@ -1,9 +1,10 @@
 """What every diffusion training loop here shares: the denoising loss, EMA, the learning-rate schedule.
 
-Used by the fine-tuner (``train.py``), the demo model's recipe
-(``rapid_diffusion_dev/recipes/train_demo.py``) and the knowledge demo
-(``rapid_diffusion_dev/knowledge_demo/finetune_demo.py``), so that a fix to the loss or to the way a
-schedule is trained reaches all three. (Tokenisation is the pipeline's, ``generation.pipeline.tokenize``;
+Used by the fine-tuner (``trainer.py``, the runtime's one loop, which also takes the pair-batch loss
+:func:`diffusion_loss` and :func:`prior_preservation_loss` from here; the knowledge demo
+``rapid_diffusion_dev/knowledge_demo/finetune_demo.py`` trains through it) and by the demo model's
+from-scratch recipe (``rapid_diffusion_dev/recipes/train_demo.py``: a VAE stage, an object-weighted
+loss, EMA-chosen weights), so that a fix to the loss or to the way a schedule is trained reaches both. (Tokenisation is the pipeline's, ``generation.pipeline.tokenize``;
 loading is the registry's, ``models.registry.load_pipeline``; the domain YAML is the domain
 schema's, ``domains.write_domain_yaml``.)
 """
@@ -101,3 +102,37 @@ def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
     from diffusers.optimization import get_scheduler
 
     return get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def diffusion_loss(batch, unet, text_encoder, vae, noise_scheduler, weight_dtype, noise=None, timesteps=None, snr_gamma=None, unet_max_timestep=None) -> torch.Tensor:
+    """The denoising objective on a batch of pairs (random timesteps, or the given ones).
+
+    Latents are the VAE posterior *mean*: for SD's VAE the posterior variance is tiny (the same as
+    sampling), while small VAEs trained with a weak KL term (the demo model's) have a variance
+    as large as the signal, and sampling from it would teach the UNet noise.
+    """
+    pixels = batch["pixel_values"].to(device=vae.device, dtype=weight_dtype)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    return denoising_loss(unet, noise_scheduler, latents, encode_captions(text_encoder, batch), noise, timesteps, snr_gamma=snr_gamma, unet_max_timestep=unet_max_timestep)
+
+
+def prior_preservation_loss(instance_loss: torch.Tensor, prior_loss: torch.Tensor | None, prior_weight: float) -> torch.Tensor:
+    """DreamBooth's objective (Ruiz et al. 2023, eq. 2; diffusers' ``--with_prior_preservation``):
+    the loss on the user's pairs plus ``prior_weight`` times the loss on pairs the base model
+    generated from prompts outside the upload; without prior pairs, the loss on the user's pairs."""
+    return instance_loss if prior_loss is None else instance_loss + prior_weight * prior_loss
+
+
+def encode_captions(text_encoder, batch) -> torch.Tensor:
+    """Last hidden states; with knowledge, the linked entities' projections are injected."""
+    if "entity_ids" in batch:
+        return text_encoder(batch["input_ids"], batch["entity_ids"])
+    return text_encoder(batch["input_ids"], return_dict=False)[0]
+
+
+def plain_text_encoder(module):
+    """The ``CLIPTextModel`` inside a knowledge wrapper (or the module itself)."""
+    from ..knowledge import KnowledgeTextEncoder
+
+    return module.text_encoder if isinstance(module, KnowledgeTextEncoder) else module

@@ -19,23 +19,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import hashlib
 import io
 import json
 import lzma
 import stat
-import unicodedata
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from ..settings import settings
+from .pairs import NOTE_CODES, DataLimits, DataReport, Issue, Pair
+from .text import TextLines, decode_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TSV_SUFFIXES = (".tsv",)
@@ -45,130 +43,6 @@ METADATA_NAME = "metadata.jsonl"
 ZIP_METHODS = {zipfile.ZIP_STORED: "store", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
 # What reading a hostile zip entry can raise besides OSError (corrupt streams, lying headers).
 ZIP_READ_ERRORS = (zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError, RuntimeError, NotImplementedError, ValueError)
-
-
-@dataclass(frozen=True)
-class DataLimits:
-    """What the checker accepts; a public host can tighten these through the environment."""
-
-    max_pixels: int = 4096 * 4096
-    min_side: int = 64
-    max_file_bytes: int = 20 * 2**20
-    max_caption_chars: int = 200
-    max_items: int = 10_000
-    max_zip_total_bytes: int = 2 * 2**30
-    max_zip_ratio: float = 100.0
-
-    @classmethod
-    def from_env(cls) -> "DataLimits":
-        current = settings()
-        return cls(max_pixels=current.max_pixels, max_file_bytes=current.max_file_bytes, max_items=current.max_items)
-
-    @property
-    def max_base64_chars(self) -> int:
-        return (self.max_file_bytes + 2) // 3 * 4
-
-
-# Pillow's own bomb check (warning above the cap, error above twice the cap) agrees with ours.
-Image.MAX_IMAGE_PIXELS = min(Image.MAX_IMAGE_PIXELS or DataLimits.max_pixels, DataLimits.max_pixels)
-
-REASONS = {
-    "missing_file": ("文件不存在", "file not found"),
-    "unsafe_path": ("路径不安全（绝对路径或包含 ..）", "unsafe path (absolute or containing ..)"),
-    "symlink": ("符号链接，已拒绝", "symbolic link, refused"),
-    "undecodable": ("无法解码的图片", "not a decodable image"),
-    "truncated": ("图片文件不完整（被截断）", "truncated image file"),
-    "bomb": ("图片像素过多（解压炸弹）", "too many pixels (decompression bomb)"),
-    "zip_bomb": ("压缩比异常（压缩炸弹）", "suspicious compression ratio (zip bomb)"),
-    "too_small": ("图片太小", "image too small"),
-    "oversized": ("文件或字段过大", "file or field too large"),
-    "missing_caption": ("缺少描述文字", "missing caption"),
-    "caption_too_long": ("描述文字过长", "caption too long"),
-    "bad_base64": ("base64 编码无效", "invalid base64"),
-    "bad_row": ("格式错误的行", "malformed row"),
-    "duplicate_image": ("重复的图片", "duplicate image"),
-    "duplicate_pair": ("重复的图文对", "duplicate image-text pair"),
-    "too_many": ("条目过多，其余已忽略", "too many items, the rest is ignored"),
-    "unsupported": ("不支持的文件类型", "unsupported file type"),
-    "empty_file": ("空文件", "empty file"),
-    "bad_name": ("文件名为空或只有“.”", "empty file name or '.'"),
-    "is_directory": ("这是文件夹，不是图片", "a folder, not an image"),
-    "duplicate_name": ("压缩包内文件名重复", "duplicate name in the archive"),
-    "encrypted": ("压缩包条目已加密", "encrypted zip entry"),
-    "bad_archive": ("压缩包损坏或无法读取", "corrupt or unreadable zip archive"),
-    "no_pictures": ("压缩包里没有图片", "the zip holds no pictures"),
-    "bad_compression": ("不支持的压缩方式", "unsupported compression method"),
-    "nested_archive": ("压缩包内的压缩包不会被打开", "nested archive, not opened"),
-    "bad_encoding": ("文字编码无法识别（请用 UTF-8）", "unknown text encoding (use UTF-8)"),
-    "decoded_gb18030": ("按 GB18030 解码", "decoded as GB18030"),
-    "decoded_utf16": ("按 UTF-16 解码", "decoded as UTF-16"),
-}
-# Codes that describe how a file was read, not why it was skipped.
-NOTE_CODES = {"gb18030": "decoded_gb18030", "utf-16": "decoded_utf16"}
-
-
-@dataclass(frozen=True)
-class Issue:
-    """One rejected item: ``item`` names it (file name, or ``row 3 (idx 17)``)."""
-
-    item: str
-    code: str
-    detail: str = ""
-
-    @property
-    def message(self) -> str:
-        zh, en = REASONS[self.code]
-        detail = f" ({self.detail})" if self.detail else ""
-        return f"{self.item}: {zh} / {en}{detail}"
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A usable image-text pair; ``image_bytes`` is the original encoded file."""
-
-    item: str
-    text: str
-    image_bytes: bytes = field(repr=False)
-    size: tuple[int, int]
-    sha256: str
-
-    def image(self) -> Image.Image:
-        with Image.open(io.BytesIO(self.image_bytes)) as img:
-            return img.convert("RGB")
-
-    @property
-    def format(self) -> str:
-        """The file suffix of the encoded image (``png``, ``jpeg``...), read from its header."""
-        with Image.open(io.BytesIO(self.image_bytes)) as img:
-            return (img.format or "img").lower()
-
-
-@dataclass
-class DataReport:
-    """Usable pairs, every problem (an item may have several), and notes on how files were read."""
-
-    pairs: list[Pair] = field(default_factory=list)
-    issues: list[Issue] = field(default_factory=list)
-    notes: list[Issue] = field(default_factory=list)
-
-    @property
-    def usable(self) -> bool:
-        return bool(self.pairs)
-
-    @property
-    def skipped(self) -> int:
-        return len({issue.item for issue in self.issues})
-
-    def summary(self) -> str:
-        pairs, skipped = len(self.pairs), self.skipped
-        return (
-            f"可用 {pairs} 对，跳过 {skipped} 项 / "
-            f"{pairs} usable {'pair' if pairs == 1 else 'pairs'}, {skipped} {'item' if skipped == 1 else 'items'} skipped"
-        )
-
-    def lines(self) -> list[str]:
-        notes = [f"  * {note.message}" for note in self.notes]
-        return [self.summary()] + notes + [f"  - {issue.message}" for issue in self.issues]
 
 
 class _Checker:
@@ -245,96 +119,6 @@ class _Checker:
         if min(width, height) < limits.min_side:
             return None, ("too_small", f"{width}x{height} < {limits.min_side} px")
         return (width, height), None
-
-
-def decode_text(data: bytes, complete: bool = True) -> tuple[str, str] | None:
-    """``(text, encoding)`` of caption bytes, or None when no supported encoding fits.
-
-    UTF-8 (a BOM is dropped), UTF-16 with a BOM, else GB18030 (a superset of GBK) when the
-    result is printable text: GB18030 decodes many byte strings, so garbage must not pass.
-    ``complete=False`` tolerates a character cut at the end (a bounded read).
-    """
-    if data.startswith(codecs.BOM_UTF8):
-        candidates = ("utf-8-sig",)
-    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        candidates = ("utf-16",)
-    else:
-        candidates = ("utf-8", "gb18030")
-    for encoding in candidates:
-        try:
-            text = codecs.getincrementaldecoder(encoding)().decode(data, final=complete)
-        except UnicodeDecodeError:
-            continue
-        if encoding != "gb18030" or _plausible_text(text):
-            return text, encoding.removesuffix("-sig")
-    return None
-
-
-def _plausible_text(text: str) -> bool:
-    """Printable characters only: no controls, private-use or unassigned code points."""
-    return all(ch in "\t\r\n" or unicodedata.category(ch) not in ("Cc", "Co", "Cn", "Cs") for ch in text)
-
-
-class _TextLines:
-    """Bounded lines of one text file, decoded with one encoding for the whole file.
-
-    Yields ``(line number, text, too_long)``; ``text`` is None for a line that does not
-    decode. The encoding is fixed by a BOM, else by the first non-ASCII line (UTF-8, else
-    GB18030); ``encoding`` tells which, after iteration.
-    """
-
-    def __init__(self, stream: BinaryIO, limit: int):
-        self.stream = stream
-        self.limit = limit
-        self.encoding: str | None = None
-
-    def __iter__(self) -> Iterator[tuple[int, str | None, bool]]:
-        if _head(self.stream, 2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-            self.encoding = "utf-16"
-            yield from self._utf16_lines()
-            return
-        for number, raw, too_long in _bounded_lines(self.stream, self.limit):
-            if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw, self.encoding = raw[len(codecs.BOM_UTF8):], "utf-8"
-            yield number, self._decode(raw), too_long
-
-    def _decode(self, raw: bytes) -> str | None:
-        if self.encoding is None:
-            if raw.isascii():
-                return raw.decode("ascii")
-            decoded = decode_text(raw)
-            if decoded is None:
-                return None
-            self.encoding = decoded[1]
-            return decoded[0]
-        try:
-            return raw.decode(self.encoding)
-        except UnicodeDecodeError:
-            return None
-
-    def _utf16_lines(self) -> Iterator[tuple[int, str | None, bool]]:
-        reader = io.TextIOWrapper(self.stream, encoding="utf-16")
-        number = 0
-        try:
-            while line := reader.readline(self.limit + 1):
-                number += 1
-                too_long = len(line) > self.limit and not line.endswith("\n")
-                while too_long and line and not line.endswith("\n"):
-                    line = reader.readline(1 << 20)
-                yield number, "" if too_long else line, too_long
-        except UnicodeDecodeError:
-            yield number + 1, None, False
-        finally:
-            reader.detach()
-
-
-def _head(stream: BinaryIO, size: int) -> bytes:
-    """The stream's first bytes, left unread."""
-    if hasattr(stream, "peek"):
-        return stream.peek(size)[:size]
-    head = stream.read(size)
-    stream.seek(0)
-    return head
 
 
 def check_path(path: Path, limits: DataLimits | None = None) -> DataReport:
@@ -474,7 +258,7 @@ class _NamedChecker:
 
 def _metadata_rows(checker: _Checker, stream: BinaryIO) -> Iterator[tuple[str, str, str | None]]:
     """``(item, file_name, text)`` per valid ``metadata.jsonl`` line; bad lines are reported."""
-    lines = _TextLines(stream, checker.limits.max_caption_chars * 8 + 4096)
+    lines = TextLines(stream, checker.limits.max_caption_chars * 8 + 4096)
     for number, line, too_long in lines:
         item = f"{METADATA_NAME} line {number}"
         if too_long:
@@ -628,7 +412,7 @@ def _check_zip_member(checker: _Checker, archive: zipfile.ZipFile, members: dict
 def _check_tsv(checker: _Checker, stream: BinaryIO, name: str = "") -> None:
     """EasyNLP rows ``idx<TAB>text<TAB>imgbase64``; field sizes are checked before decoding."""
     line_limit = checker.limits.max_base64_chars + checker.limits.max_caption_chars * 4 + 1024
-    lines = _TextLines(stream, line_limit)
+    lines = TextLines(stream, line_limit)
     for number, line, too_long in lines:
         item = f"row {number}"
         if too_long:
@@ -659,22 +443,6 @@ def _check_tsv(checker: _Checker, stream: BinaryIO, name: str = "") -> None:
             continue
         checker.add(item, text, data)
     checker.note(name or "TSV", lines.encoding or "utf-8")
-
-
-def _bounded_lines(stream: BinaryIO, limit: int) -> Iterator[tuple[int, bytes, bool]]:
-    """``(line number, raw bytes, too_long)``; a line over ``limit`` bytes is skipped without being held."""
-    number = 0
-    while True:
-        raw = stream.readline(limit + 1)
-        if not raw:
-            return
-        number += 1
-        if len(raw) > limit and not raw.endswith(b"\n"):
-            while raw and not raw.endswith(b"\n"):
-                raw = stream.readline(1 << 20)
-            yield number, b"", True
-            continue
-        yield number, raw, False
 
 
 def write_pairs_folder(pairs: Iterable[Pair], folder: Path) -> Path:

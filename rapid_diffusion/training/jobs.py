@@ -31,7 +31,18 @@ from pathlib import Path
 from ..domains import load_domains, user_domains_dir
 from ..messages import say
 from ..paths import home_dir, models_dir
-from .run_files import ACTIVE_STATES, CONFIG_FILE, STOP_FILE, read_losses, read_status, read_validation_losses, write_json_atomic
+from .run_files import (
+    ACTIVE_STATES,
+    CONFIG_FILE,
+    OUTSIDE_DIR,
+    SAMPLES_DIR,
+    STOP_FILE,
+    read_losses,
+    read_status,
+    read_validation_losses,
+    step_folders,
+    write_json_atomic,
+)
 from .options import TrainConfig
 
 STOP_GRACE_SECONDS = 60.0
@@ -86,15 +97,15 @@ class Job:
         return read_validation_losses(self.folder)
 
     def sample_folders(self) -> list[Path]:
-        root = self.folder / "samples"
-        return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        return step_folders(self.folder / SAMPLES_DIR)
 
     def before_after(self) -> tuple[list[Path], list[Path]]:
         """Same-seed validation images of the base model (step 0) and of the latest step."""
-        folders = self.sample_folders()
-        if len(folders) < 2:
-            return [], []
-        return sorted(folders[0].glob("*.png")), sorted(folders[-1].glob("*.png"))
+        return _first_and_last(self.sample_folders())
+
+    def outside_before_after(self) -> tuple[list[Path], list[Path]]:
+        """Same-seed images of the prompts from outside the upload, by the base model and by the result."""
+        return _first_and_last(step_folders(self.folder / OUTSIDE_DIR))
 
     def log_tail(self, lines: int = 20) -> str:
         path = self.folder / "log.txt"
@@ -207,6 +218,13 @@ class JobManager:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
         env.setdefault("RAPID_DIFFUSION_HOME", str(home_dir()))
         return env
+
+
+def _first_and_last(folders: list[Path]) -> tuple[list[Path], list[Path]]:
+    if len(folders) < 2:
+        return [], []
+    before, after = (sorted(f.glob("*.png"), key=lambda p: int(p.stem)) for f in (folders[0], folders[-1]))
+    return before, after
 
 
 def _copy_into(data: Path, target: Path) -> Path:

@@ -25,6 +25,7 @@ from typing import get_type_hints
 from ..domains import DOMAIN_ID_PATTERN
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+PRIOR_PRESERVATION = ("off", "normal", "strong")
 MAX_NAME_CHARS = 40
 
 
@@ -84,6 +85,12 @@ class TrainConfig:
     snr_gamma: float = option(
         0.0, help="min-SNR loss weighting: gamma (5 is usual; 0 = off): the noisiest steps, where backgrounds are decided, hardly train"
     )
+    prior_preservation: str = option(
+        "normal", choices=PRIOR_PRESERVATION,
+        help="keep what the base model knew (DreamBooth's prior preservation): off, normal or strong. Before training the base "
+             "draws pairs from prompts outside the upload (its domain's examples, the captions without their new words); "
+             "every step adds their loss at the weight PRIOR_WEIGHTS gives this choice",
+    )
     unet_max_timestep: int | None = option(
         None, help="the UNet learns only from timesteps below this one (of 1000); the noisiest ones, where each picture's ground "
                    "colour is decided, still teach the text encoder (default: 700 on small bases, 1000 = all on large ones)"
@@ -107,6 +114,8 @@ class TrainConfig:
             (0 <= self.snr_gamma <= 100, "min-SNR gamma 应在 [0, 100] 之间 / snr_gamma must be in [0, 100]"),
             (self.unet_max_timestep is None or 1 <= self.unet_max_timestep <= 1000,
              "UNet 最大时间步应在 1 到 1000 之间 / unet_max_timestep must be between 1 and 1000"),
+            (self.prior_preservation in PRIOR_PRESERVATION,
+             f"保留原有能力只能是 / prior preservation must be one of {', '.join(PRIOR_PRESERVATION)}"),
             (self.name is None or name_problem(self.name) is None, name_problem(self.name or "") or ""),
             (all(p.strip() for p in self.validation_prompts), "验证提示词不能为空白 / a validation prompt is blank"),
         ]
@@ -118,6 +127,10 @@ class TrainConfig:
     def projection_lr(self) -> float:
         """The knowledge projection starts at zero: it gets 10x the model's rate unless told."""
         return self.knowledge_lr if self.knowledge_lr is not None else 10 * self.learning_rate
+
+    @property
+    def prior_weight(self) -> float:
+        return PRIOR_WEIGHTS[self.prior_preservation]
 
     @property
     def warmup_steps(self) -> int:
@@ -282,14 +295,32 @@ def preset_for(key: str, native_side: int) -> Preset:
     return PRESETS[size_class(native_side)][key]
 
 
-# Seconds per step of a whole quick-preset run (loading, validation, saving included), measured by
-# ``python -m rapid_diffusion_dev.bench.finetune_concept --preset quick --threads 2`` on the 2-core CPU machine with the
-# demo model v3: 111 s (pink) and 137 s (half disc) for 300 steps, 0.41 s on average; v4 (the
-# same architecture) 150 s and 138 s, 0.48 s, on a day the same machine ran 1.2x slower throughout;
-# v5 106 s and 104 s, 0.35 s, on a faster day (benchmarks/README.md). Large bases have no
+# Seconds per step of a whole quick-preset run without prior pairs (loading, validation, saving included), measured by
+# ``python -m rapid_diffusion_dev.bench.finetune_concept --preset quick --threads 2 --prior-preservation off`` on the
+# 2-core CPU machine with the demo model: v3 111 s (pink) and 137 s (half disc) for 300 steps, 0.41 s on average; v4
+# 0.48 s on a day the same machine ran 1.2x slower throughout; v5 0.35 s on a faster day. Large bases have no
 # measurement here: the tab shows the time left after the first steps instead.
 SECONDS_PER_STEP = {("small", "cpu"): 0.41}
+# With prior preservation, measured against a run without in the same session (the machine's load changes from day
+# to day; the ratios less): a step trains on half a batch more (PRIOR_BATCH_SHARE), PRIOR_STEP_COST times as long;
+# drawing one prior pair takes PRIOR_IMAGE_COST steps' time (benchmarks/README.md, 2026-12-05).
+PRIOR_STEP_COST = {("small", "cpu"): 1.41}
+PRIOR_IMAGE_COST = {("small", "cpu"): 0.47}
 
+# The prior pairs, by base size: how many the base draws before training (DreamBooth's paper draws
+# 200 per class, diffusers' script 100), and the weight of their loss for each choice of the tab's
+# "keep what the model knew" (DreamBooth's prior_loss_weight is 1). On the demo world (uploads of only 24 pictures of
+# a new colour or a new shape, quick preset, one training seed each): pink 100% learnt, outside prompts 100% kept
+# (off: 100%, 94.3%); half disc 54%, 87.1% kept (off: 100%, 90.0%); normal at 0.5 taught the half disc only 12%.
+# benchmarks/README.md has the runs.
+PRIOR_IMAGES = {"small": 48, "large": 100}
+PRIOR_WEIGHTS = {"off": 0.0, "normal": 1.0, "strong": 2.0}
+# Prior pairs per step, as a share of the user's pairs in the batch: DreamBooth pairs them one to one;
+# half keeps the step 1.5x (not 2x) as long, and the weight, not the count, sets how much they count.
+PRIOR_BATCH_SHARE = 0.5
+PRIOR_LABELS = {"off": "关闭 / off", "normal": "普通 / normal", "strong": "加强 / strong"}
+# How many prompts from outside the upload the before/after comparison shows (the base's first examples).
+OUTSIDE_SHOWN = 4
 
 # How much faster than the rest the token embeddings learn, by base size. A character the base
 # never saw (粉 in 粉色 for the demo model: its world has no such word) keeps its untrained
@@ -325,9 +356,21 @@ def unet_timestep_limit(config: TrainConfig, native_side: int) -> int | None:
     return config.unet_max_timestep if config.unet_max_timestep is not None else UNET_MAX_TIMESTEP[size_class(native_side)]
 
 
-def estimate_seconds(preset: Preset, native_side: int, device: str) -> float | None:
-    per_step = SECONDS_PER_STEP.get((size_class(native_side), device))
-    return None if per_step is None else per_step * preset.max_steps
+def prior_batch_size(batch_size: int) -> int:
+    return max(1, round(batch_size * PRIOR_BATCH_SHARE))
+
+
+def prior_images(native_side: int) -> int:
+    return PRIOR_IMAGES[size_class(native_side)]
+
+
+def estimate_seconds(preset: Preset, native_side: int, device: str, prior_preservation: str) -> float | None:
+    """The whole run: the prior pairs' generation (when on) and the steps, from measured times; None unmeasured."""
+    key = (size_class(native_side), device)
+    per_step = SECONDS_PER_STEP.get(key)
+    if per_step is None or prior_preservation == "off":
+        return None if per_step is None else per_step * preset.max_steps
+    return per_step * (PRIOR_STEP_COST[key] * preset.max_steps + PRIOR_IMAGE_COST[key] * prior_images(native_side))
 
 
 # ----------------------------------------------------------------------------- names

@@ -9,6 +9,9 @@ trainer's run files beside the model's components::
     loss.jsonl             one {"step", "loss", "lr"} per optimizer step
     val_loss.jsonl         one {"step", "loss"} per validation on the held-out pairs
     samples/step-000000/   validation images at a fixed seed (step 0 = the base model)
+    outside/step-000000/   prompts from outside the upload, same seed, before (step 0) and after training
+    prior/                 the prior pairs the base model drew (metadata.jsonl + PNGs), when prior preservation is on
+    comparison.json        the before/after figures (:func:`comparison_lines` says them)
     checkpoints/checkpoint-<step>/   complete accelerate states (written to tmp-*, then renamed)
     STOP                   present: the trainer saves and ends
 
@@ -23,12 +26,18 @@ import re
 import time
 from pathlib import Path
 
+from ..messages import say
+
 STOP_FILE = "STOP"
 CONFIG_FILE = "run.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_CHECKPOINT_PREFIX = "tmp-" + CHECKPOINT_PREFIX
 MODEL_TMP = "model.tmp"
-ACTIVE_STATES = ("starting", "preparing", "checking", "running", "saving")
+SAMPLES_DIR = "samples"
+OUTSIDE_DIR = "outside"
+PRIOR_DIR = "prior"
+COMPARISON_FILE = "comparison.json"
+ACTIVE_STATES = ("starting", "preparing", "checking", "generating", "running", "saving")
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -70,6 +79,23 @@ def read_status(folder: Path) -> dict:
         return {}
 
 
+def step_folder(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:06d}"
+
+
+def step_folders(root: Path) -> list[Path]:
+    """``step-N`` folders under ``root``, oldest first."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")) if root.is_dir() else []
+
+
+def read_comparison(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / COMPARISON_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     """Finished checkpoints, oldest first; half-written ``tmp-*`` folders never count."""
     root = Path(folder) / "checkpoints"
@@ -98,8 +124,14 @@ class RunFiles:
         if self.enabled:
             write_json_atomic(self.folder / "status.json", self.status)
 
-    def log_loss(self, step: int, loss: float, lr: float) -> None:
-        self._append("loss.jsonl", {"step": step, "loss": loss, "lr": lr})
+    def log_loss(self, step: int, loss: float, lr: float, prior_loss: float | None = None) -> None:
+        row = {"step": step, "loss": loss, "lr": lr}
+        self._append("loss.jsonl", row if prior_loss is None else {**row, "prior_loss": prior_loss})
+
+    def update_comparison(self, **fields) -> None:
+        """Add to ``comparison.json`` (kept across a resume: the "before" figures are measured once)."""
+        if self.enabled:
+            write_json_atomic(self.folder / COMPARISON_FILE, {**read_comparison(self.folder), **fields})
 
     def log_validation_loss(self, step: int, loss: float) -> None:
         self._append("val_loss.jsonl", {"step": step, "loss": loss})
@@ -116,3 +148,24 @@ class RunFiles:
         if self.enabled:
             with (self.folder / name).open("a", encoding="utf-8") as history:
                 history.write(json.dumps(row) + "\n")
+
+
+def comparison_lines(comparison: dict) -> list[str]:
+    """The before/after figures as sentences (Chinese first): how much closer to the uploads, how much
+    the outside prompts' images changed (the demo judge's score, the Chinese CLIP score where measured)."""
+    lines = []
+    if "fit_loss_before" in comparison and "fit_loss_after" in comparison:
+        before, after = comparison["fit_loss_before"], comparison["fit_loss_after"]
+        key = "compare_closer_held_out" if comparison.get("fit_on") == "held_out" else "compare_closer_training"
+        lines.append(say(key, before=before, after=after, change=100 * (after - before) / before if before else 0.0))
+    if "outside_changed" in comparison:
+        lines.append(say("compare_outside_changed", count=len(comparison.get("outside_prompts", [])), changed=comparison["outside_changed"]))
+    if "judge_before" in comparison and "judge_after" in comparison:
+        before, after = comparison["judge_before"], comparison["judge_after"]
+        lines.append(say("compare_outside_judge", before=before, after=after, kept=100 * after / before if before else 0.0))
+    clip = comparison.get("clip") or {}
+    if clip:
+        lines.append(say("compare_clip" if "held_out_before" in clip else "compare_clip_outside", **clip))
+    elif comparison.get("clip_unavailable"):
+        lines.append(say("compare_clip_unavailable"))
+    return lines

@@ -9,14 +9,15 @@ Two concepts (``--concept``):
   are never called anything). Hit: the largest object's median colour is nearer pink than every
   one of the world's eight colours.
 
-24 pairs of the new concept (in the world's own phrasings) plus 24 pairs of the old world go
-through ``rapid_diffusion.training.train`` (the code path of ``rapid-diffusion train`` and the Fine-tune
-tab). Before and after, through the registry's model (``LoadedModel.run``) with the domain's defaults (2 seeds per prompt):
-the new-concept rate on 12 prompts naming it, and the judge's colour / shape / position scores on
-12 ordinary world prompts (every palette colour at least once).
+24 pairs of the new concept (in the world's own phrasings; ``--num-old N`` mixes in N pairs of the
+old world, as the README's older runs did) go through the trainer (the code path of ``rapid-diffusion
+train`` and the Fine-tune tab), with prior preservation as the tab's default or ``--prior-preservation``.
+Before and after, through the registry's model (``LoadedModel.run``) with the domain's defaults (2 seeds per prompt): the
+new-concept rate on 12 prompts naming it, and the judge's colour / shape / position scores on 12
+ordinary world prompts (every palette colour at least once); "kept" is the after score in % of the base's.
 
-    python -m rapid_diffusion_dev.bench.finetune_concept --concept colour --out runs/pink --preset quick --threads 2
-    python -m rapid_diffusion_dev.bench.finetune_concept --concept shape --out runs/half-disc --preset quick --threads 2
+    python -m rapid_diffusion_dev.bench.finetune_concept --concept colour --out runs/pink --preset quick --threads 2 --before runs/before-colour.json
+    python -m rapid_diffusion_dev.bench.finetune_concept --concept shape --out runs/half-disc --preset quick --threads 2 --prior-preservation off
     python -m rapid_diffusion_dev.bench.finetune_concept --concept shape --out runs/custom --steps 300 --lr 2e-4
 
 Every image measured lands in ``before.png`` and ``after.png`` (a column per prompt, a row per
@@ -27,7 +28,8 @@ and guidance amplifies them, see benchmarks/README.md), not the measurement. ``-
 
 ``--preset`` trains exactly what the Fine-tune tab starts on its defaults (the preset's steps, rate
 and batch, pairs held out for validation, samples and a checkpoint every fifth of the run); the
-wall time it prints is what ``training.options.SECONDS_PER_STEP`` stores for the tab's estimate.
+wall time it prints is what ``training.options.SECONDS_PER_STEP`` (prior preservation off) and
+``PRIOR_STEP_COST`` / ``PRIOR_IMAGE_COST`` (on, as ratios to off in the same session) store for the tab's estimate.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from rapid_diffusion.training.options import PRIOR_PRESERVATION, defaults
+from rapid_diffusion.training.run_files import comparison_lines, read_comparison, read_status
 
 NEW_SHAPE = "半圆形"
 NEW_COLOUR, PINK = "粉色", (255, 120, 190)
@@ -213,6 +218,11 @@ def vae_round_trips(judge, world, vae) -> dict:
     return {"half_disc_kept": float(np.mean(discs)), "pink_kept": float(np.mean(pinks))}
 
 
+def old_score(measured: dict) -> float:
+    """The judge's mean colour / shape / position score on the world's prompts (the tab's judge figure, on more prompts)."""
+    return float(np.mean([measured["old"][k] for k in ("colour", "shape", "position")]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -220,7 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-old", type=int, default=24, help="world pairs mixed in (keeps the old words)")
+    parser.add_argument("--num-old", type=int, default=0,
+                        help="world pairs mixed into the upload (0: an upload of only new-concept pictures, as a user's is; "
+                             "the README's older runs mixed in 24 to keep the old words)")
+    parser.add_argument("--prior-preservation", choices=PRIOR_PRESERVATION, default=defaults()["prior_preservation"],
+                        help="the trainer's option (the tab's 保留原有能力 / keep what the model knew); default: the tab's")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="a JSON file with the base model's measurement: read when it exists, else measured and written "
+                             "(the base does not change between runs)")
     parser.add_argument("--grey-world-pairs", action="store_true",
                         help="the world pairs on grey backgrounds only (a diagnostic; by default a fifth are coloured, as in the world)")
     parser.add_argument("--threads", type=int, default=1)
@@ -240,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     from rapid_diffusion.generation.request import GenerationRequest
     from rapid_diffusion.models.registry import ModelRegistry
     from rapid_diffusion.training.options import preset_config, preset_for
-    from rapid_diffusion.training.train import TrainConfig, train
+    from rapid_diffusion.training.options import TrainConfig
+    from rapid_diffusion.training.trainer import train
 
     cpu = dict(device=torch.device("cpu"), dtype=torch.float32)
     registry = ModelRegistry(**cpu)
@@ -248,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     round_trips = vae_round_trips(judge, world, registry.get(spec).pipe.vae)
     print(f"frozen VAE round trips: half disc kept {round_trips['half_disc_kept']:.0%}, pink kept {round_trips['pink_kept']:.0%}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    before = measure(spec, registry, args.concept, judge, world, GenerationRequest, args.out / "before.png")
+    if args.before is not None and args.before.is_file():
+        before = json.loads(args.before.read_text(encoding="utf-8"))
+    else:
+        before = measure(spec, registry, args.concept, judge, world, GenerationRequest, args.out / "before.png")
+        if args.before is not None:
+            args.before.write_text(json.dumps(before, ensure_ascii=False, indent=1), encoding="utf-8")
     print(f"before: new-{args.concept} rate {before['new_concept_rate']:.0%}, old {before['old']}", flush=True)
 
     word = NEW_SHAPE if args.concept == "shape" else NEW_COLOUR
@@ -258,13 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         preset = preset_for(args.preset, spec.height)
         args.steps, args.lr, args.batch_size = preset.max_steps, preset.learning_rate, preset.batch_size
         config = preset_config(preset, base="demo", data=args.out / "data", output=args.out / "run", name=word, domain_id=domain_id, seed=args.seed,
-                               embedding_lr_scale=args.embedding_lr_scale, snr_gamma=args.snr_gamma, unet_max_timestep=args.unet_max_timestep)
+                               embedding_lr_scale=args.embedding_lr_scale, snr_gamma=args.snr_gamma, unet_max_timestep=args.unet_max_timestep,
+                               prior_preservation=args.prior_preservation)
     else:
         config = TrainConfig(
             base="demo", data=args.out / "data", output=args.out / "run", max_steps=args.steps, learning_rate=args.lr,
             batch_size=args.batch_size, gradient_accumulation_steps=1, checkpoint_every=0, validation_every=0,
             lr_warmup_steps=10, domain_id=domain_id, random_flip=False, holdout=0, seed=args.seed,
             embedding_lr_scale=args.embedding_lr_scale, snr_gamma=args.snr_gamma, unet_max_timestep=args.unet_max_timestep,
+            prior_preservation=args.prior_preservation,
         )
     start = time.time()
     result = train(config, log=lambda line: None)
@@ -275,12 +300,20 @@ def main(argv: list[str] | None = None) -> int:
     tuned_registry = ModelRegistry(**cpu)
     after = measure(tuned_registry.spec(domain_id), tuned_registry, args.concept, judge, world, GenerationRequest, args.out / "after.png")
     print(f"after: new-{args.concept} rate {after['new_concept_rate']:.0%}, old {after['old']}", flush=True)
+    kept = 100 * old_score(after) / old_score(before)
+    status, comparison = read_status(config.output), read_comparison(config.output)
+    print(f"prior preservation {args.prior_preservation}: outside prompts kept {kept:.1f}% of the base's judged score "
+          f"({old_score(before):.3f} -> {old_score(after):.3f}), new {args.concept} {after['new_concept_rate']:.0%}; "
+          f"prior pairs drawn in {status.get('prior_seconds', 0):.0f} s", flush=True)
+    for line in comparison_lines(comparison):
+        print(f"tab: {line}", flush=True)
     report = {
         "concept": args.concept, "new_word": word, "vae_round_trips": round_trips, "pairs": pairs, "steps": args.steps, "lr": args.lr,
         "batch_size": args.batch_size, "preset": args.preset, "train_seconds": round(seconds, 1), "torch_threads": args.threads, "seed": args.seed,
         "embedding_lr_scale": args.embedding_lr_scale, "num_old": args.num_old, "grey_world_pairs": args.grey_world_pairs, "snr_gamma": args.snr_gamma, "unet_max_timestep": args.unet_max_timestep,
         "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
-        "before": before, "after": after,
+        "before": before, "after": after, "prior_preservation": args.prior_preservation, "old_kept_percent": kept,
+        "prior_seconds": status.get("prior_seconds"), "seconds_per_step": status.get("seconds_per_step"), "tab_comparison": comparison,
     }
     (args.out / "result.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
     print(f"report: {args.out / 'result.json'}")

@@ -1,13 +1,14 @@
 """Fine-tune the demo model with knowledge injection: the proof that the graph teaches entities.
 
 Captions of the demo world name training entities instead of their colour and shape
-(``左边有一个大的番茄`` for a big red circle on the left); the UNet, the text encoder and the
-injection projection are trained together on the diffusion loss, exactly as ``train_demo``
-trains the base model. Graph-only entities never appear in a caption: whatever the model
-draws for them comes from their TransE vectors. ``with_knowledge=False`` is the control run
-(same captions, no injection). Token embeddings stay frozen by default, so the characters of
-training entities are no better known than those of graph-only ones: the only thing that sets
-them apart is having been seen in captions.
+(``左边有一个大的番茄`` for a big red circle on the left). The pairs are generated here (scenes of
+the world, each with one entity caption) and trained by the product's trainer as ``train
+--knowledge`` trains them (``training.trainer``: TransE on the graph, a zero projection, the UNet,
+the text encoder and the projection on the diffusion loss); only the domain's title and examples
+are the demo's own. Graph-only entities never appear in a caption: whatever the model draws for
+them comes from their TransE vectors. ``with_knowledge=False`` is the control run (same captions,
+no injection). The token embeddings learn at the model's rate (``embedding_lr_scale=1``); the
+characters of graph-only entities get no gradient, as no caption has them.
 
     rapid-diffusion dev kg demo-finetune --out runs/demo-kg
     rapid-diffusion dev kg demo-eval --domain demo-kg
@@ -15,7 +16,7 @@ them apart is having been seen in captions.
 
 from __future__ import annotations
 
-import time
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,16 +26,16 @@ import torch
 import yaml
 
 from rapid_diffusion.demo import world
-from rapid_diffusion.knowledge.graph import KnowledgeGraph
-from rapid_diffusion.knowledge.injection import KNOWLEDGE_DIR, Knowledge, KnowledgeTextEncoder
-from rapid_diffusion.knowledge.transe import EntityEmbeddings, TransEConfig, train_transe
-from rapid_diffusion.paths import DEMO_MODEL_DIR, SHIPPED_DOMAINS_DIR
 from rapid_diffusion.domains import write_domain_yaml
-from rapid_diffusion.models.registry import load_pipeline
-from rapid_diffusion.training.core import denoising_loss, make_ema
+from rapid_diffusion.knowledge.graph import KnowledgeGraph
+from rapid_diffusion.knowledge.injection import KNOWLEDGE_DIR
+from rapid_diffusion.paths import DEMO_MODEL_DIR, SHIPPED_DOMAINS_DIR
+from rapid_diffusion.training.options import TrainConfig
+from rapid_diffusion.training.trainer import train
 
-from ..recipes import train_demo
 from .demo import DEMO_GRAPH, EntityCaptioner, load_split
+
+PAIRS_SUFFIX = "-pairs"
 
 
 @dataclass
@@ -49,80 +50,47 @@ class DemoFinetuneConfig:
     lr: float = 5e-4
     projection_lr: float = 3e-3
     entity_probability: float = 0.7
-    caption_dropout: float = 0.1
     num_scenes: int = 3000
-    kg_dim: int = 64
-    kg_epochs: int = 1000
-    ema_decay: float = 0.99
-    train_token_embeddings: bool = False
     seed: int = 0
     threads: int = 1
-    log_every: int = 50
 
 
-def build_knowledge(config: DemoFinetuneConfig, hidden_size: int, log: Callable[[str], None]) -> Knowledge:
+def write_entity_pairs(config: DemoFinetuneConfig, folder: Path) -> Path:
+    """``num_scenes`` rendered scenes of the world's training split, each with one entity caption, as a pairs folder."""
     graph = KnowledgeGraph.load(config.graph)
-    model, loss = train_transe(graph, TransEConfig(dim=config.kg_dim, epochs=config.kg_epochs, seed=config.seed))
-    log(f"TransE on {len(graph.entities)} entities: loss {loss:.4f}")
-    return Knowledge.create(graph, EntityEmbeddings.from_model(model, graph), hidden_size)
+    captioner = EntityCaptioner(graph, load_split(config.graph)["train"], config.entity_probability)
+    rng = np.random.default_rng(config.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(config.num_scenes):
+        scene = world.sample_scene(rng, split="train")
+        world.render(scene).save(folder / f"{i:05d}.png")
+        rows.append({"file_name": f"{i:05d}.png", "text": captioner(scene, rng)})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return folder
 
 
-@torch.no_grad()
-def world_latents(vae, num_scenes: int, seed: int) -> tuple[torch.Tensor, list[world.Scene]]:
-    rng = np.random.default_rng(seed)
-    scenes = [world.sample_scene(rng, split="train") for _ in range(num_scenes)]
-    images = np.stack([np.asarray(world.render(scene)) for scene in scenes])
-    latents = train_demo.encode_latents(vae, images, "cpu")
-    return latents * vae.config.scaling_factor, scenes
+def train_config(config: DemoFinetuneConfig, data: Path) -> TrainConfig:
+    """What ``rapid-diffusion train --knowledge`` runs for the demo: the recipe's rates and batch, no holdout,
+    no prior pairs (the captions are the world's own), the UNet at every timestep, constant rate."""
+    return TrainConfig(
+        base=str(config.base), data=data, output=Path(config.out), domain_id=config.domain_id, name=config.domain_id,
+        max_steps=config.steps, learning_rate=config.lr, batch_size=config.batch_size, gradient_accumulation_steps=1,
+        knowledge=Path(config.graph) if config.with_knowledge else None, knowledge_lr=config.projection_lr,
+        lr_scheduler="constant", lr_warmup_steps=0, holdout=0, validation_every=0, checkpoint_every=0,
+        prior_preservation="off", unet_max_timestep=1000, embedding_lr_scale=1.0, seed=config.seed,
+    )
 
 
 def finetune_demo(config: DemoFinetuneConfig, log: Callable[[str], None] = print) -> Path:
-    """Fine-tune, save the pipeline (+ ``knowledge/``) in ``config.out`` and register a domain."""
-    torch.manual_seed(config.seed)
+    """Generate the entity pairs, train them with the product's trainer into ``config.out``, register the demo's domain."""
     torch.set_num_threads(config.threads)
-    pipe = load_pipeline(Path(config.base), torch.device("cpu"), torch.float32)
-    knowledge = build_knowledge(config, pipe.text_encoder.config.hidden_size, log)
-    latents, scenes = world_latents(pipe.vae, config.num_scenes, config.seed)
-    captioner = EntityCaptioner(knowledge.graph, load_split(config.graph)["train"], config.entity_probability)
-    encoder = KnowledgeTextEncoder(pipe.text_encoder, knowledge.injector).train()
-    pipe.unet.train()
-    pipe.text_encoder.get_input_embeddings().requires_grad_(config.train_token_embeddings)
-    model_params = [p for p in list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": model_params, "lr": config.lr}, {"params": knowledge.injector.parameters(), "lr": config.projection_lr}],
-        weight_decay=0.0,
-    )
-    trained = (pipe.unet, pipe.text_encoder, knowledge.injector)
-    averages = [make_ema(module, config.ema_decay) for module in trained]
-    noise_schedule = train_demo.noise_scheduler(Path(config.base))
-    rng = np.random.default_rng(config.seed + 1)
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    start = time.time()
-    for step in range(config.steps):
-        index = rng.integers(len(scenes), size=config.batch_size)
-        captions = ["" if rng.random() < config.caption_dropout else captioner(scenes[i], rng) for i in index]
-        batch = knowledge.tokenize(pipe.tokenizer, captions)
-        hidden = encoder(batch.input_ids, batch.entity_ids if config.with_knowledge else None)
-        loss = denoising_loss(pipe.unet, noise_schedule, latents[index], hidden, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model_params + list(knowledge.injector.parameters()), 1.0)
-        optimizer.step()
-        for average, module in zip(averages, trained):
-            average.step(module.parameters())
-        if step % config.log_every == 0 or step == config.steps - 1:
-            log(f"step {step + 1}/{config.steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
-    for average, module in zip(averages, trained):
-        average.copy_to(module.parameters())
-    return save(config, pipe, knowledge)
-
-
-def save(config: DemoFinetuneConfig, pipe, knowledge: Knowledge) -> Path:
     out = Path(config.out)
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
-    pipe.save_pretrained(out, safe_serialization=True)
-    graph_dir = knowledge.save(out / KNOWLEDGE_DIR) if config.with_knowledge else Path(config.graph).resolve()
+    data = write_entity_pairs(config, out.with_name(out.name + PAIRS_SUFFIX))
+    result = train(train_config(config, data), log=log)
+    if result.state != "done":
+        raise RuntimeError(f"the knowledge fine-tune ended {result.state}; see {out / 'status.json'}")
+    graph_dir = out / KNOWLEDGE_DIR if config.with_knowledge else Path(config.graph)
     write_domain(config, out, graph_dir)
     return out
 
