@@ -192,7 +192,7 @@ def utf16_sidecar(tmp: Path):
     folder.mkdir()
     (folder / "cat.png").write_bytes(png_bytes(1))
     (folder / "cat.txt").write_text("一只猫", encoding="utf-16")
-    return folder, ["cat.txt: 按 UTF-16 解码 / decoded as UTF-16", "1 usable pairs"], 0
+    return folder, ["cat.txt: 按 UTF-16 解码 / decoded as UTF-16", "1 usable pair,"], 0
 
 
 def gbk_tsv(tmp: Path):
@@ -226,7 +226,7 @@ def every_problem_of_an_item(tmp: Path):
     (folder / "good.png").write_bytes(png_bytes(1))
     (folder / "tiny.png").write_bytes(png_bytes(2, side=8))
     (folder / "metadata.jsonl").write_text(jsonl([{"file_name": "good.png", "text": "好"}, {"file_name": "tiny.png", "text": " "}]), encoding="utf-8")
-    return folder, ["tiny.png: 缺少描述文字 / missing caption", "tiny.png: 图片太小 / image too small", "1 usable pairs, 1 items skipped"], 0
+    return folder, ["tiny.png: 缺少描述文字 / missing caption", "tiny.png: 图片太小 / image too small", "1 usable pair, 1 item skipped"], 0
 
 
 HAZARDS = [
