@@ -108,6 +108,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "job_process_exited": (
         "训练进程已退出（详见服务器上该任务的 log.txt）：{tail}", "the training process exited (see the job's log.txt on the server): {tail}"
     ),
+    "training_busy": ("已有训练任务在运行，请等待或停止它", "a job is already training on this device"),
+    "steps_capped": ("本机最多训练 {limit} 步（RAPID_DIFFUSION_FINETUNE_MAX_STEPS），已从 {asked} 步减为 {limit} 步",
+                     "this host trains at most {limit} steps (RAPID_DIFFUSION_FINETUNE_MAX_STEPS): {asked} steps cut to {limit}"),
     "bad_whole_number": ("「{field}」须为整数（收到 {value}）", "'{field}' must be a whole number, got {value}"),
     "duration_measured": ("预计用时约 {time_zh}（本机实测）", "about {time_en} on this machine (measured)"),
     "time_left": ("剩余约 {time_zh}", "about {time_en} left"),

@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     finetune_password: SecretStr | None = Field(None, validation_alias=_env("FINETUNE_PASSWORD"),
                                                 description="the same password in plain text (hashed when read; prefer _HASH)")
     finetune_max_steps: int | None = Field(None, ge=1, validation_alias=_env("FINETUNE_MAX_STEPS"),
-                                           description="most steps a fine-tune job from the web UI may run (presets are capped)")
+                                           description="most steps a fine-tune may run on this host, from the web UI or the CLI (presets are capped)")
 
     # Uploaded data
     max_pixels: int = Field(4096 * 4096, ge=1, validation_alias=_env("MAX_PIXELS"),

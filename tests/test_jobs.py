@@ -193,6 +193,17 @@ def test_a_job_that_reported_its_end_does_not_block_the_next_while_its_process_e
         exiting.wait()
 
 
+def test_no_job_starts_while_another_trainer_holds_the_device(tmp_path):
+    """A ``rapid-diffusion train`` in a terminal holds the same slot a job's process does."""
+    from rapid_diffusion.training.slot import slot_path, training_slot
+
+    manager = JobManager(tmp_path / "jobs")
+    with training_slot(slot_path(manager.root)):
+        with pytest.raises(JobBusyError, match="already training"):
+            manager.start(TrainConfig(base="tiny", data=tmp_path, output=tmp_path, max_steps=1), tmp_path)
+    assert manager.jobs() == []
+
+
 def test_a_job_message_shows_no_server_path(tmp_path):
     folder = tmp_path / "jobs" / "20260101-000000-abcdef"
     folder.mkdir(parents=True)

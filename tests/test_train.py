@@ -656,3 +656,30 @@ def test_the_unet_of_a_small_base_leaves_the_noisiest_timesteps_alone(tiny_model
     config = quick_config(tiny_model_dir, pairs, tmp_path / "run", max_steps=2, holdout=2, validation_every=1)
     assert train(config, log=lambda *_: None).state == "done"
     assert seen.count(700) == 2 and set(seen) == {700, None}
+
+
+def test_the_cli_trains_within_the_host_step_limit(test_domains, tmp_path, monkeypatch, capsys):
+    """``rapid-diffusion train`` goes by the host's cap as the web UI's jobs do (no silent longer run)."""
+    monkeypatch.setenv("RAPID_DIFFUSION_FINETUNE_MAX_STEPS", "2")
+    run = tmp_path / "run"
+    code = cli_main(["train", "--base", "tiny", "--data", str(write_pairs(tmp_path / "pairs")), "--output", str(run),
+                     "--max-steps", "6", "--resolution", "32", "--prior-preservation", "off", "--checkpoint-every", "0",
+                     "--validation-every", "0", "--lr-warmup-steps", "0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "6 steps cut to 2" in out and "已从 6 步减为 2 步" in out
+    assert [row["step"] for row in read_losses(run)] == [1, 2]
+
+
+def test_a_second_trainer_on_the_device_is_refused_at_once(test_domains, tmp_path, capsys):
+    """Whatever face started the first (a web UI job's process holds the same slot), the CLI waits for nobody."""
+    from rapid_diffusion.training.slot import slot_taken, training_slot
+
+    assert not slot_taken()
+    with training_slot():
+        assert slot_taken()
+        code = cli_main(["train", "--base", "tiny", "--data", str(write_pairs(tmp_path / "pairs")), "--output", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert code != 0 and "已有训练任务在运行" in captured.err + captured.out and "already training" in captured.err + captured.out
+    assert not (tmp_path / "run" / "loss.jsonl").exists()
+    assert not slot_taken()

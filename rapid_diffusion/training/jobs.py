@@ -44,6 +44,7 @@ from .run_files import (
     write_json_atomic,
 )
 from .options import TrainConfig
+from .slot import slot_path, slot_taken
 
 STOP_GRACE_SECONDS = 60.0
 TRAINER_NICENESS = 10
@@ -196,9 +197,9 @@ class JobManager:
         return self._launch(job.folder)
 
     def _refuse_if_busy(self) -> None:
-        running = self.active()
-        if running is not None:
-            raise JobBusyError("已有训练任务在运行，请等待或停止它 / a job is already training on this device")
+        """A job of this manager, or any other trainer on this device (``rapid-diffusion train``: :mod:`.slot`)."""
+        if self.active() is not None or slot_taken(slot_path(self.root)):
+            raise JobBusyError(say("training_busy"))
 
     def _launch(self, folder: Path) -> Job:
         command = [self.python, "-m", "rapid_diffusion.training.train", "--config", str(folder / CONFIG_FILE)]

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
+from ..messages import say
+from ..settings import settings
 from .options import TrainConfig, TrainingError, add_arguments, config_from_args
 from .publish import load_fp32_pipeline
 from .run_files import comparison_lines, read_comparison
+from .slot import training_slot
 from .trainer import TrainResult, make_optimizer, train
 
 __all__ = ["TrainConfig", "TrainingError", "TrainResult", "train", "main", "parse_args", "run", "make_optimizer", "load_fp32_pipeline"]
@@ -36,14 +40,28 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def run(config: TrainConfig) -> int:
-    """Train, print the before/after figures and where the model went; exit status 0 done, 3 stopped, 1 failed."""
-    result = train(config)
+    """Train, print the before/after figures and where the model went; exit status 0 done, 3 stopped, 1 failed.
+
+    Every face trains through here (a web UI job's process, ``rapid-diffusion train``): one training per
+    device (:mod:`.slot`), and the host's step limit (``RAPID_DIFFUSION_FINETUNE_MAX_STEPS``) applies.
+    """
+    config = within_step_limit(config)
+    with training_slot():
+        result = train(config)
     for line in comparison_lines(read_comparison(config.output)):
         print(line)
     if result.model_dir is not None:
         print(f"model: {result.model_dir}")
         print(f"domain: {result.domain_id}")
     return {"done": 0, "stopped": 3}.get(result.state, 1)
+
+
+def within_step_limit(config: TrainConfig) -> TrainConfig:
+    limit = settings().finetune_max_steps
+    if not limit or config.max_steps <= limit:
+        return config
+    print(say("steps_capped", asked=config.max_steps, limit=limit))
+    return replace(config, max_steps=limit)
 
 
 def main(argv: list[str] | None = None) -> int:
