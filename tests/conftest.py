@@ -97,3 +97,11 @@ def copy_model(tmp_path, tiny_model_dir):
         return target
 
     return _copy
+
+
+def pytest_collection_modifyitems(items):
+    """Files with a slow or browser test run first. pytest-xdist (``--dist loadfile``) hands whole files to
+    its workers in collection order: a long file handed out last would keep one worker busy while the
+    other idles. The order inside a file is kept."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("browser")}
+    items.sort(key=lambda item: item.path not in heavy)

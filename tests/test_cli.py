@@ -37,6 +37,7 @@ def unseen_model(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_generate_with_model_folder_is_deterministic(unseen_model, tmp_path):
     args = ["generate", "--model", str(unseen_model), "--prompt", "一只猫", "--steps", "3", "--num-images", "2"]
     first = cli(*args, "--seed", "42", "--out", str(tmp_path / "a"))

@@ -59,6 +59,7 @@ def plain(tiny_model_dir):
     return load_pipeline(tiny_model_dir, torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.slow
 def test_openvino_images_match_plain_within_one_level(converted, plain):
     pipe, applied, messages, _ = converted
     assert applied == "openvino", messages
@@ -111,6 +112,7 @@ def test_bf16_hint_applies_to_the_unet_only(converted, tiny_model_dir, monkeypat
     assert "float32" in hints["vae_decoder"] and "float32" in hints["text_encoder"]
 
 
+@pytest.mark.slow
 def test_corrupt_cache_is_ignored_with_a_log_line(converted, tiny_model_dir, monkeypatch, plain, tmp_path):
     """On a copy of the cache: the module's pipelines still map the original IR files' weights."""
     *_, home = converted
