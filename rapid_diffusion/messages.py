@@ -75,7 +75,6 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "no_job_yet": ("还没有训练任务", "no training job yet"),
     "unknown_base": ("未知的基础模型", "unknown base model {base!r}"),
-    "bad_learning_rate": ("学习率应是一个数，例如 1e-5", "the learning rate must be a number such as 1e-5: {value!r}"),
     "too_many_steps": ("本服务器每次最多训练 {limit} 步", "this server allows at most {limit} steps per job"),
     "job_running": ("已有训练任务在运行，请等待或停止它", "a job is already training"),
     "job_too_big": (
@@ -111,7 +110,6 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "training_busy": ("已有训练任务在运行，请等待或停止它", "a job is already training on this device"),
     "steps_capped": ("本机最多训练 {limit} 步（RAPID_DIFFUSION_FINETUNE_MAX_STEPS），已从 {asked} 步减为 {limit} 步",
                      "this host trains at most {limit} steps (RAPID_DIFFUSION_FINETUNE_MAX_STEPS): {asked} steps cut to {limit}"),
-    "bad_whole_number": ("「{field}」须为整数（收到 {value}）", "'{field}' must be a whole number, got {value}"),
     "duration_measured": ("预计用时约 {time_zh}（本机实测）", "about {time_en} on this machine (measured)"),
     "time_left": ("剩余约 {time_zh}", "about {time_en} left"),
     "compare_closer_held_out": (
@@ -263,6 +261,20 @@ VALIDATION_REASONS: dict[str, tuple[str, str]] = {
     "model_attributes_type": ("须为 JSON 对象（收到 {got}）", "must be a JSON object, got {got}"),
     "model_type": ("须为 JSON 对象（收到 {got}）", "must be a JSON object, got {got}"),
     "list_type": ("须为列表（收到 {got}）", "must be a list, got {got}"),
+    "int_from_float": ("须为整数（收到 {got}）", "must be a whole number, got {got}"),
+    "int_parsing": ("须为整数（收到 {got}）", "must be a whole number, got {got}"),
+    "float_parsing": ("须为数，例如 1e-5（收到 {got}）", "must be a number such as 1e-5, got {got}"),
+    "bool_parsing": ("须为 true 或 false（收到 {got}）", "must be true or false, got {got}"),
+    "greater_than": ("须大于 {gt}（收到 {got}）", "must be greater than {gt}, got {got}"),
+    "multiple_of": ("须为 {multiple_of} 的倍数（收到 {got}）", "must be a multiple of {multiple_of}, got {got}"),
+    "literal_error": ("只能是 {expected}（收到 {got}）", "must be one of {expected}, got {got}"),
+    "string_pattern_mismatch": ("格式不符，须匹配 {pattern}（收到 {got}）", "must match {pattern}, got {got}"),
+    "path_type": ("须为路径文本（收到 {got}）", "must be a path, got {got}"),
+    "json_invalid": ("不是合法的 JSON（{error}）", "is not valid JSON: {error}"),
+    "blank_text": ("不能为空白", "must not be blank"),
+    "name_blank": ("请给新模型起个名字", "give the new model a name"),
+    "name_too_long": ("名字最多 {max_length} 个字", "the name has at most {max_length} characters"),
+    "name_characters": ("名字不能含控制字符或 / \\ < >", "the name cannot contain control characters or / \\ < >"),
 }
 VALIDATION_FALLBACK = ("无效（{msg}）", "{msg}")
 
@@ -280,6 +292,22 @@ def validation_reason(error: Mapping[str, Any], **values: Any) -> tuple[str, str
         **values,
     }
     return zh.format(**filled), en.format(**filled)
+
+
+def field_refusals(errors: list[Mapping[str, Any]], names: Mapping[str, tuple[str, str]] | None = None, **values: Any) -> str:
+    """Every pydantic error of one input as ``invalid_field``: all the Chinese sentences first, the English
+    ones beside. ``names`` maps a field (the first part of an error's ``loc``; "" for the input as a
+    whole) to the (Chinese, English) name its face shows; by default the field's own name."""
+    template_zh, template_en = MESSAGES["invalid_field"]
+    chinese, english = [], []
+    for error in errors:
+        place = [str(part) for part in error["loc"]]
+        own = ".".join(place) or "-"
+        name_zh, name_en = (names or {}).get(place[0] if place else "", (own, own))
+        reason_zh, reason_en = validation_reason(error, **values)
+        chinese.append(template_zh.format(field_zh=name_zh, reason_zh=reason_zh))
+        english.append(template_en.format(field_en=name_en, reason_en=reason_en))
+    return f"{'；'.join(chinese)} / {'; '.join(english)}"
 
 
 def say(key: str, **values) -> str:

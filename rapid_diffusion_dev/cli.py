@@ -177,7 +177,7 @@ def print_bench_tables(result: dict) -> None:
 def cmd_train_demo(args) -> int:
     from dataclasses import replace
 
-    from .recipes.train_demo import TrainConfig, train_demo
+    from .recipes.train_demo import DemoRecipeConfig, train_demo
 
     overrides = {
         "out": args.out,
@@ -195,7 +195,7 @@ def cmd_train_demo(args) -> int:
         "vae_eval_scenes": args.vae_eval_scenes,
         "validation_steps": args.validation_steps,
     }
-    config = replace(TrainConfig(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
+    config = replace(DemoRecipeConfig(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
     print(f"model: {train_demo(config, log=lambda line: print(line, flush=True))}")
     return 0
 

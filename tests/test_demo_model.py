@@ -89,9 +89,9 @@ def test_eval_cli_writes_report_and_contact_sheet(tmp_path, monkeypatch):
 def test_train_demo_runs_end_to_end_with_tiny_settings(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from rapid_diffusion_dev.recipes.train_demo import TrainConfig, train_demo
+    from rapid_diffusion_dev.recipes.train_demo import DemoRecipeConfig, train_demo
 
-    config = TrainConfig(out=tmp_path / "model", num_scenes=32, vae_steps=2, vae_batch_size=2, unet_steps=2, batch_size=4, log_every=1, validate_every=0, validation_steps=1, guidance_choices=(5.0,), vae_eval_scenes=4)
+    config = DemoRecipeConfig(out=tmp_path / "model", num_scenes=32, vae_steps=2, vae_batch_size=2, unet_steps=2, batch_size=4, log_every=1, validate_every=0, validation_steps=1, guidance_choices=(5.0,), vae_eval_scenes=4)
     lines: list[str] = []
     train_demo(config, log=lines.append)
     assert any(line.startswith("vae step 2/2") for line in lines) and any("diffusion step 2/2" in line for line in lines)
@@ -128,13 +128,13 @@ def test_train_demo_cli_trains_and_saves_a_pipeline(tmp_path):
 def test_train_demo_can_keep_a_trained_vae(tmp_path):
     from safetensors.torch import load_file
 
-    from rapid_diffusion_dev.recipes.train_demo import TrainConfig, train_demo
+    from rapid_diffusion_dev.recipes.train_demo import DemoRecipeConfig, train_demo
 
     tiny = dict(num_scenes=16, vae_steps=1, vae_batch_size=2, unet_steps=1, batch_size=2, validate_every=0, validation_steps=1, guidance_choices=(),
                 vae_eval_scenes=2)
-    first = train_demo(TrainConfig(out=tmp_path / "a", **tiny), log=lambda line: None)
+    first = train_demo(DemoRecipeConfig(out=tmp_path / "a", **tiny), log=lambda line: None)
     lines: list[str] = []
-    second = train_demo(TrainConfig(out=tmp_path / "b", seed=1, vae_from=first, **tiny), log=lines.append)
+    second = train_demo(DemoRecipeConfig(out=tmp_path / "b", seed=1, vae_from=first, **tiny), log=lines.append)
     assert not any(line.startswith("vae step") for line in lines)
     vae_a = load_file(first / "vae" / "diffusion_pytorch_model.safetensors")
     vae_b = load_file(second / "vae" / "diffusion_pytorch_model.safetensors")
@@ -223,9 +223,9 @@ def test_training_steps_are_chosen_on_the_validation_split_only(monkeypatch):
     """Checkpoints are judged from ``select_from`` on and at the end, on validation prompts only."""
     from rapid_diffusion.demo import evaluate
     from rapid_diffusion_dev.recipes import train_demo
-    from rapid_diffusion_dev.recipes.train_demo import TrainConfig, is_validation_step
+    from rapid_diffusion_dev.recipes.train_demo import DemoRecipeConfig, is_validation_step
 
-    config = TrainConfig(unet_steps=10000, validate_every=1000, select_from=5000)
+    config = DemoRecipeConfig(unet_steps=10000, validate_every=1000, select_from=5000)
     chosen = [step for step in range(1, 10001) if is_validation_step(step, config)]
     assert chosen == [5000, 6000, 7000, 8000, 9000, 10000]
     asked = []

@@ -218,16 +218,20 @@ def test_a_job_message_shows_no_server_path(tmp_path):
 @pytest.mark.parametrize(
     "overrides, chinese",
     [
-        ({"name": "  "}, "请给新模型起个名字"),
-        ({"name": "a/b"}, "名字不能含"),
-        ({"name": "长" * 41}, "名字最多"),
-        ({"learning_rate": "fast"}, "学习率应是一个数"),
-        ({"steps": 0}, "训练步数"),
+        ({"name": "  "}, "「新模型的名字」无效：请给新模型起个名字"),
+        ({"name": "a/b"}, "「新模型的名字」无效：名字不能含"),
+        ({"name": "长" * 41}, "「新模型的名字」无效：名字最多 40 个字"),
+        ({"learning_rate": "fast"}, "「学习率」无效：须为数，例如 1e-5（收到 'fast'）"),
+        ({"steps": 0}, "「训练步数」无效：须不小于 1（收到 0）"),
+        ({"steps": 4.5}, "「训练步数」无效：须为整数（收到 4.5）"),
+        ({"seed": float("nan")}, "「随机种子」无效：须为有限的数"),
+        ({"resolution": 33}, "「分辨率」无效：须为 8 的倍数（收到 33）"),
     ],
 )
 def test_input_errors_are_caught_before_a_job_starts_in_chinese_first(service, manager, uploads, overrides, chinese):
-    outcome = service.start(uploads, [], form(**overrides))
-    assert outcome.job_id is None and outcome.message.startswith(chinese) and " / " in outcome.message
+    """The tab's settings are refused by TrainConfig's own bounds, each named by its label in the tab."""
+    outcome = service.start(uploads, [], form(**overrides), names=finetune_ui.LABELS)
+    assert outcome.job_id is None and outcome.message.startswith(chinese) and " / Invalid " in outcome.message
     assert manager.jobs() == []
 
 
@@ -283,7 +287,8 @@ def test_cli_job_and_tab_defaults_are_the_train_config_defaults(service, tmp_pat
     parsed = parse_args(["--base", "b", "--data", "d", "--output", "o"])
     assert {k: getattr(parsed, k) for k in schema} == schema
     config = TrainConfig(base="tiny", data=tmp_path, output=tmp_path)
-    assert TrainConfig.from_json(config.to_json()) == config
+    config.save(tmp_path / "run.json")
+    assert TrainConfig.load(tmp_path / "run.json") == config
     assert PRESETS["large"]["standard"].values() == {k: schema[k] for k in PRESETS["large"]["standard"].values()}
 
     with gr.Blocks() as demo:

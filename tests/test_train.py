@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 import rapid_diffusion.training.train as train_module
 from rapid_diffusion.training import checkpoints, core, dataset, preflight, trainer
@@ -228,12 +229,13 @@ def test_preflight_refuses_settings_that_do_not_fit_and_says_what_to_change(tiny
 
 
 def test_out_of_range_settings_are_refused_before_loading_anything(tmp_path):
-    config = TrainConfig(base="x", data=tmp_path, output=tmp_path / "run", max_steps=0, resolution=33, domain_id="Bad Id")
+    """Every refusal at once, all the Chinese first (joined by "；"), the English beside (by "; ")."""
     with pytest.raises(TrainingError) as failure:
-        config.validate()
-    assert str(failure.value).count(";") == 2 and "resolution" in str(failure.value)
-    with pytest.raises(TrainingError, match="验证提示词不能为空白"):
-        TrainConfig(base="x", data=tmp_path, output=tmp_path, validation_prompts=[" "]).validate()
+        TrainConfig.checked(dict(base="x", data=tmp_path, output=tmp_path / "run", max_steps=0, resolution=33, domain_id="Bad Id"))
+    chinese, english = str(failure.value).split(" / ", 1)
+    assert chinese.count("；") == english.count("; ") == 2 and "「resolution」无效" in chinese and "Invalid resolution" in english
+    with pytest.raises(TrainingError, match="「validation_prompts.0」无效：不能为空白"):
+        TrainConfig.checked(dict(base="x", data=tmp_path, output=tmp_path, validation_prompts=[" "]))
 
 
 def test_memory_estimate_shrinks_with_the_advised_settings(tiny_model_dir):
@@ -647,9 +649,8 @@ def test_the_unet_of_a_small_base_leaves_the_noisiest_timesteps_alone(tiny_model
     config.unet_max_timestep = 900
     assert (unet_timestep_limit(config, 64), unet_timestep_limit(config, 512)) == (900, 900)
     for bad in (0, 1001):
-        config.unet_max_timestep = bad
-        with pytest.raises(TrainingError, match="unet_max_timestep"):
-            config.validate()
+        with pytest.raises(ValidationError, match="unet_max_timestep"):
+            config.unet_max_timestep = bad
 
     monkeypatch.setenv("RAPID_DIFFUSION_HOME", str(tmp_path / "home"))
     seen = record_denoising_loss_argument(monkeypatch, "unet_max_timestep")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 from ..domains import user_domains_dir
 from ..messages import say, without_paths
@@ -34,7 +34,6 @@ from ..training.options import (
     cadence,
     defaults,
     estimate_seconds,
-    name_problem,
     preset_for,
 )
 
@@ -197,10 +196,12 @@ class FinetuneService:
 
     # ------------------------------------------------------------------ actions
 
-    def start(self, files: list[str] | None, rows: list[list[str]] | None, form: Form, password: str | None = None) -> StartOutcome:
+    def start(self, files: list[str] | None, rows: list[list[str]] | None, form: Form, password: str | None = None,
+              names: Mapping[str, tuple[str, str]] | None = None) -> StartOutcome:
         """Check access, the base, the name, the settings and the data, then start training in a new job folder.
 
-        Only a known domain can be the base, so a browser cannot name an arbitrary folder.
+        Only a known domain can be the base, so a browser cannot name an arbitrary folder. A refused
+        setting is named as ``names`` says the tab labels it (TrainConfig field -> (Chinese, English)).
         """
         problem = access_problem(password)
         if problem:
@@ -208,7 +209,7 @@ class FinetuneService:
         if form.base not in self.registry.domains:
             return StartOutcome(None, say("unknown_base", base=form.base))
         try:
-            config = config_from_form(form)
+            config = config_from_form(form, names)
         except TrainingError as exc:
             return StartOutcome(None, str(exc))
         if self.jobs.active() is not None:
@@ -340,45 +341,28 @@ def capped(preset: Preset) -> Preset:
     return replace(preset, max_steps=min(preset.max_steps, limit)) if limit else preset
 
 
-def config_from_form(form: Form) -> TrainConfig:
-    """A TrainConfig (data and output filled in by the job manager); raises TrainingError in Chinese first."""
-    problem = name_problem(form.name or "")
-    if problem:
-        raise TrainingError(problem)
-    try:
-        learning_rate = float(form.learning_rate)
-    except (TypeError, ValueError):
-        raise TrainingError(say("bad_learning_rate", value=form.learning_rate)) from None
-    steps = whole_number(form.steps, "steps")
+def config_from_form(form: Form, names: Mapping[str, tuple[str, str]] | None = None) -> TrainConfig:
+    """A TrainConfig (data and output filled in by the job manager); raises TrainingError in Chinese first,
+    naming each refused option as ``names`` says the tab labels it (TrainConfig field -> (Chinese, English))."""
+    config = TrainConfig.checked({
+        "base": form.base or "", "data": ".", "output": ".", "name": (form.name or "").strip(),
+        "max_steps": form.steps, "learning_rate": form.learning_rate,
+        "batch_size": form.batch_size or 1, "gradient_accumulation_steps": form.accumulation or 1,
+        "resolution": form.resolution or None, "train_text_encoder": bool(form.train_text_encoder),
+        "mixed_precision": form.mixed_precision or "no", "gradient_checkpointing": bool(form.gradient_checkpointing),
+        "use_ema": bool(form.use_ema), "seed": form.seed or 0, "prior_preservation": prior_choice(form.prior_preservation),
+        "validation_prompts": [form.prompt.strip()] if form.prompt and form.prompt.strip() else [],
+    }, names)
     limit = settings().finetune_max_steps
-    if limit and steps > limit:
+    if limit and config.max_steps > limit:
         raise TrainingError(say("too_many_steps", limit=limit))
-    config = TrainConfig(
-        base=form.base or "", data=Path("."), output=Path("."), name=form.name.strip(),
-        max_steps=steps, learning_rate=learning_rate,
-        batch_size=whole_number(form.batch_size or 1, "batch_size"),
-        gradient_accumulation_steps=whole_number(form.accumulation or 1, "gradient_accumulation_steps"),
-        resolution=whole_number(form.resolution or 0, "resolution") or None, train_text_encoder=bool(form.train_text_encoder),
-        mixed_precision=form.mixed_precision or "no", gradient_checkpointing=bool(form.gradient_checkpointing),
-        use_ema=bool(form.use_ema), seed=whole_number(form.seed or 0, "seed"), prior_preservation=prior_choice(form.prior_preservation),
-        validation_prompts=[form.prompt.strip()] if form.prompt and form.prompt.strip() else [],
-        validation_every=cadence(steps), checkpoint_every=cadence(steps),
-    )
-    config.validate()
-    return config
+    every = cadence(config.max_steps)
+    return config.model_copy(update={"validation_every": every, "checkpoint_every": every})
 
 
 def prior_choice(value: str | None) -> str:
     """The tab's "keep what the model knew" choice; nothing chosen is the schema's default."""
     return value if value in PRIOR_PRESERVATION else defaults()["prior_preservation"]
-
-
-def whole_number(value, field_name: str) -> int:
-    """A form number as an int; NaN, infinities, fractions and text are refused in both languages."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")) \
-            or int(value) != value:
-        raise TrainingError(say("bad_whole_number", field=field_name, value=repr(value)[:40]))
-    return int(value)
 
 
 # ----------------------------------------------------------------------------- a job as shown

@@ -25,6 +25,29 @@ PRECISION_CHOICES = [
     ("bf16（较新的显卡）/ bf16 (recent GPUs)", "bf16"),
     ("fp16（较旧的显卡）/ fp16 (older GPUs)", "fp16"),
 ]
+# Each setting's label by its TrainConfig field, and the name a refusal of its value uses (Chinese, English).
+LABELS = {
+    "name": ("新模型的名字", "name of the new model"),
+    "base": ("基础模型", "base model"),
+    "prior_preservation": ("保留原有能力", "keep what the model knew"),
+    "validation_prompts": ("对比用提示词", "prompt for the before/after comparison"),
+    "max_steps": ("训练步数", "training steps"),
+    "learning_rate": ("学习率", "learning rate"),
+    "batch_size": ("每步图片数", "pictures per step"),
+    "gradient_accumulation_steps": ("累积几次再更新", "passes per update"),
+    "resolution": ("分辨率", "resolution"),
+    "train_text_encoder": ("也训练文字理解部分", "also train the text understanding"),
+    "mixed_precision": ("精度", "precision"),
+    "gradient_checkpointing": ("省显存", "save memory"),
+    "use_ema": ("权重平均", "weight averaging"),
+    "seed": ("随机种子", "seed"),
+}
+
+
+def label(field_name: str, note_zh: str = "", note_en: str = "") -> str:
+    """"训练步数 / training steps"; a Chinese note (in full-width brackets) takes the space's place."""
+    zh, en = LABELS[field_name]
+    return f"{zh}{note_zh or ' '}/ {en}{note_en}"
 
 
 # ----------------------------------------------------------------------------- a job as widget values
@@ -120,36 +143,36 @@ def build_finetune_tab(service: FinetuneService) -> dict:
             check_button = gr.Button("检查数据 / Check data")
             report = gr.Markdown()
         with gr.Column():
-            name = gr.Textbox(value="我的模型", label="新模型的名字 / name of the new model", max_length=40)
-            base = gr.Dropdown(choices=service.base_choices(), value=first_base, label="基础模型 / base model")
+            name = gr.Textbox(value="我的模型", label=label("name"), max_length=40)
+            base = gr.Dropdown(choices=service.base_choices(), value=first_base, label=label("base"))
             preset = gr.Radio(
                 [(label, key) for key, label in PRESET_LABELS.items()], value=DEFAULT_PRESET,
                 label="训练强度 / how much training",
             )
             keep = gr.Dropdown(
                 [(label, key) for key, label in PRIOR_LABELS.items()], value=schema["prior_preservation"],
-                label="保留原有能力 / keep what the model knew",
+                label=label("prior_preservation"),
                 info="训练前先让原模型画一些上传以外的图，一起训练，新模型就不会忘掉原来会画的东西（多花一点时间）/ "
                      "before training, the base model draws pictures outside your upload and trains on them too, "
                      "so the new model does not forget what it could draw (takes a little longer)",
             )
             duration = gr.Markdown(service.duration(first_base, DEFAULT_PRESET, schema["prior_preservation"]))
             prompt = gr.Textbox(
-                label="对比用提示词（可不填：默认用几对留出的图片的描述）/ prompt for the before/after comparison "
-                      "(optional: captions of a few held-out pairs by default)",
+                label=label("validation_prompts", "（可不填：默认用几对留出的图片的描述）",
+                            " (optional: captions of a few held-out pairs by default)"),
             )
             with gr.Accordion("高级设置 / Advanced", open=False):
-                steps = gr.Slider(10, 10000, value=steps0, step=10, label="训练步数 / training steps")
+                steps = gr.Slider(10, 10000, value=steps0, step=10, label=label("max_steps"))
                 learning_rate = gr.Dropdown(LEARNING_RATES, value=lr0, allow_custom_value=True,
-                                            label="学习率（越大学得越快，也越容易学坏）/ learning rate")
-                batch_size = gr.Slider(1, 16, value=batch0, step=1, label="每步图片数 / pictures per step")
-                accumulation = gr.Slider(1, 16, value=accumulation0, step=1, label="累积几次再更新 / passes per update")
-                resolution = gr.Number(value=schema["resolution"] or 0, precision=0, label="分辨率（0 = 模型原生）/ resolution (0 = native)")
-                train_text_encoder = gr.Checkbox(value=schema["train_text_encoder"], label="也训练文字理解部分 / also train the text understanding")
-                mixed_precision = gr.Dropdown(PRECISION_CHOICES, value=schema["mixed_precision"], label="精度 / precision")
-                checkpointing = gr.Checkbox(value=schema["gradient_checkpointing"], label="省显存（更慢）/ save memory (slower)")
-                ema = gr.Checkbox(value=schema["use_ema"], label="权重平均（结果更平稳）/ weight averaging (smoother result)")
-                seed = gr.Number(value=schema["seed"], precision=0, label="随机种子 / seed")
+                                            label=label("learning_rate", "（越大学得越快，也越容易学坏）"))
+                batch_size = gr.Slider(1, 16, value=batch0, step=1, label=label("batch_size"))
+                accumulation = gr.Slider(1, 16, value=accumulation0, step=1, label=label("gradient_accumulation_steps"))
+                resolution = gr.Number(value=schema["resolution"] or 0, precision=0, label=label("resolution", "（0 = 模型原生）", " (0 = native)"))
+                train_text_encoder = gr.Checkbox(value=schema["train_text_encoder"], label=label("train_text_encoder"))
+                mixed_precision = gr.Dropdown(PRECISION_CHOICES, value=schema["mixed_precision"], label=label("mixed_precision"))
+                checkpointing = gr.Checkbox(value=schema["gradient_checkpointing"], label=label("gradient_checkpointing", "（更慢）", " (slower)"))
+                ema = gr.Checkbox(value=schema["use_ema"], label=label("use_ema", "（结果更平稳）", " (smoother result)"))
+                seed = gr.Number(value=schema["seed"], precision=0, label=label("seed"))
             password = gr.Textbox(type="password", label="微调密码 / fine-tune password", visible=service.password_required())
             with gr.Row():
                 start_button = gr.Button("开始训练 / Start", variant="primary")
@@ -181,7 +204,7 @@ def build_finetune_tab(service: FinetuneService) -> dict:
         return service.check(files, rows, pw)
 
     def on_start(files, rows, pw, *values):
-        outcome = service.start(files, rows, Form(*values), pw)
+        outcome = service.start(files, rows, Form(*values), pw, names=LABELS)
         return outcome.job_id, outcome.message
 
     def on_stop(current, pw):

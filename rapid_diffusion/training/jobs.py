@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 from ..domains import load_domains, user_domains_dir
@@ -181,7 +180,7 @@ class JobManager:
         """
         self._refuse_if_busy()
         folder = folder or self.new_job_folder()
-        config = replace(config, data=_copy_into(Path(data), folder / "data"), output=folder)
+        config = config.model_copy(update={"data": _copy_into(Path(data), folder / "data"), "output": folder})
         config.save(folder / CONFIG_FILE)
         return self._launch(folder)
 
@@ -192,7 +191,7 @@ class JobManager:
         config = job.config()
         if config is None:
             raise KeyError(f"job '{job_id}' has no {CONFIG_FILE}")
-        replace(config, resume=True).save(job.folder / CONFIG_FILE)
+        config.model_copy(update={"resume": True}).save(job.folder / CONFIG_FILE)
         (job.folder / STOP_FILE).unlink(missing_ok=True)
         return self._launch(job.folder)
 

@@ -1,9 +1,15 @@
 """The one schema of fine-tuning options: :class:`TrainConfig`, its command-line flags, its JSON, its presets.
 
-Every default is written once, on a dataclass field; the ``train`` flags are generated from the
+Every option is written once, as a field of the pydantic model :class:`TrainConfig`: its default,
+its bounds (``ge``/``le``, ``Literal`` choices), its help (``description``) and, where it is not
+``--field-name``, its flag (``json_schema_extra``). The ``train`` flags are generated from the
 fields (like ``transformers.HfArgumentParser``, without importing transformers), a job hands its
-config to the trainer as ``run.json`` (``train --config run.json``), and the Fine-tune tab takes
-its defaults from here. No torch import: the CLI parser and the web UI load this cheaply.
+config to the trainer as ``run.json`` (``model_dump_json`` / ``model_validate_json``, read strictly),
+and the Fine-tune tab takes its defaults from here. Whatever the source, a value out of bounds is
+refused by pydantic, and :meth:`TrainConfig.checked` turns its errors into one :class:`TrainingError`
+through the one table of reasons (``messages.VALIDATION_REASONS``), naming each option as the face
+shows it (the flag, the JSON key, the tab's label). No torch import: the CLI parser and the web UI
+load this cheaply.
 
 Presets replace steps / learning rate / batch for people who do not want to choose them. They
 depend on the base model's size: the demo model (64x64) learns a new shape in a few hundred
@@ -15,14 +21,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import re
 import unicodedata
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import get_type_hints
+from typing import Annotated, Any, Literal, Mapping, get_args, get_origin
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
 
 from ..domains import DOMAIN_ID_PATTERN
+from ..messages import field_refusals, validation_reason
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRIOR_PRESERVATION = ("off", "normal", "strong")
@@ -33,95 +42,102 @@ class TrainingError(RuntimeError):
     """The run cannot start or had to stop (bad data, no memory, NaN loss, disk full); the message says why."""
 
 
-def option(default=MISSING, *, help: str, flag: str | None = None, choices=None, factory=None):
-    """A dataclass field with its command-line help (and flag name, when not ``--field-name``)."""
-    metadata = {"help": help, "flag": flag, "choices": choices}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+def _display_name(name: str) -> str:
+    """A new model's display name: not blank, at most MAX_NAME_CHARS, no control characters nor / \\ < >."""
+    text = name.strip()
+    if not text:
+        raise PydanticCustomError("name_blank", "give the new model a name")
+    if len(text) > MAX_NAME_CHARS:
+        raise PydanticCustomError("name_too_long", "at most {max_length} characters", {"max_length": MAX_NAME_CHARS})
+    if any(unicodedata.category(c).startswith("C") or c in "/\\<>" for c in text):
+        raise PydanticCustomError("name_characters", "no control characters nor / \\ < >")
+    return name
 
 
-@dataclass
-class TrainConfig:
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise PydanticCustomError("blank_text", "must not be blank")
+    return text
+
+
+DisplayName = Annotated[str, AfterValidator(_display_name)]
+NonBlank = Annotated[str, AfterValidator(_not_blank)]
+
+
+def flag(name: str) -> dict:
+    """A field's flag, where it is not ``--field-name`` (``Field(json_schema_extra=flag("--lr"))``)."""
+    return {"flag": name}
+
+
+class TrainConfig(BaseModel):
     """One fine-tuning run. Defaults are the "standard" preset of a 512x512 PAI base."""
 
-    base: str = option(help="a domain id, a diffusers folder, or a hub id (owner/name)")
-    data: Path = option(help="folder, zip or TSV of image-text pairs")
-    output: Path = option(help="the new model's folder (a diffusers pipeline; run files and checkpoints/ beside)")
-    name: str | None = option(None, help="display name of the new model, e.g. 我的粉色 (Chinese allowed)")
-    max_steps: int = option(1000, help="optimizer steps")
-    learning_rate: float = option(5e-6, flag="--lr", help="learning rate")
-    batch_size: int = option(1, help="pairs per forward pass")
-    gradient_accumulation_steps: int = option(4, help="forward passes per optimizer step")
-    resolution: int | None = option(None, help="default: the model's native size")
-    train_text_encoder: bool = option(True, help="train the text encoder too (as PAI-Diffusion does)")
-    mixed_precision: str = option("no", choices=MIXED_PRECISION, help="no, fp16 (GPU) or bf16")
-    gradient_checkpointing: bool = option(False, help="less activation memory, about 30%% slower")
-    use_ema: bool = option(False, flag="--ema", help="keep an exponential moving average of the UNet")
-    use_8bit_adam: bool = option(True, help="8-bit AdamW where bitsandbytes and a GPU exist")
-    lr_scheduler: str = option("constant_with_warmup", help="any diffusers get_scheduler name")
-    lr_warmup_steps: int | None = option(None, help="default: 10%% of the steps, at most 100")
-    max_grad_norm: float = option(1.0, help="gradient clipping")
-    center_crop: bool = option(True, help="centre crop (else a random crop per draw)")
-    random_flip: bool = option(False, help="flip half of the draws left-right (off: captions saying 左/右 would lie)")
-    seed: int = option(0, help="seed of training and of the validation images")
-    checkpoint_every: int = option(100, help="steps between checkpoints (0 = only when stopped)")
-    keep_checkpoints: int = option(2, help="complete checkpoints kept")
-    validation_prompts: list[str] = option(
-        flag="--validation-prompt", factory=list,
-        help="rendered every --validation-every steps (repeatable); default: the held-out pairs' captions",
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    base: str = Field(description="a domain id, a diffusers folder, or a hub id (owner/name)")
+    data: Path = Field(description="folder, zip or TSV of image-text pairs")
+    output: Path = Field(description="the new model's folder (a diffusers pipeline; run files and checkpoints/ beside)")
+    name: DisplayName | None = Field(None, description="display name of the new model, e.g. 我的粉色 (Chinese allowed)")
+    max_steps: int = Field(1000, ge=1, le=100_000, description="optimizer steps")
+    learning_rate: float = Field(5e-6, gt=0, le=1, description="learning rate", json_schema_extra=flag("--lr"))
+    batch_size: int = Field(1, ge=1, le=64, description="pairs per forward pass")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=64, description="forward passes per optimizer step")
+    resolution: int | None = Field(None, ge=32, le=2048, multiple_of=8, description="default: the model's native size")
+    train_text_encoder: bool = Field(True, description="train the text encoder too (as PAI-Diffusion does)")
+    mixed_precision: Literal[MIXED_PRECISION] = Field("no", description="no, fp16 (GPU) or bf16")
+    gradient_checkpointing: bool = Field(False, description="less activation memory, about 30% slower")
+    use_ema: bool = Field(False, description="keep an exponential moving average of the UNet", json_schema_extra=flag("--ema"))
+    use_8bit_adam: bool = Field(True, description="8-bit AdamW where bitsandbytes and a GPU exist")
+    lr_scheduler: str = Field("constant_with_warmup", description="any diffusers get_scheduler name")
+    lr_warmup_steps: int | None = Field(None, ge=0, description="default: 10% of the steps, at most 100")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
+    center_crop: bool = Field(True, description="centre crop (else a random crop per draw)")
+    random_flip: bool = Field(False, description="flip half of the draws left-right (off: captions saying 左/右 would lie)")
+    seed: int = Field(0, ge=0, description="seed of training and of the validation images")
+    checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints (0 = only when stopped)")
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept")
+    validation_prompts: list[NonBlank] = Field(
+        default_factory=list, json_schema_extra=flag("--validation-prompt"),
+        description="rendered every --validation-every steps (repeatable); default: the held-out pairs' captions",
     )
-    holdout: int | None = option(None, help="pairs kept out of training for the validation loss (and prompts); default: 2 from 8 pairs, 4 from 32")
-    validation_every: int = option(100, help="steps between validations (0 = only before and after)")
-    validation_inference_steps: int = option(20, help="denoising steps of the validation images")
-    resume: bool = option(False, help="continue from the newest complete checkpoint")
-    domain_id: str | None = option(None, help="id of the new domain (default: derived from --name, never taken)")
-    skip_preflight: bool = option(False, help="start even if the memory estimate says it will not fit")
-    knowledge: Path | None = option(None, help="a knowledge graph folder (triples.tsv + entities.tsv): inject and train its entities")
-    knowledge_lr: float | None = option(None, help="learning rate of the knowledge projection (default: 10x --lr)")
-    embedding_lr_scale: float | None = option(
-        None, help="the text encoder's token embeddings learn at this multiple of --lr (default: 3 on small bases, 1 on large ones)"
+    holdout: int | None = Field(
+        None, ge=0, le=64, description="pairs kept out of training for the validation loss (and prompts); default: 2 from 8 pairs, 4 from 32"
     )
-    snr_gamma: float = option(
-        0.0, help="min-SNR loss weighting: gamma (5 is usual; 0 = off): the noisiest steps, where backgrounds are decided, hardly train"
+    validation_every: int = Field(100, ge=0, description="steps between validations (0 = only before and after)")
+    validation_inference_steps: int = Field(20, ge=1, description="denoising steps of the validation images")
+    resume: bool = Field(False, description="continue from the newest complete checkpoint")
+    domain_id: str | None = Field(
+        None, pattern=f"^{DOMAIN_ID_PATTERN}$", description="id of the new domain (default: derived from --name, never taken)"
     )
-    prior_preservation: str = option(
-        "normal", choices=PRIOR_PRESERVATION,
-        help="keep what the base model knew (DreamBooth's prior preservation): off, normal or strong. Before training the base "
-             "draws pairs from prompts outside the upload (its domain's examples, the captions without their new words); "
-             "every step adds their loss at the weight PRIOR_WEIGHTS gives this choice",
+    skip_preflight: bool = Field(False, description="start even if the memory estimate says it will not fit")
+    knowledge: Path | None = Field(None, description="a knowledge graph folder (triples.tsv + entities.tsv): inject and train its entities")
+    knowledge_lr: float | None = Field(None, gt=0, le=1, description="learning rate of the knowledge projection (default: 10x --lr)")
+    embedding_lr_scale: float | None = Field(
+        None, gt=0, le=100,
+        description="the text encoder's token embeddings learn at this multiple of --lr (default: 3 on small bases, 1 on large ones)",
     )
-    unet_max_timestep: int | None = option(
-        None, help="the UNet learns only from timesteps below this one (of 1000); the noisiest ones, where each picture's ground "
-                   "colour is decided, still teach the text encoder (default: 700 on small bases, 1000 = all on large ones)"
+    snr_gamma: float = Field(
+        0.0, ge=0, le=100,
+        description="min-SNR loss weighting: gamma (5 is usual; 0 = off): the noisiest steps, where backgrounds are decided, hardly train",
+    )
+    prior_preservation: Literal[PRIOR_PRESERVATION] = Field(
+        "normal",
+        description="keep what the base model knew (DreamBooth's prior preservation): off, normal or strong. Before training the base "
+                    "draws pairs from prompts outside the upload (its domain's examples, the captions without their new words); "
+                    "every step adds their loss at the weight PRIOR_WEIGHTS gives this choice",
+    )
+    unet_max_timestep: int | None = Field(
+        None, ge=1, le=1000,
+        description="the UNet learns only from timesteps below this one (of 1000); the noisiest ones, where each picture's ground "
+                    "colour is decided, still teach the text encoder (default: 700 on small bases, 1000 = all on large ones)",
     )
 
-    def validate(self) -> None:
-        """Bounds that keep a request from a browser or an API reasonable; raises TrainingError."""
-        checks = [
-            (1 <= self.max_steps <= 100_000, "训练步数应在 1 到 100000 之间 / max_steps must be between 1 and 100000"),
-            (0 < self.learning_rate <= 1, "学习率应在 (0, 1] 之间 / learning rate must be in (0, 1]"),
-            (1 <= self.batch_size <= 64, "批大小应在 1 到 64 之间 / batch size must be between 1 and 64"),
-            (1 <= self.gradient_accumulation_steps <= 64, "梯度累积应在 1 到 64 之间 / gradient accumulation must be between 1 and 64"),
-            (self.resolution is None or (32 <= self.resolution <= 2048 and self.resolution % 8 == 0),
-             "分辨率应为 32 到 2048 之间 8 的倍数 / resolution must be a multiple of 8 between 32 and 2048"),
-            (self.mixed_precision in MIXED_PRECISION, f"混合精度只能是 / mixed precision must be one of {', '.join(MIXED_PRECISION)}"),
-            (self.domain_id is None or re.fullmatch(DOMAIN_ID_PATTERN, self.domain_id) is not None,
-             "领域 id 只能含小写字母、数字、- 和 _ / domain id: lowercase letters, digits, '-' or '_' (max 64)"),
-            (self.holdout is None or 0 <= self.holdout <= 64, "验证对数应在 0 到 64 之间 / holdout must be between 0 and 64"),
-            (self.embedding_lr_scale is None or 0 < self.embedding_lr_scale <= 100,
-             "词向量学习率倍数应在 (0, 100] 之间 / embedding_lr_scale must be in (0, 100]"),
-            (0 <= self.snr_gamma <= 100, "min-SNR gamma 应在 [0, 100] 之间 / snr_gamma must be in [0, 100]"),
-            (self.unet_max_timestep is None or 1 <= self.unet_max_timestep <= 1000,
-             "UNet 最大时间步应在 1 到 1000 之间 / unet_max_timestep must be between 1 and 1000"),
-            (self.prior_preservation in PRIOR_PRESERVATION,
-             f"保留原有能力只能是 / prior preservation must be one of {', '.join(PRIOR_PRESERVATION)}"),
-            (self.name is None or name_problem(self.name) is None, name_problem(self.name or "") or ""),
-            (all(p.strip() for p in self.validation_prompts), "验证提示词不能为空白 / a validation prompt is blank"),
-        ]
-        problems = [message for ok, message in checks if not ok]
-        if problems:
-            raise TrainingError("; ".join(problems))
+    @classmethod
+    def checked(cls, values: Mapping[str, Any], names: Mapping[str, tuple[str, str]] | None = None) -> TrainConfig:
+        """``values`` (from flags or a form: strings and floats are converted where exact) as a config,
+        or one :class:`TrainingError` listing every refusal, each option named as ``names`` says the face
+        shows it (field -> (Chinese, English); default: the field's own name, as in run.json)."""
+        return _refused_as_training_error(lambda: cls.model_validate(dict(values)), names)
 
     @property
     def projection_lr(self) -> float:
@@ -136,99 +152,88 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         return self.lr_warmup_steps if self.lr_warmup_steps is not None else min(100, self.max_steps // 10)
 
-    def to_json(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_json(cls, data: dict) -> TrainConfig:
-        """The inverse of :meth:`to_json`; unknown keys are refused by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainingError(f"未知的训练选项 / unknown training options: {', '.join(unknown)}")
-        return cls(**{k: _as_field_type(k, v) for k, v in data.items()})
-
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=1), encoding="utf-8")
+        Path(path).write_text(self.model_dump_json(indent=1), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
+        """A ``run.json``, read strictly (the JSON types :meth:`save` writes); unknown keys and values out of
+        bounds are refused by their JSON key."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            text = Path(path).read_text(encoding="utf-8")
         except (OSError, ValueError) as exc:
             raise TrainingError(f"无法读取训练配置 / cannot read the run config {path}: {exc}") from exc
-        return cls.from_json(data)
+        return _refused_as_training_error(lambda: cls.model_validate_json(text, strict=True), {"": (Path(path).name,) * 2})
 
 
-REQUIRED = ("base", "data", "output")
+def _refused_as_training_error(validate, names: Mapping[str, tuple[str, str]] | None) -> TrainConfig:
+    try:
+        return validate()
+    except ValidationError as exc:
+        raise TrainingError(field_refusals(exc.errors(), names, known=", ".join(TrainConfig.model_fields))) from None
+
+
+REQUIRED = tuple(name for name, info in TrainConfig.model_fields.items() if info.is_required())
 
 
 def defaults() -> dict:
     """Every field's default (the required ones left out)."""
-    values = {}
-    for f in fields(TrainConfig):
-        if f.default is not MISSING:
-            values[f.name] = f.default
-        elif f.default_factory is not MISSING:
-            values[f.name] = f.default_factory()
-    return values
-
-
-def _types() -> dict:
-    return get_type_hints(TrainConfig)
-
-
-def _base_type(annotation):
-    """``int | None`` -> int, ``list[str]`` -> list, ``Path`` -> Path."""
-    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
-    if getattr(annotation, "__origin__", None) is list:
-        return list
-    return args[0] if args and getattr(annotation, "__origin__", None) is not list else annotation
-
-
-def _as_field_type(name: str, value):
-    kind = _base_type(_types()[name])
-    if value is None or kind in (list, str, bool, int, float):
-        return list(value) if kind is list and value is not None else value
-    return kind(value)
+    return {
+        name: info.get_default(call_default_factory=True)
+        for name, info in TrainConfig.model_fields.items() if not info.is_required()
+    }
 
 
 # ----------------------------------------------------------------------------- command line
 
 
-def flag_of(f) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+def flag_of(name: str) -> str:
+    extra = TrainConfig.model_fields[name].json_schema_extra or {}
+    return extra.get("flag") or "--" + name.replace("_", "-")
+
+
+FLAG_NAMES = {name: (flag_of(name),) * 2 for name in TrainConfig.model_fields}
+
+
+def _kind(annotation) -> Any:
+    """``int | None`` -> int, ``list[str]`` -> list, ``Literal[...]`` -> the Literal."""
+    if get_origin(annotation) is list:
+        return list
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if args and get_origin(annotation) is not Literal else annotation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, plus ``--config run.json``; defaults are left to the dataclass.
+    """One flag per TrainConfig field, plus ``--config run.json``; defaults and conversions are left to the model.
 
     Every flag defaults to "not given" (``SUPPRESS``), so that :func:`config_from_args` can layer
-    dataclass defaults, then the JSON config, then the flags that were typed.
+    the model's defaults, then the JSON config, then the flags that were typed. Values stay strings:
+    pydantic converts them, so a wrong one is refused by the table of reasons, naming the flag.
     """
     parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="a run.json written by a job (flags override it)")
-    types = _types()
-    for f in fields(TrainConfig):
-        kind = _base_type(types[f.name])
-        default = defaults().get(f.name)
-        help_text = f.metadata["help"] + ("" if f.name in REQUIRED else f" (default: {default})")
-        common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+    schema = defaults()
+    for name, info in TrainConfig.model_fields.items():
+        kind = _kind(info.annotation)
+        help_text = info.description.replace("%", "%%") + ("" if name in REQUIRED else f" (default: {schema[name]})")
+        common = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
         if kind is bool:
-            parser.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **common)
+            parser.add_argument(flag_of(name), action=argparse.BooleanOptionalAction, **common)
         elif kind is list:
-            parser.add_argument(flag_of(f), action="append", **common)
+            parser.add_argument(flag_of(name), action="append", **common)
+        elif get_origin(kind) is Literal:
+            parser.add_argument(flag_of(name), metavar="{" + ",".join(get_args(kind)) + "}", **common)
         else:
-            parser.add_argument(flag_of(f), type=kind, choices=f.metadata.get("choices"), **common)
+            parser.add_argument(flag_of(name), **common)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then ``--config``'s JSON, then the flags given; base, data and output must be known."""
-    values = TrainConfig.load(args.config).to_json() if getattr(args, "config", None) else {}
-    values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
-    missing = [f"--{name}" for name in REQUIRED if values.get(name) is None]
+    values = TrainConfig.load(args.config).model_dump() if getattr(args, "config", None) else {}
+    values.update({name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)})
+    missing = [flag_of(name) for name in REQUIRED if values.get(name) is None]
     if missing:
         raise TrainingError(f"缺少参数 / missing: {', '.join(missing)} (or --config run.json)")
-    return TrainConfig.from_json(values)
+    return TrainConfig.checked(values, FLAG_NAMES)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -246,10 +251,17 @@ class Preset:
     gradient_accumulation_steps: int
 
     def values(self) -> dict:
-        return {
-            "max_steps": self.max_steps, "learning_rate": self.learning_rate,
-            "batch_size": self.batch_size, "gradient_accumulation_steps": self.gradient_accumulation_steps,
-        }
+        """The TrainConfig fields this preset sets."""
+        return {name: getattr(self, name) for name in PRESET_FIELDS}
+
+    @classmethod
+    def of_defaults(cls, key: str) -> Preset:
+        """The preset that is TrainConfig's own defaults."""
+        schema = defaults()
+        return cls(key, PRESET_LABELS[key], *(schema[name] for name in PRESET_FIELDS))
+
+
+PRESET_FIELDS = ("max_steps", "learning_rate", "batch_size", "gradient_accumulation_steps")
 
 
 PRESET_LABELS = {"quick": "快速预览 / quick look", "standard": "标准 / standard", "thorough": "精细 / thorough"}
@@ -260,7 +272,7 @@ DEFAULT_PRESET = "quick"
 # model the never-named 粉色 (0% -> 92 / 88 / 83% pink over three training seeds) and the never-seen
 # 半圆形 (0% -> 75 / 75 / 83%), old colours 91.7-100%; 400 or 450 steps did no better on v5, 500 worse
 # on v3 (benchmarks/README.md). Large bases (512x512 PAI models):
-# the usual full fine-tuning range, batch 1 with accumulation; "standard" equals TrainConfig's defaults.
+# the usual full fine-tuning range, batch 1 with accumulation; "standard" is TrainConfig's defaults.
 PRESETS = {
     "small": {
         "quick": Preset("quick", PRESET_LABELS["quick"], 300, 2e-4, 8, 1),
@@ -269,7 +281,7 @@ PRESETS = {
     },
     "large": {
         "quick": Preset("quick", PRESET_LABELS["quick"], 300, 1e-5, 1, 4),
-        "standard": Preset("standard", PRESET_LABELS["standard"], 1000, 5e-6, 1, 4),
+        "standard": Preset.of_defaults("standard"),
         "thorough": Preset("thorough", PRESET_LABELS["thorough"], 3000, 2e-6, 1, 4),
     },
 }
@@ -377,15 +389,15 @@ def estimate_seconds(preset: Preset, native_side: int, device: str, prior_preser
 
 
 def name_problem(name: str) -> str | None:
-    """Why a display name cannot be used (Chinese first), or None."""
-    text = name.strip()
-    if not text:
-        return "请给新模型起个名字 / give the new model a name"
-    if len(text) > MAX_NAME_CHARS:
-        return f"名字最多 {MAX_NAME_CHARS} 个字 / the name has at most {MAX_NAME_CHARS} characters"
-    if any(unicodedata.category(c).startswith("C") or c in "/\\<>" for c in text):
-        return "名字不能含控制字符或 / \\ < > / the name cannot contain control characters or / \\ < >"
+    """Why a display name cannot be used (Chinese first), or None: the model's own check of ``name``."""
+    try:
+        _DISPLAY_NAME.validate_python(name)
+    except ValidationError as exc:
+        return " / ".join(validation_reason(exc.errors()[0]))
     return None
+
+
+_DISPLAY_NAME = TypeAdapter(DisplayName)
 
 
 def derived_domain_id(name: str | None, output: Path) -> str:

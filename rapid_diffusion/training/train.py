@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 from ..messages import say
 from ..settings import settings
@@ -61,7 +60,7 @@ def within_step_limit(config: TrainConfig) -> TrainConfig:
     if not limit or config.max_steps <= limit:
         return config
     print(say("steps_capped", asked=config.max_steps, limit=limit))
-    return replace(config, max_steps=limit)
+    return config.model_copy(update={"max_steps": limit})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,7 +111,6 @@ def train(config: TrainConfig, report: DataReport | None = None, log=print) -> T
 def _train(config: TrainConfig, accelerator, files: RunFiles, say, report: DataReport | None, stop: StopRequest) -> TrainResult:
     from accelerate.utils import set_seed
 
-    config.validate()
     if accelerator.device.type == "cpu" and config.mixed_precision == "fp16":
         raise TrainingError("CPU 不支持 fp16 混合精度 / fp16 mixed precision needs a GPU: use bf16 or no")
     train_pairs, held_out = split_holdout(checked_pairs(config, report, files, say), config)

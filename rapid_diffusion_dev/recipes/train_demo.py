@@ -51,7 +51,7 @@ MODEL_MAX_LENGTH = 32
 
 
 @dataclass
-class TrainConfig:
+class DemoRecipeConfig:
     """Defaults: the current recipe (v5). v4, the same VAE stage and the same number of diffusion
     steps, took 119 minutes on 2 CPU cores on a day they ran slowly; v5's diffusion stage, 42 minutes
     on a faster day (v4's: 74).
@@ -147,7 +147,7 @@ def build_text_encoder(hidden_size: int = 64) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def make_dataset(config: TrainConfig) -> tuple[np.ndarray, list[world.Scene]]:
+def make_dataset(config: DemoRecipeConfig) -> tuple[np.ndarray, list[world.Scene]]:
     """Training scenes (never a validation or test combination) and their 64x64 renders."""
     rng = np.random.default_rng(config.seed)
     scenes = [world.sample_scene(rng, split="train") for _ in range(config.num_scenes)]
@@ -155,7 +155,7 @@ def make_dataset(config: TrainConfig) -> tuple[np.ndarray, list[world.Scene]]:
     return images, scenes
 
 
-def make_vae_images(config: TrainConfig) -> np.ndarray:
+def make_vae_images(config: DemoRecipeConfig) -> np.ndarray:
     """The VAE's own training images: half the objects in random colours (the diffusion data has a
     quarter), since the VAE has to carry any colour a fine-tune may bring, not only the palette."""
     rng = np.random.default_rng(config.seed + 4)
@@ -222,7 +222,7 @@ def start_posterior_narrow(vae: AutoencoderKL, logvar: float) -> None:
         vae.quant_conv.bias[latent_channels:] = logvar
 
 
-def train_vae(images: np.ndarray, config: TrainConfig, log: Callable[[str], None]) -> AutoencoderKL:
+def train_vae(images: np.ndarray, config: DemoRecipeConfig, log: Callable[[str], None]) -> AutoencoderKL:
     vae = build_vae(config.vae_channels).to(config.device).train()
     start_posterior_narrow(vae, config.vae_initial_logvar)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
@@ -329,13 +329,13 @@ def summary(scores: dict[str, float]) -> str:
     return ", ".join(f"{metric} {value:.0%}" for metric, value in scores.items())
 
 
-def is_validation_step(done: int, config: TrainConfig) -> bool:
+def is_validation_step(done: int, config: DemoRecipeConfig) -> bool:
     """The last step, and every ``validate_every`` steps from ``select_from`` on."""
     periodic = config.validate_every and done % config.validate_every == 0 and done >= config.select_from
     return done == config.unet_steps or bool(periodic)
 
 
-def train_diffusion(latents, masks, scenes, tokenizer, vae, config: TrainConfig, log: Callable[[str], None], unet=None, text_encoder=None):
+def train_diffusion(latents, masks, scenes, tokenizer, vae, config: DemoRecipeConfig, log: Callable[[str], None], unet=None, text_encoder=None):
     """Train (or, given ``unet`` and ``text_encoder``, continue training) on the diffusion loss,
     weighted by ``diffusion_weight`` of the scenes' ``latent_object_masks``.
 
@@ -401,7 +401,7 @@ def load_modules(folder: Path) -> tuple[AutoencoderKL, UNet2DConditionModel, CLI
     return vae.eval(), unet, text_encoder
 
 
-def train_demo(config: TrainConfig, log: Callable[[str], None] = print) -> Path:
+def train_demo(config: DemoRecipeConfig, log: Callable[[str], None] = print) -> Path:
     """Run the whole recipe and write the pipeline folder to ``config.out``.
 
     With ``config.init_from`` (a pipeline folder) the VAE is kept and the UNet and text encoder
