@@ -184,7 +184,10 @@ def _yaml_files(folder: Path) -> list[Path]:
 
 def load_domain_file(path: Path) -> DomainSpec:
     """One domain file, read as UTF-8; any problem is a :class:`DomainSpecError` naming the file."""
-    source = str(path)
+    return parse_domain(_read_mapping(path, str(path)), source=str(path), base_dir=path.parent)
+
+
+def _read_mapping(path: Path, source: str) -> dict[str, Any]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -197,7 +200,7 @@ def load_domain_file(path: Path) -> DomainSpec:
         raise DomainSpecError(source, "<file>", f"not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise DomainSpecError(source, "<file>", "must be a mapping of fields")
-    return parse_domain(data, source=source, base_dir=path.parent)
+    return data
 
 
 def parse_domain(data: dict[str, Any], source: str, base_dir: Path) -> DomainSpec:
@@ -235,6 +238,64 @@ def parse_domain(data: dict[str, Any], source: str, base_dir: Path) -> DomainSpe
         source_file=Path(source),
     )
     return spec
+
+
+# ----------------------------------------------------------------------------- what an exported model carries
+
+SETTINGS_FILE = "rapid_diffusion_domain.yaml"  # at the root of an exported zip
+PORTABLE_FIELDS = ("title", "description", "examples", "height", "width", "num_inference_steps", "guidance_scale",
+                   "sampler", "negative_prompt")
+MAX_SETTINGS_BYTES = 64 * 1024
+MAX_SETTING_CHARS = 2000
+MAX_EXAMPLES = 50
+_PLACEHOLDERS = {"id": "imported", "title": {"zh": "-", "en": "-"}, "description": "", "model": {"repo_id": "imported/model"},
+                 "examples": ["-", "-", "-"]}
+
+
+def portable_settings(spec: DomainSpec) -> dict[str, Any]:
+    """What an exported model carries of its domain: its texts and sampling settings, never a path."""
+    return {
+        "title": {"zh": spec.title_zh, "en": spec.title_en},
+        "description": spec.description,
+        "examples": list(spec.examples),
+        "height": spec.height,
+        "width": spec.width,
+        "num_inference_steps": spec.num_inference_steps,
+        "guidance_scale": spec.guidance_scale,
+        "sampler": spec.sampler,
+        "negative_prompt": spec.negative_prompt,
+    }
+
+
+def read_portable_settings(path: Path) -> dict[str, Any]:
+    """An exported model's settings file (:data:`SETTINGS_FILE`), read as a stranger's input: at most
+    :data:`MAX_SETTINGS_BYTES`, only :data:`PORTABLE_FIELDS`, each text bounded, every value checked by the
+    domain schema. Returns the fields it gives, as the schema reads them; a problem is a :class:`DomainSpecError`."""
+    source = path.name
+    if path.stat().st_size > MAX_SETTINGS_BYTES:
+        raise DomainSpecError(source, "<file>", f"larger than {MAX_SETTINGS_BYTES // 1024} KiB")
+    data = _read_mapping(path, source)
+    title = data.get("title")
+    unknown = [str(key) for key in data if key not in PORTABLE_FIELDS]
+    unknown += [f"title.{key}" for key in title if key not in ("zh", "en")] if isinstance(title, dict) else []
+    if unknown:
+        raise DomainSpecError(source, unknown[0][:40], f"not a setting a model carries (known: {', '.join(PORTABLE_FIELDS)})")
+    _check_text_sizes(data, source)
+    checked = portable_settings(parse_domain({**_PLACEHOLDERS, **data}, source, path.parent))
+    return {key: checked[key] for key in data}
+
+
+def _check_text_sizes(data: dict[str, Any], source: str) -> None:
+    title, examples = data.get("title"), data.get("examples")
+    texts = {f"title.{key}": value for key, value in title.items()} if isinstance(title, dict) else {}
+    texts |= {key: data.get(key) for key in ("description", "negative_prompt")}
+    if isinstance(examples, list):
+        if len(examples) > MAX_EXAMPLES:
+            raise DomainSpecError(source, "examples", f"at most {MAX_EXAMPLES} prompts, got {len(examples)}")
+        texts |= {f"examples[{i}]": example for i, example in enumerate(examples)}
+    for name, text in texts.items():
+        if isinstance(text, str) and len(text) > MAX_SETTING_CHARS:
+            raise DomainSpecError(source, name, f"at most {MAX_SETTING_CHARS} characters, got {len(text)}")
 
 
 def _parse_model(model: dict[str, Any], source: str, base_dir: Path) -> ModelSource:

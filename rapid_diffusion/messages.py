@@ -94,6 +94,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "model_renamed": ("已将「{old}」改名为「{new}」", "renamed '{old}' to '{new}'"),
     "model_imported": ("已导入新模型「{name}」，可在「文生图」中选用", "imported '{name}'; pick it in the Text to image tab"),
+    "model_run_unreadable": ("「{name}」的训练记录 run.json 无法读取，名字未改（详见服务器日志）",
+                             "the run record run.json of '{name}' cannot be read; the name is unchanged (see the server log)"),
     "model_exported": ("已打包「{name}」，请点击下方文件下载", "'{name}' is packed: download the file below"),
     "model_files_missing_short": ("「{name}」的模型文件缺失", "the model files of '{name}' are missing"),
     "confirm_delete": ("确定删除「{name}」吗？模型文件会被删除，无法恢复。", "Delete '{name}'? Its files are removed for good."),
@@ -143,6 +145,14 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "prior_generating": (
         "保留原有能力：基础模型正在生成上传以外的图片 {done}/{total}",
         "keeping what the model knew: the base model is drawing pictures from outside the upload, {done}/{total}",
+    ),
+    "import_bad_settings": (
+        "模型附带的设置文件 {file} 中「{field}」不可用（{problem}）；未导入任何内容",
+        "the settings file {file} that came with the model is refused at '{field}': {problem}; nothing was imported",
+    ),
+    "import_bad_knowledge": (
+        "模型附带的知识图谱文件夹 {folder}/ 无法读取（{problem}）；未导入任何内容",
+        "the model's knowledge folder {folder}/ cannot be read ({problem}); nothing was imported",
     ),
     "import_no_such_path": ("找不到 {path}", "{path} does not exist"),
     "import_bad_name": (

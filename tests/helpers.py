@@ -154,10 +154,10 @@ def patch_zip_entry(path: Path, name: str, *, flag_bits: int | None = None, meth
     path.write_bytes(bytes(data))
 
 
-def finished_finetune(model_dir: Path, base_spec, name: str = "我的模型", steps: int = 4, state: str = "done") -> str:
+def finished_finetune(model_dir: Path, base_spec, name: str = "我的模型", steps: int = 4, state: str = "done", knowledge=None) -> str:
     """A fine-tuned model made the cheap way: a copy of ``model_dir`` in a job folder with the run files a
-    finished job leaves (run.json, job.json, status.json, loss.jsonl), registered by the trainer's own
-    ``register_domain``. Returns the new domain's id."""
+    finished job leaves (run.json, job.json, status.json, loss.jsonl; ``knowledge/`` when given a
+    ``Knowledge``), registered by the trainer's own ``register_domain``. Returns the new domain's id."""
     import json
     import shutil
     import uuid
@@ -174,7 +174,9 @@ def finished_finetune(model_dir: Path, base_spec, name: str = "我的模型", st
     (folder / "job.json").write_text(json.dumps({"id": folder.name, "pid": None, "created_at": time.time()}), encoding="utf-8")
     (folder / "status.json").write_text(json.dumps({"state": state, "step": steps}), encoding="utf-8")
     (folder / "loss.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in range(1, steps + 1)), encoding="utf-8")
-    return register_domain(config, folder, base_spec.height, base_spec, stopped=state == "stopped")
+    if knowledge is not None:
+        knowledge.save(folder / "knowledge")
+    return register_domain(config, folder, base_spec.height, base_spec, with_knowledge=knowledge is not None, stopped=state == "stopped")
 
 
 def queue_call(url: str, fn_index: int, data: list, session: str) -> None:

@@ -16,6 +16,8 @@ from PIL import Image
 from rapid_diffusion.service import finetune as finetune_service
 from rapid_diffusion.serving import finetune_ui
 from rapid_diffusion.service.finetune import FinetuneService, job_view
+from rapid_diffusion.service.batching import GpuGate
+from rapid_diffusion.service.models import ModelsService
 from rapid_diffusion.training.jobs import DeleteRefused, Job, JobBusyError, JobManager, delete_finetuned
 from rapid_diffusion.messages import say
 from rapid_diffusion.training.run_files import comparison_lines, complete_checkpoints, read_comparison
@@ -141,6 +143,7 @@ def test_sigterm_saves_a_usable_model_and_resume_finishes_the_job(service, manag
     assert complete_checkpoints(job.folder)[-1].name == f"checkpoint-{status['step']}"
     assert "提前停止" in registry.reload_domains()[status["domain_id"]].title_zh
     assert not job.is_alive() and manager.active() is None
+    ModelsService(registry, GpuGate(1, 4), service).rename(status["domain_id"], "改名的方块")
 
     resumed = FinetuneService(registry, JobManager(manager.root)).resume(None)
     assert resumed.job_id == job.id, resumed.message
@@ -148,7 +151,8 @@ def test_sigterm_saves_a_usable_model_and_resume_finishes_the_job(service, manag
     assert final["state"] == "done" and final["domain_id"] == status["domain_id"], job.log_tail()
     steps = [row["step"] for row in job.losses()]
     assert steps == list(range(1, 61)), "the history continues without repeats"
-    assert "提前停止" not in registry.reload_domains()[status["domain_id"]].title_zh
+    assert registry.reload_domains()[status["domain_id"]].title_zh == "改名的方块（基于 测试）", "the owner's name survives the resume"
+    assert [spec.id for spec in registry.domains.values() if spec.model.path == job.folder.resolve()] == [status["domain_id"]]
 
 
 def test_stop_button_leaves_a_stop_file_for_the_trainer(service, manager):

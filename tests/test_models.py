@@ -16,15 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from rapid_diffusion.domains import user_domains_dir
+from rapid_diffusion.domains import SETTINGS_FILE, user_domains_dir, write_domain_yaml
 from rapid_diffusion.errors import UserFacingError
+from rapid_diffusion.knowledge import EntityEmbeddings, Knowledge, KnowledgeGraph, Triple
 from rapid_diffusion.models.checkpoints import ImportFailed
 from rapid_diffusion.paths import models_dir
 from rapid_diffusion.service.app import AppService, GpuGate
 from rapid_diffusion.service.models import import_any
 from rapid_diffusion.serving.models_ui import act, domain_errors_markdown, models_table, table_row
+from rapid_diffusion.training.options import TrainConfig
+from rapid_diffusion.training.publish import register_domain
 
 from helpers import finished_finetune, patch_zip_entry, write_domain
 
@@ -81,21 +85,53 @@ def test_a_failed_load_keeps_the_table_and_says_why_without_a_path(service, test
     assert message.startswith("**") and "领域「测试」的模型文件缺失" in message and str(tmp_path) not in message
 
 
-def test_rename_gives_a_new_name_keeps_the_id_and_protects_the_others(service, finetuned):
+def test_rename_gives_a_new_name_keeps_the_id_and_protects_the_others(service, finetuned, tiny_model_dir):
     assert service.models.rename(finetuned, "  猫咪  ") == "已将「我的粉色（基于 测试）」改名为「猫咪」 / renamed '我的粉色（基于 测试）' to '猫咪'"
     spec = service.spec(finetuned)
-    assert (spec.title_zh, spec.title, spec.id) == ("猫咪", "猫咪", finetuned), "one name, not '猫咪 / 猫咪'"
+    assert (spec.title_zh, spec.title_en, spec.id) == ("猫咪（基于 测试）", "猫咪 (based on Test)", finetuned), "the rule publishing uses"
+    assert TrainConfig.load(spec.model.path / "run.json").name == "猫咪"
+    (spec.model.path / "run.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(UserFacingError, match="「猫咪（基于 测试）」的训练记录 run.json 无法读取，名字未改") as refused:
+        service.models.rename(finetuned, "小狗")
+    assert refused.value.status == 409 and str(spec.model.path) not in refused.value.message
+    assert service.spec(finetuned).title_zh == "猫咪（基于 测试）"
+    service.models.import_model(None, str(tiny_model_dir), "导入的")
+    imported = next(s for s in service.domains.values() if s.title_zh == "导入的")
+    service.models.rename(imported.id, "别名")
+    assert (service.spec(imported.id).title, service.spec(imported.id).title_en) == ("别名", "别名"), "one name, not '别名 / 别名'"
     for model_id, name, refusal in [("tiny", "x", "受保护"), (finetuned, "", "起个名字"), (finetuned, "a/b", "不能含"), (None, "x", "请先选择")]:
         with pytest.raises(UserFacingError, match=refusal):
             service.models.rename(model_id, name)
     assert service.spec("tiny").title_zh == "测试"
 
 
+def test_a_renamed_stopped_fine_tune_keeps_its_name_and_id_when_its_run_publishes_again(service, tiny_model_dir):
+    """Resuming reads run.json and publishes again (register_domain); it used to bring the old name back, under a new id."""
+    stopped = finished_finetune(tiny_model_dir, service.spec("tiny"), name="半途", steps=2, state="stopped")
+    assert service.spec(stopped).title_zh == "半途（基于 测试）·提前停止"
+    service.models.rename(stopped, "猫咪")
+    assert service.spec(stopped).title_zh == "猫咪（基于 测试）·提前停止"
+    folder = service.spec(stopped).model.path
+    resumed = TrainConfig.load(folder / "run.json")
+    assert register_domain(resumed, folder, 64, service.spec("tiny"), stopped=True) == stopped
+    assert register_domain(resumed, folder, 64, service.spec("tiny")) == stopped, "the resumed run finishes"
+    service.registry.reload_domains()
+    assert service.spec(stopped).title_zh == "猫咪（基于 测试）" and ("猫咪（基于 测试） · " + stopped, stopped) in service.models.choices()
+    assert [spec.id for spec in service.domains.values() if spec.model.path == folder] == [stopped], "no second domain"
+
+    running = TrainConfig.load(folder / "run.json")  # a run that started before the rename holds the old name
+    service.models.rename(stopped, "小狗")
+    assert register_domain(running, folder, 64, service.spec("tiny")) == stopped
+    assert service.registry.reload_domains()[stopped].title_zh == "小狗（基于 测试）"
+
+
 def test_export_and_import_round_trip_the_weights_through_one_import_path(service, finetuned, tiny_model_dir, tmp_path):
     exported = service.models.export(finetuned)
     assert exported.name == f"{finetuned}.zip"
     with zipfile.ZipFile(exported) as archive:
-        assert {info.filename: info.file_size for info in archive.infolist()} == files_of(tiny_model_dir)
+        exported_files = {info.filename: info.file_size for info in archive.infolist()}
+    assert exported_files.keys() - {SETTINGS_FILE} == files_of(tiny_model_dir).keys()
+    assert all(exported_files[name] == size for name, size in files_of(tiny_model_dir).items())
     assert service.models.import_model(str(exported), None, "导入的猫") == "已导入新模型「导入的猫」，可在「文生图」中选用 / imported '导入的猫'; pick it in the Text to image tab"
     imported = next(spec for spec in service.domains.values() if spec.title_zh == "导入的猫")
     row = service.models.info(imported)
@@ -111,6 +147,79 @@ def test_export_and_import_round_trip_the_weights_through_one_import_path(servic
 
     assert service.models.delete(imported.id).startswith("已删除模型「导入的猫」")
     assert not imported.model.path.exists() and imported.id not in service.domains, "an imported model's folder goes too"
+
+
+def knowledge_for(pipe) -> Knowledge:
+    """A knowledge graph of two facts with random entity vectors and a non-zero projection (seeded)."""
+    triples = [Triple("番茄", "颜色", "红色"), Triple("香蕉", "颜色", "黄色")]
+    graph = KnowledgeGraph(triples, {"番茄": ("西红柿",)})
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn(len(graph.entities), 8, generator=generator)
+    knowledge = Knowledge.create(graph, EntityEmbeddings(graph.entities, graph.relations, vectors, torch.zeros(1, 8)),
+                                 pipe.text_encoder.config.hidden_size)
+    torch.nn.init.normal_(knowledge.injector.projection.weight, generator=generator)
+    return knowledge
+
+
+def test_an_export_carries_the_settings_and_the_knowledge_and_the_import_brings_them_back(service, tiny_model_dir):
+    pipe = service.registry.get(service.spec("tiny")).pipe
+    finetuned = finished_finetune(tiny_model_dir, service.spec("tiny"), name="番茄", steps=2, knowledge=knowledge_for(pipe))
+    original = service.spec(finetuned)
+    settings = dict(height=96, width=128, num_inference_steps=7, guidance_scale=3.5, sampler="euler_a",
+                    negative_prompt="模糊, 低质量", examples=["红色的番茄", "黄色的香蕉", "西红柿"], description="知识增强 / knowledge")
+    data = yaml.safe_load(original.source_file.read_text(encoding="utf-8"))
+    write_domain_yaml(finetuned, {**{k: v for k, v in data.items() if k != "id"}, **settings})
+    service.registry.reload_domains()
+    original = service.spec(finetuned)
+
+    exported = service.models.export(finetuned)
+    with zipfile.ZipFile(exported) as archive:
+        names = set(archive.namelist())
+        carried = yaml.safe_load(archive.read(SETTINGS_FILE))
+    knowledge_files = {p.relative_to(original.model.path).as_posix() for p in (original.model.path / "knowledge").iterdir()}
+    assert len(knowledge_files) == 4 and knowledge_files <= names
+    assert carried == {"title": {"zh": "番茄（基于 测试）", "en": "番茄 (based on Test)"}, **settings}, "texts and settings, no path"
+
+    service.models.import_model(str(exported), None, "导入的番茄")
+    imported = next(spec for spec in service.domains.values() if spec.title_zh == "导入的番茄")
+    for field in ("height", "width", "num_inference_steps", "guidance_scale", "sampler", "negative_prompt", "examples", "description"):
+        assert getattr(imported, field) == getattr(original, field), field
+    assert imported.knowledge_graph == imported.model.path / "knowledge"
+    for name in knowledge_files:
+        assert (imported.model.path / name).read_bytes() == (original.model.path / name).read_bytes(), name
+    model = service.registry.get(imported)
+    assert model.encode_prompt.describe("西红柿") == ["西红柿（番茄） → 颜色: 红色"], "the imported model loads its graph"
+
+
+def test_a_plain_diffusers_folder_imports_with_the_defaults(service, tiny_model_dir):
+    service.models.import_model(None, str(tiny_model_dir), "普通")
+    spec = next(spec for spec in service.domains.values() if spec.title_zh == "普通")
+    assert (spec.num_inference_steps, spec.guidance_scale, spec.sampler, spec.negative_prompt) == (20, 7.5, "pndm", "")
+    assert spec.examples == ("一只猫", "一幅山水画", "一碗面条") and spec.knowledge_graph is None
+
+
+@pytest.mark.parametrize("settings, field, problem", [
+    ({"sampler": "euler", "extra": 1}, "extra", "not a setting a model carries"),
+    ({"knowledge_graph": "/etc"}, "knowledge_graph", "not a setting a model carries"),
+    ({"model": {"path": "/etc"}}, "model", "not a setting a model carries"),
+    ({"title": {"zh": "a", "en": "b", "path": "/etc"}}, "title.path", "not a setting a model carries"),
+    ({"num_inference_steps": 100_000}, "num_inference_steps", "must be between 1 and 200, got 100000"),
+    ({"guidance_scale": "high"}, "guidance_scale", "must be a number"),
+    ({"examples": ["x" * 3000, "b", "c"]}, "examples[0]", "at most 2000 characters, got 3000"),
+    ({"description": "长" * 1_000_000}, "<file>", "larger than 64 KiB"),
+])
+def test_a_hostile_settings_file_refuses_the_import_by_name_and_registers_nothing(test_domains, tiny_model_dir, tmp_path, settings, field, problem):
+    archive_path = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        for path in sorted(p for p in tiny_model_dir.rglob("*") if p.is_file()):
+            archive.write(path, path.relative_to(tiny_model_dir).as_posix())
+        archive.writestr(SETTINGS_FILE, yaml.safe_dump(settings, allow_unicode=True))
+    with pytest.raises(ImportFailed) as refused:
+        import_any(archive_path, "hostile")
+    message = str(refused.value)
+    assert f"设置文件 {SETTINGS_FILE} 中「{field}」不可用" in message and "未导入任何内容" in message
+    assert f"refused at '{field}': {problem}" in message and "nothing was imported" in message and len(message) < 600
+    assert list(models_dir().iterdir()) == [] and not (user_domains_dir() / "hostile.yaml").exists()
 
 
 def test_a_diffusers_folder_on_the_server_imports_and_a_bad_one_is_named(service, tiny_model_dir, tmp_path):

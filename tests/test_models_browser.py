@@ -19,6 +19,7 @@ import torch
 from rapid_diffusion.domains import load_domains, user_domains_dir
 from rapid_diffusion.models.registry import ModelRegistry, load_pipeline
 from rapid_diffusion.paths import models_dir
+from rapid_diffusion.training.options import TrainConfig
 
 from helpers import ARTIFACTS, CHROMIUM, browser_page, drain, finished_finetune, queue_call, running_server, write_domain
 
@@ -85,7 +86,9 @@ def test_the_owner_renames_reloads_exports_imports_and_deletes_a_fine_tuned_mode
         page.get_by_label("新名字 / New name").fill("猫咪模型")
         page.get_by_role("button", name="改名 / Rename").click()
         expect(status(page)).to_contain_text("改名为「猫咪模型」", timeout=30_000)
-        expect(table).to_contain_text("猫咪模型")
+        expect(table).to_contain_text("猫咪模型（基于 测试）")
+        run = TrainConfig.load(load_domains()[home].model.path / "run.json")
+        assert (run.name, run.domain_id) == ("猫咪模型", home), "a resumed run publishes under the new name and id"
         page.get_by_role("tab", name="文生图 / Text to image").click()
         page.get_by_label("领域 / Domain").first.click()
         expect(page.get_by_role("option", name=re.compile("猫咪模型"))).to_be_visible()
@@ -99,7 +102,7 @@ def test_the_owner_renames_reloads_exports_imports_and_deletes_a_fine_tuned_mode
         expect(status(page)).to_contain_text("已卸载 猫咪模型", timeout=30_000)
 
         page.get_by_role("button", name="导出 zip / Export zip").click()
-        expect(status(page)).to_contain_text("已打包「猫咪模型」", timeout=60_000)
+        expect(status(page)).to_contain_text("已打包「猫咪模型（基于 测试）」", timeout=60_000)
         shot(page, "2-exported")
         with page.expect_download() as download_info:
             page.locator("#models-export a").first.click()
@@ -117,6 +120,8 @@ def test_the_owner_renames_reloads_exports_imports_and_deletes_a_fine_tuned_mode
         expect(status(page)).to_contain_text("已导入新模型「导入的猫」", timeout=120_000)
         expect(table).to_contain_text("导入 / imported")
         expect(page.locator("#models-picker input")).to_have_value(re.compile("导入的猫"))
+        imported = next(spec for spec in load_domains().values() if spec.title_zh == "导入的猫")
+        assert (imported.num_inference_steps, imported.examples) == (2, load_domains()["tiny"].examples), "the settings came along"
         shot(page, "3-imported")
 
         page.get_by_role("button", name="删除 / Delete").click()
@@ -138,7 +143,7 @@ def test_the_owner_renames_reloads_exports_imports_and_deletes_a_fine_tuned_mode
         expect(confirm).to_be_hidden()
         shot(page, "5-protected")
     assert [p.name for p in models_dir().iterdir()] == [], "the imported copy's folder is gone"
-    assert {spec.title_zh for spec in load_domains().values() if spec.source_file.parent == user_domains_dir()} == {"猫咪模型"}
+    assert {spec.title_zh for spec in load_domains().values() if spec.source_file.parent == user_domains_dir()} == {"猫咪模型（基于 测试）"}
 
 
 MODEL_ACTIONS = ("加载 / Load", "卸载 / Unload", "改名 / Rename", "导出 zip / Export zip", "删除 / Delete", "导入 / Import")
@@ -192,13 +197,13 @@ def test_deleting_in_the_fine_tune_tab_asks_first_and_then_says_so(url, home):
         page.get_by_role("option", name="猫咪模型").click()
         page.get_by_role("button", name="删除模型 / Delete model").click()
         confirm = page.locator("#finetune-confirm")
-        expect(confirm).to_contain_text("确定删除「猫咪模型」吗？")
+        expect(confirm).to_contain_text("确定删除「猫咪模型（基于 测试）」吗？")
         page.get_by_role("button", name="取消 / Cancel").last.click()
         expect(confirm).to_be_hidden()
         assert home in load_domains(), "cancelled: nothing deleted"
         page.get_by_role("button", name="删除模型 / Delete model").click()
         page.locator("#finetune-confirm").get_by_role("button", name="确认删除 / Yes, delete").click()
-        expect(page.locator("#finetune-deleted")).to_contain_text("已删除模型「猫咪模型」", timeout=30_000)
+        expect(page.locator("#finetune-deleted")).to_contain_text("已删除模型「猫咪模型（基于 测试）」", timeout=30_000)
         expect(confirm).to_be_hidden()
         shot(page, "6-finetune-deleted")
     assert home not in load_domains()

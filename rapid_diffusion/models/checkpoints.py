@@ -108,3 +108,5 @@ class Converted:
     guidance_scale: float
     sr_weights: Path | None = None
     notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # an exported model's domain settings (checked), over the defaults
+    knowledge: Path | None = None  # a knowledge/ folder to copy beside the pipeline (checked)

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..domains import DOMAIN_ID_PATTERN, load_domains, write_domain_yaml
+from safetensors import SafetensorError
+
+from ..domains import DOMAIN_ID_PATTERN, SETTINGS_FILE, DomainSpecError, load_domains, read_portable_settings, write_domain_yaml
+from ..knowledge import KNOWLEDGE_DIR, GraphError, Knowledge, has_knowledge
 from ..messages import say
 from ..paths import models_dir
 from ..errors import ModelUnavailableError
@@ -101,15 +104,42 @@ def read_checkpoint(path: Path, config: Path | str | None, log: Callable[[str], 
 
 
 def read_diffusers(folder: Path, log: Callable[[str], None]) -> Converted:
-    """A diffusers pipeline folder, loaded as the registry loads a model (safetensors or weights_only, PAI classes)."""
+    """A diffusers pipeline folder, loaded as the registry loads a model (safetensors or weights_only, PAI
+    classes), with what an export of this project carries beside it: the domain's settings
+    (:data:`SETTINGS_FILE`) and the knowledge folder, both checked before the weights are read."""
     import torch
 
+    settings = read_settings(folder)
+    knowledge = read_knowledge(folder)
     log(f"reading the diffusers pipeline in {folder}")
     try:
         pipe = load_pipeline(folder, torch.device("cpu"), torch.float32)
     except ModelUnavailableError as exc:
         raise ImportFailed(say("import_unreadable_pipeline", path=folder.name)) from exc
-    return Converted(pipe, "diffusers", guidance_scale=DIFFUSERS_GUIDANCE)
+    return Converted(pipe, "diffusers", guidance_scale=DIFFUSERS_GUIDANCE, settings=settings, knowledge=knowledge)
+
+
+def read_settings(folder: Path) -> dict:
+    """The exported domain settings, checked as a stranger's input; none (the defaults) without the file."""
+    path = folder / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return read_portable_settings(path)
+    except DomainSpecError as exc:
+        raise ImportFailed(say("import_bad_settings", file=SETTINGS_FILE, field=exc.field_name, problem=exc.problem)) from exc
+
+
+def read_knowledge(folder: Path) -> Path | None:
+    """The model's ``knowledge/`` folder when it holds knowledge weights that load with their graph, else None."""
+    knowledge = folder / KNOWLEDGE_DIR
+    if not has_knowledge(folder):
+        return None
+    try:
+        Knowledge.load(knowledge)
+    except (GraphError, SafetensorError, ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ImportFailed(say("import_bad_knowledge", folder=KNOWLEDGE_DIR, problem=str(exc).replace(str(folder), "")[:200])) from exc
+    return knowledge
 
 
 def describe_folder(folder: Path) -> str:
@@ -147,6 +177,8 @@ def write_model(converted: Converted, name: str, log: Callable[[str], None]) -> 
     try:
         log(f"writing the diffusers folder ({root / name})")
         converted.pipe.save_pretrained(tmp, safe_serialization=True)
+        if converted.knowledge is not None:
+            shutil.copytree(converted.knowledge, tmp / KNOWLEDGE_DIR)
         if converted.sr_weights is not None:
             from safetensors.torch import save_file
 
@@ -175,7 +207,10 @@ def register(name: str, model_dir: Path, source: Path, converted: Converted) -> 
         "sampler": "pndm",
         "negative_prompt": "",
         "offline_ready": True,
+        **converted.settings,
     }
     if converted.sr_weights is not None:
         data["sr_weights"] = {"path": str((model_dir / SR_FILE).resolve())}
+    if converted.knowledge is not None:  # the imported folder's own graph, never a path from the settings
+        data["knowledge_graph"] = str((model_dir / KNOWLEDGE_DIR).resolve())
     return write_domain_yaml(name, data)

@@ -8,7 +8,9 @@ models are protected: only the owner's own (fine-tuned or imported, registered i
 :func:`authorize` itself: on a public host (``RAPID_DIFFUSION_PUBLIC=1``) it needs the owner's
 password, and without one it is off.
 
-Import has one path, :func:`import_any`: a zip this tab exported is read entry by entry with the
+An export is the model's diffusers pipeline, its ``knowledge/`` folder when it has one, and its domain's
+texts and sampling settings in ``rapid_diffusion_domain.yaml`` (no paths), so that an import brings the
+model back as it was. Import has one path, :func:`import_any`: a zip this tab exported is read entry by entry with the
 fine-tuning data reader's checks (unsafe names, links, encryption, bombs: each refusal named, nothing
 extracted blindly) into a temporary folder, and that folder, or any other path, goes to
 :func:`rapid_diffusion.models.importing.import_checkpoint` (diffusers, EasyNLP, single-file).
@@ -30,8 +32,10 @@ from typing import TYPE_CHECKING, Callable
 
 import yaml
 
-from ..domains import DOMAIN_ID_PATTERN, DomainSpec, load_domains, user_domains_dir, write_domain_yaml
+from ..domains import (DOMAIN_ID_PATTERN, SETTINGS_FILE, DomainSpec, load_domains, portable_settings, user_domains_dir,
+                       write_domain_yaml)
 from ..errors import ModelUnavailableError, UserFacingError
+from ..knowledge import KNOWLEDGE_DIR
 from ..messages import say
 from ..models.checkpoints import ImportFailed
 from ..models.hub import find_cached_snapshot
@@ -42,7 +46,8 @@ from ..training.data import ZIP_READ_ERRORS, normal_name, zip_entry_problem
 from ..training.pairs import REASONS, DataLimits
 from ..training.jobs import DeleteRefused
 from ..training.options import TrainConfig, TrainingError, name_problem
-from ..training.run_files import CONFIG_FILE, read_losses, read_status
+from ..training.publish import finetune_title
+from ..training.run_files import CONFIG_FILE, read_losses, read_status, rename_run
 from .batching import GpuGate, QueueFullError
 from .finetune import FinetuneService
 
@@ -158,19 +163,24 @@ class ModelsService:
             raise UserFacingError(409, str(exc), "domain") from exc
 
     def rename(self, domain_id: str | None, name: str | None, password: str | None = None) -> str:
-        """Give one of the owner's models a new display name (its id, which the API uses, stays)."""
+        """Give one of the owner's models a new display name (its id, which the API uses, stays). A fine-tune's
+        name goes into its run's ``run.json`` too, so that resuming the run publishes under it, and its title
+        follows the one rule publishing uses ("<name>（基于 <base>）")."""
         authorize(password)
         spec = self.owned_spec(domain_id)
         new_name = (name or "").strip()
         problem = name_problem(new_name)
         if problem:
             raise UserFacingError(422, problem, "name")
-        set_title(spec, new_name)
+        if kind_of(spec) == "finetuned":
+            set_title(spec, self.renamed_finetune_title(spec, new_name))
+        else:
+            set_title(spec, {"zh": new_name, "en": new_name})
         self.registry.reload_domains()
         return say("model_renamed", old=spec.title_zh, new=new_name)
 
     def export(self, domain_id: str | None, password: str | None = None) -> Path:
-        """A zip of the model's diffusers folder, written for this caller in a fresh temporary folder."""
+        """A zip of the model (:func:`write_model_zip`), written for this caller in a fresh temporary folder."""
         authorize(password)
         spec = self.owned_spec(domain_id)
         if not spec.model.is_local or not (spec.model.path / "model_index.json").is_file():
@@ -179,7 +189,7 @@ class ModelsService:
         remove_old_exports(root)
         folder = root / uuid.uuid4().hex
         folder.mkdir(parents=True)
-        return write_model_zip(spec.model.path, folder / f"{spec.id}.zip")
+        return write_model_zip(spec, folder / f"{spec.id}.zip")
 
     def import_model(self, upload: str | None, folder: str | None, name: str | None, password: str | None = None) -> str:
         """A zip the visitor uploaded, or a folder on the server (the owner's), as a new model named ``name``."""
@@ -197,9 +207,19 @@ class ModelsService:
         except ImportFailed as exc:
             raise UserFacingError(422, str(exc), "path") from exc
         spec = load_domains()[result.domain_id]
-        set_title(spec, display)
+        set_title(spec, {"zh": display, "en": display})  # the owner chose one name, for both languages
         self.registry.reload_domains()
         return say("model_imported", name=display)
+
+    def renamed_finetune_title(self, spec: DomainSpec, name: str) -> dict[str, str]:
+        """Record ``name`` in the fine-tune's run folder; the title it publishes under from now on."""
+        try:
+            config = rename_run(spec.model.path, name, spec.id)
+        except (TrainingError, OSError) as exc:
+            log.warning("rename of %s: %s", spec.id, exc)  # the reason names a server path: the log, not the page
+            raise UserFacingError(409, say("model_run_unreadable", name=spec.title_zh), "domain") from exc
+        stopped = read_status(spec.model.path).get("state") != "done"  # the published model is the last stopped one
+        return finetune_title(name, self.registry.domains.get(config.base), config.base, stopped)
 
     # ------------------------------------------------------------------ lookups
 
@@ -263,11 +283,11 @@ def pipeline_files(folder: Path) -> list[Path]:
     return files
 
 
-def set_title(spec: DomainSpec, name: str) -> None:
-    """Rewrite the model's domain file with ``name`` as its title (both languages: the owner chose one name)."""
+def set_title(spec: DomainSpec, title: dict[str, str]) -> None:
+    """Rewrite the model's domain file with ``title`` (``zh`` and ``en``)."""
     data = yaml.safe_load(spec.source_file.read_text(encoding="utf-8"))
     data.pop("id", None)
-    data["title"] = {"zh": name, "en": name}
+    data["title"] = title
     write_domain_yaml(spec.id, data)
 
 
@@ -282,11 +302,16 @@ def new_model_id(name: str) -> str:
 # ----------------------------------------------------------------------------- zips
 
 
-def write_model_zip(folder: Path, target: Path) -> Path:
-    """The pipeline's files (:func:`pipeline_files`) stored under their relative names."""
+def write_model_zip(spec: DomainSpec, target: Path) -> Path:
+    """The pipeline's files (:func:`pipeline_files`) and its ``knowledge/`` folder, stored under their relative
+    names, and the domain's texts and sampling settings (no paths) as ``SETTINGS_FILE`` at the root: what the
+    model needs to come back as it was (``importing.read_diffusers`` reads them)."""
+    folder = spec.model.path
+    knowledge = sorted(p for p in (folder / KNOWLEDGE_DIR).rglob("*") if p.is_file())
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
-        for path in pipeline_files(folder):
+        for path in pipeline_files(folder) + knowledge:
             archive.write(path, path.relative_to(folder).as_posix())
+        archive.writestr(SETTINGS_FILE, yaml.safe_dump(portable_settings(spec), allow_unicode=True, sort_keys=False))
     return target
 
 

@@ -13,7 +13,7 @@ from ..domains import DomainSpec, ModelSource, write_domain_yaml
 from ..models.registry import load_pipeline
 from .core import plain_text_encoder
 from .options import TrainConfig, TrainingError, derived_domain_id
-from .run_files import MODEL_TMP, read_losses, read_status
+from .run_files import MODEL_TMP, read_losses, read_status, recorded_name
 
 
 def resolve_base(base: str) -> tuple[Path, DomainSpec | None]:
@@ -119,16 +119,15 @@ def _registered_by(spec: DomainSpec, config: TrainConfig) -> bool:
 
 def register_domain(config: TrainConfig, model_dir: Path, resolution: int, base_spec: DomainSpec | None,
                     with_knowledge: bool = False, stopped: bool = False) -> str:
-    """The new model's domain YAML; the picker shows "<name>（基于 <base>）"."""
+    """The new model's domain YAML, under the name in the run folder's ``run.json`` when it has one (where
+    the Models tab records a rename), else the config's; the picker shows :func:`finetune_title`."""
     domain_id = config.domain_id or claim_domain_id(config)
     examples = list(dict.fromkeys([*config.validation_prompts, *read_status_prompts(config), *(base_spec.examples if base_spec else ())]))
     examples += ["一只猫", "一幅山水画", "一碗面条"][: max(0, 3 - len(examples))]
-    name = (config.name or Path(config.output).name).strip()
-    base_zh, base_en = (short_title(base_spec.title_zh), short_title(base_spec.title_en)) if base_spec else (config.base, config.base)
-    zh = f"{name}（基于 {base_zh}）" + ("·提前停止" if stopped else "")
-    en = f"{name} (based on {base_en})" + (" · stopped early" if stopped else "")
+    name = (recorded_name(config.output) or config.name or Path(config.output).name).strip()
+    base_zh, base_en = base_titles(base_spec, config.base)
     data = {
-        "title": {"zh": zh, "en": en},
+        "title": finetune_title(name, base_spec, config.base, stopped),
         "description": finetune_description(base_zh, base_en, len(read_losses(config.output)), stopped),
         "model": {"path": str(Path(model_dir).resolve())},
         "examples": examples,
@@ -147,6 +146,18 @@ def register_domain(config: TrainConfig, model_dir: Path, resolution: int, base_
         )
     write_domain_yaml(domain_id, data)
     return domain_id
+
+
+def finetune_title(name: str, base_spec: DomainSpec | None, base: str, stopped: bool) -> dict[str, str]:
+    """A fine-tuned model's title, the one rule for publishing and renaming: "<name>（基于 <base>）",
+    with "·提前停止" while its last published result stopped early."""
+    base_zh, base_en = base_titles(base_spec, base)
+    return {"zh": f"{name}（基于 {base_zh}）" + ("·提前停止" if stopped else ""),
+            "en": f"{name} (based on {base_en})" + (" · stopped early" if stopped else "")}
+
+
+def base_titles(base_spec: DomainSpec | None, base: str) -> tuple[str, str]:
+    return (short_title(base_spec.title_zh), short_title(base_spec.title_en)) if base_spec else (base, base)
 
 
 def finetune_description(base_zh: str, base_en: str, steps: int, stopped: bool) -> str:

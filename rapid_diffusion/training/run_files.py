@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..messages import say
+from .options import TrainConfig, TrainingError
 
 STOP_FILE = "STOP"
 CONFIG_FILE = "run.json"
@@ -49,6 +50,33 @@ def write_json_atomic(path: Path, data: dict) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def rename_run(folder: Path, name: str, domain_id: str) -> TrainConfig:
+    """Record the owner's new name for a run in its ``run.json``, with its domain id pinned (a run without
+    one derives it from the name), so that resuming the run publishes under that name and id. The new
+    file is read back by ``TrainConfig.load`` before it replaces the old one."""
+    path = Path(folder) / CONFIG_FILE
+    TrainConfig.load(path)  # a readable config, or TrainingError
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(name=name, domain_id=domain_id)
+    draft = path.with_name(f".{path.name}.draft")
+    try:
+        draft.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+        config = TrainConfig.load(draft)
+        os.replace(draft, path)
+    finally:
+        draft.unlink(missing_ok=True)
+    return config
+
+
+def recorded_name(folder: Path) -> str | None:
+    """The name in a run folder's ``run.json`` (the owner may rename a model while its run trains), or None."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        return TrainConfig.load(path).name if path.is_file() else None
+    except TrainingError:
+        return None
 
 
 def read_jsonl(path: Path) -> list[dict]:
