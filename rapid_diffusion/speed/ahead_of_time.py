@@ -43,7 +43,6 @@ from typing import Any, Callable
 
 import torch
 
-from ..generation.request import Limits
 from ..settings import settings
 from .levels import WARMUP_PROMPT, compiler_missing
 from .warmup import Acceleration
@@ -74,11 +73,11 @@ class ShapeRange:
         return f"UNet batch 1-{self.max_batch}, sides {low}-{high} px in steps of {step}"
 
 
-def shape_range(pipe, max_images: int | None = None, max_side: int | None = None) -> ShapeRange:
-    """The shapes a request may reach (``RAPID_DIFFUSION_MAX_IMAGES`` and ``MAX_SIDE`` by default)."""
+def shape_range(pipe) -> ShapeRange:
+    """The shapes a request may reach (``RAPID_DIFFUSION_MAX_IMAGES``, ``RAPID_DIFFUSION_MAX_SIDE``)."""
     stride = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    latent_max = (max_side or settings().max_side) // int(pipe.vae_scale_factor)
-    return ShapeRange(2 * (max_images or settings().max_images), stride, 2, max(2, latent_max // stride))
+    latent_max = settings().max_side // int(pipe.vae_scale_factor)
+    return ShapeRange(2 * settings().max_images, stride, 2, max(2, latent_max // stride))
 
 
 def capture_unet_call(pipe, capture, height: int, width: int):
@@ -204,7 +203,6 @@ def compile_ahead_of_time(
     *,
     height: int | None = None,
     width: int | None = None,
-    shapes: ShapeRange | None = None,
 ) -> Acceleration:
     """Compile ``pipe``'s UNet ahead of time and route its calls to the binary; returns what serves.
 
@@ -219,7 +217,7 @@ def compile_ahead_of_time(
     missing = compiler_missing(pipe.device)
     if missing:
         return failed(level, f"ahead-of-time compilation unavailable ({missing}); plain diffusers", log)
-    shapes = shapes or shape_range(pipe)
+    shapes = shape_range(pipe)
     side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     example = (height or side, width or side)
 
