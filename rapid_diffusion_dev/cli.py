@@ -2,8 +2,8 @@
 
 :func:`register` is called by :func:`rapid_diffusion.serving.cli.add_dev_commands` when this package
 is importable (a source checkout); nothing in ``rapid_diffusion`` names this module in an import
-statement. Commands: ``dev bench`` (speed: plain diffusers vs the optimisation levels, and the
-serving benchmarks), ``dev train-demo`` and ``dev train-sr`` (the recipes of the shipped demo
+statement. Commands: ``dev bench`` (speed: plain diffusers vs the optimisation levels, the ZeroGPU
+ahead-of-time path, and the serving benchmarks), ``dev train-demo`` and ``dev train-sr`` (the recipes of the shipped demo
 weights), ``dev kg demo-eval | demo-finetune`` (the knowledge-graph demo). The product's
 ``kg train | attach`` stay in the product: they work on any user's graph and model.
 """
@@ -38,6 +38,8 @@ def register(sub) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--shapes", action="store_true", help="first-call vs steady latency for 1..4 images at 64x64 and 128x128")
     mode.add_argument("--restart", action="store_true", help="setup time in fresh processes: empty cache vs the cache left by the first")
+    mode.add_argument("--aot", action="store_true", help="the ZeroGPU ahead-of-time path vs plain on a GPU (--device cuda; "
+                      "--model sd15-random): compile time, first vs steady latency at every UI size, speed-up at 512x512, warnings")
     mode.add_argument("--concurrency", type=int, default=None, metavar="N",
                       help="N clients through the service layer on --domain, batching off and on: images/s, p50/p95")
     mode.add_argument("--api", action="store_true", help="steady latency through a running server's JSON API: --domain vs a plain copy")
@@ -113,6 +115,11 @@ def cmd_bench(args) -> int:
         if args.shapes:
             result = bench.run_shapes(config, log=log)
             print(bench.shapes_table(result))
+        elif args.aot:
+            from .bench.aot import aot_table, run_aot
+
+            result = run_aot(config, log=log)
+            print(aot_table(result))
         elif args.restart:
             result = bench.run_restart(config, log=log, threads=args.threads)
             print(bench.restart_table(result))

@@ -333,6 +333,14 @@ class AppService:
             loaded.append(domain_id)
         return loaded
 
+    def compile_ahead_of_time(self, domain_ids: list[str], on_gpu: Callable) -> dict[str, str]:
+        """ZeroGPU at start-up: the loaded domains whose level compiles (compile, openvino, auto)
+        get their ahead-of-time path; ``on_gpu`` runs a task on the GPU. Returns each one's state."""
+        from ..speed.levels import SLOW_LEVELS
+
+        specs = [self.spec(domain_id) for domain_id in domain_ids]
+        return {spec.id: self.registry.compile_ahead_of_time(spec, on_gpu).state for spec in specs if spec.optimization in SLOW_LEVELS}
+
     # ------------------------------------------------------------------ health
 
     def health(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ LEVEL_LABELS = {
     "compile": "torch.compile",
     "openvino": "OpenVINO",
     "auto": "自动 / auto",
+    "aot": "提前编译 / ahead-of-time",  # what compile and auto apply on ZeroGPU (speed.ahead_of_time)
 }
 ACCELERATION_LABELS = {
     "eager": "未加速 / not accelerated",

@@ -11,9 +11,10 @@ function decorated with ``spaces.GPU`` runs, and that function runs in a forked 
   (``import spaces`` makes ``.to("cuda")`` register the weights; ``spaces`` moves them into the
   worker), and a domain first asked for later is loaded before its GPU call, never inside.
 * **``duration`` per call**, estimated from the request (``service.app.gpu_seconds``).
-* **Nothing compiles at run time** there (the registry serves such levels eager); ahead-of-time
-  compilation (``spaces.aoti_capture`` / ``aoti_compile`` / ``aoti_apply``) belongs in :func:`start`,
-  in a GPU call per preloaded domain: the speed room's part.
+* **Nothing compiles at run time** there: :func:`start` compiles the UNet of every preloaded domain
+  whose level compiles ahead of time, in one GPU call each (``spaces.aoti_capture`` / ``aoti_compile``;
+  :mod:`rapid_diffusion.speed.ahead_of_time`), before the weights are packed; a domain loaded later
+  serves eager.
 
 Off ZeroGPU nothing here imports ``spaces``: the GPU function runs in-process.
 """
@@ -21,6 +22,7 @@ Off ZeroGPU nothing here imports ``spaces``: the GPU function runs in-process.
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable
 
 from ..service.app import AppService, GpuTask, GpuUnavailableError, GpuWrap, in_process
 from ..settings import settings
@@ -51,6 +53,16 @@ def spaces_gpu(task: GpuTask, duration) -> GpuTask:
     return call
 
 
+AOT_GPU_SECONDS = 1500  # the longest GPU call allowed at start-up (Hugging Face's ZeroGPU AoT guide)
+
+
+def startup_gpu_call(task: Callable[[], Any]) -> Any:
+    """Run ``task`` once in a ``spaces.GPU`` worker at start-up and return its (pickled) result."""
+    import spaces
+
+    return spaces.GPU(duration=AOT_GPU_SECONDS)(task)()
+
+
 def preload_ids(service: AppService) -> list[str]:
     """``RAPID_DIFFUSION_PRELOAD`` (ids or ``all``); on ZeroGPU by default every domain of the owner's
     folders, at most ``RAPID_DIFFUSION_MAX_MODELS`` of them (more would be evicted again at once)."""
@@ -74,7 +86,9 @@ def start(service: AppService) -> None:
     if loaded:
         log.info("preloaded: %s", ", ".join(loaded))
     if settings().zero_gpu:
-        # (ahead-of-time compilation of the preloaded domains goes here, before the weights are packed)
+        states = service.compile_ahead_of_time(loaded, on_gpu=startup_gpu_call)
+        if states:
+            log.info("ahead-of-time compilation: %s", ", ".join(f"{d} {state}" for d, state in states.items()))
         from spaces import zero
 
         zero.startup()
