@@ -229,7 +229,7 @@ def test_on_zerogpu_a_refused_gpu_call_at_start_leaves_the_domain_eager_with_the
     assert "ahead-of-time compilation: fast failed" in caplog.text
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 166 s of spaces.aoti_compile alone on 2 idle cores: run with `pytest -m long`
 def test_the_full_path_with_aotinductor_on_the_cpu_equals_eager(spaces_aoti):
     """capture, export, ``spaces.aoti_compile`` (AOTInductor's C++ build: minutes on 2 cores), install."""
     pipe = demo_pipe()
