@@ -138,6 +138,9 @@ def cmd_bench(args) -> int:
 
             result = run_api_latency(args.domain, args.runs, log=log)
             print(json.dumps(result["latency_s"], indent=1), f"\nplain / accelerated {result['plain_over_accelerated']:.2f}x")
+            for row in result["image_counts"]:
+                print(f"{row['images']} image(s): first {row['first_s']:.3f}s, steady {row['steady_s']:.3f}s, "
+                      f"first / steady {row['first_over_steady']:.2f}")
         else:
             result = bench.run_bench(config, log=log)
             print_bench_tables(result)

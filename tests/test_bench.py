@@ -166,3 +166,65 @@ def test_a_nan_image_is_an_infinite_difference():
     reference = np.zeros((1, 2, 2, 3))
     assert max_abs_diff(np.full_like(reference, np.nan), reference) == float("inf")
     assert max_abs_diff(reference + 0.25, reference) == 0.25
+
+
+class StubServer:
+    """A JSON API stand-in on loopback: the first ``capacity`` requests of a burst wait at a barrier
+    and answer 200 together; the rest answer 503 at once. Records each body it was sent."""
+
+    def __init__(self, capacity: int):
+        import http.server
+        import threading
+
+        self.bodies: list[dict] = []
+        self.admitted = threading.Semaphore(capacity)
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.bodies.append(body)
+                status = 200 if stub.admitted.acquire(blocking=False) else 503
+                payload = json.dumps({"images_base64": ["x"] * body.get("num_images", 1)} if status == 200 else {"error": "busy"})
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(payload.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_burst_counts_served_and_refused_answers_apart():
+    from rapid_diffusion_dev.bench.serving import burst, load_table
+
+    with StubServer(capacity=5) as stub:
+        row = burst(stub.base, "demo", 12)
+    assert (row["served"], row["refused"], row["other"]) == (5, 7, 0)
+    assert row["served_s"]["n"] == 5 and row["refused_s"]["n"] == 7
+    assert sorted(body["seed"] for body in stub.bodies) == list(range(12)), "one request per client, each its own seed"
+    table = load_table({"rows": [{"clients": 12, **row}]})
+    assert table.splitlines()[2].startswith("| 12 | 5 | 7 | 0 |")
+
+
+def test_image_counts_send_each_count_first_then_the_steady_runs():
+    from rapid_diffusion_dev.bench.serving import image_counts
+
+    with StubServer(capacity=100) as stub:
+        rows = image_counts(stub.base, "demo", runs=3)
+    assert [row["images"] for row in rows] == [1, 2, 3, 4]
+    assert [body["num_images"] for body in stub.bodies] == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
+    for row in rows:
+        assert row["first_over_steady"] == pytest.approx(row["first_s"] / row["steady_s"])

@@ -122,6 +122,7 @@ def run_api_latency(domain: str, runs: int, port: int = 7871, log: Callable[[str
             for run in range(runs):
                 for name in times:
                     times[name].append(post_predict(base, name, run + 2))
+            counts = image_counts(base, domain, runs)
         finally:
             server.terminate()
             server.wait(30)
@@ -135,7 +136,19 @@ def run_api_latency(domain: str, runs: int, port: int = 7871, log: Callable[[str
         "warm_up_done_after_s": warmed,
         "latency_s": {domain: spread(times[domain]), plain_id: spread(times[plain_id])},
         "plain_over_accelerated": plain / accelerated,
+        "image_counts": counts,
     }
+
+
+def image_counts(base: str, domain: str, runs: int, counts: tuple[int, ...] = (1, 2, 3, 4)) -> list[dict]:
+    """For each images-per-request count, in order: the first request of that count (any shape the
+    warm-up missed would compile now) and the median of ``runs`` more; a stall shows as a high ratio."""
+    rows = []
+    for count in counts:
+        first = post_predict(base, domain, 100 + count, count)
+        steady = statistics.median(post_predict(base, domain, 200 + count * runs + run, count) for run in range(runs))
+        rows.append({"images": count, "first_s": first, "steady_s": steady, "first_over_steady": first / steady})
+    return rows
 
 
 LOAD_CLIENTS = (1, 8, 16, 24, 64)
@@ -241,8 +254,8 @@ def compiled_state(base: str, domain: str) -> dict | None:
     return acceleration if acceleration["state"] != "compiling" else None
 
 
-def post_predict(base: str, domain: str, seed: int) -> float:
-    body = json.dumps({"text": PROMPTS[seed % len(PROMPTS)], "seed": seed}).encode()
+def post_predict(base: str, domain: str, seed: int, num_images: int = 1) -> float:
+    body = json.dumps({"text": PROMPTS[seed % len(PROMPTS)], "seed": seed, "num_images": num_images}).encode()
     request = urllib.request.Request(f"{base}/api/predict/{domain}", data=body, headers={"Content-Type": "application/json"})
     start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=600) as response:
