@@ -22,7 +22,7 @@ from .paths import SHIPPED_DOMAINS_DIR, home_dir
 from .settings import settings
 
 SAMPLER_NAMES = ("pndm", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "euler", "euler_a", "unipc")
-OPTIMIZATION_LEVELS = ("none", "flash", "compile", "openvino", "auto")
+OPTIMIZATION_LEVELS = ("none", "flash", "compile", "openvino", "openvino-int8", "auto")  # speed/levels.py says what each does
 log = logging.getLogger(__name__)
 DOMAIN_ID_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"
 _ID_PATTERN = re.compile(f"^{DOMAIN_ID_PATTERN}$")

@@ -28,13 +28,16 @@ def register(sub) -> None:
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--runs", type=int, default=3, help="timed runs per level (after one untimed run)")
-    p.add_argument("--levels", default=None, help="comma-separated among none, flash, compile, openvino, auto, openvino-bf16; "
+    p.add_argument("--levels", default=None, help="comma-separated among none, flash, compile, openvino, openvino-int8, auto, openvino-bf16; "
                    "'none' (plain diffusers) always runs (default: none,flash,compile, plus openvino and auto when installed; "
                    "--shapes: none,auto; --restart: auto)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--sr", default=None, help="add x4 super-resolution to every run: rrdb23 (the paper's 23-block ESRGAN, random weights) or a checkpoint path")
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
+    p.add_argument("--max-images", type=int, default=1, help="images per request the warm-up covers (the server's default: 8)")
+    p.add_argument("--one-at-a-time", action="store_true", help="each level in its own process: a server's peak memory "
+                   "(load, conversion, warm-up, runs) per level, and SD1.5-size models that do not fit twice in memory")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--shapes", action="store_true", help="first-call vs steady latency for 1..4 images at 64x64 and 128x128")
     mode.add_argument("--restart", action="store_true", help="setup time in fresh processes: empty cache vs the cache left by the first")
@@ -109,6 +112,7 @@ def cmd_bench(args) -> int:
     config = bench.BenchConfig(
         model=args.model, device=args.device, steps=args.steps, height=args.height, width=args.width,
         runs=args.runs, levels=levels, guidance_scale=args.guidance, sr=args.sr,
+        max_images=args.max_images, one_at_a_time=args.one_at_a_time, padding_bench=not args.one_at_a_time,
     )
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     try:
@@ -141,6 +145,11 @@ def cmd_bench(args) -> int:
             for row in result["image_counts"]:
                 print(f"{row['images']} image(s): first {row['first_s']:.3f}s, steady {row['steady_s']:.3f}s, "
                       f"first / steady {row['first_over_steady']:.2f}")
+        elif args.one_at_a_time:
+            from .bench.one_at_a_time import run_one_at_a_time
+
+            result = run_one_at_a_time(config, log=log, threads=args.threads)
+            print_bench_tables(result)
         else:
             result = bench.run_bench(config, log=log)
             print_bench_tables(result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -103,10 +104,11 @@ def test_markdown_table_has_one_row_per_level():
         "peak_memory_mb": 300.0,
         "max_abs_diff_vs_plain": 0.0,
         "speedup": 1.25,
+        "setup_s": 12.34,
     }
     table = markdown_table({"levels": {"none": entry, "flash": entry}})
     assert table.count("\n") == 3
-    assert "| flash | flash | 0.500 (0.400-0.600)" in table and "1.25x" in table
+    assert "| flash | flash | 12.3 | 0.500 (0.400-0.600)" in table and "1.25x" in table
 
 
 def test_rss_peak_follows_an_allocation():
@@ -228,3 +230,30 @@ def test_image_counts_send_each_count_first_then_the_steady_runs():
     assert [body["num_images"] for body in stub.bodies] == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
     for row in rows:
         assert row["first_over_steady"] == pytest.approx(row["first_s"] / row["steady_s"])
+
+
+@pytest.mark.slow
+def test_one_at_a_time_runs_each_level_in_its_own_process_and_reports_its_peak(tmp_path):
+    """The CLI as a user runs it: plain, OpenVINO and int8 in three processes, one JSON."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    out = tmp_path / "one.json"
+    command = [sys.executable, "-m", "rapid_diffusion", "dev", "bench", "--model", "tiny-random", "--levels", "none,openvino,openvino-int8",
+               "--steps", "2", "--runs", "1", "--threads", "1", "--max-images", "2", "--one-at-a-time", "--json", str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "RAPID_DIFFUSION_HOME": str(tmp_path / "home")})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    result = json.loads(out.read_text())
+    levels = result["levels"]
+    assert result["one_at_a_time"] and list(levels) == ["none", "openvino", "openvino-int8"]
+    assert [levels[name]["applied"] for name in levels] == ["none", "openvino", "openvino-int8"]
+    for entry in levels.values():
+        assert entry["peak_memory_mb"] >= entry["memory_before_mb"] > 100, entry  # a whole process: torch alone is more
+        assert len(entry["end_to_end_s"]["runs"]) == 1
+    assert levels["none"]["max_abs_diff_vs_plain"] == 0 and levels["openvino"]["max_abs_diff_vs_plain"] < 1 / 255
+    assert 0 < levels["openvino-int8"]["max_abs_diff_vs_plain"] < 0.5
+    assert levels["openvino"]["setup_s"] > 0 and levels["none"]["setup_s"] < levels["openvino"]["setup_s"]
+    assert "| openvino-int8 | openvino-int8 |" in finished.stdout

@@ -107,7 +107,7 @@ def test_bf16_hint_applies_to_the_unet_only(converted, tiny_model_dir, monkeypat
     process_locale = locale.setlocale(locale.LC_CTYPE)
     assert apply_optimization(pipe, "openvino", log=lambda m: None, max_images=1) == "openvino"
     assert locale.setlocale(locale.LC_CTYPE) == process_locale, "building the bf16 pipeline keeps the process's locale"
-    hints = {name: str(m._dynamic.get_property("INFERENCE_PRECISION_HINT")) for name, m in pipe.openvino_modules.items()}
+    hints = {name: str(m.dynamic.get_property("INFERENCE_PRECISION_HINT")) for name, m in pipe.openvino_modules.items()}
     assert "bfloat16" in hints["unet"] or "f32" not in hints["unet"]
     assert "float32" in hints["vae_decoder"] and "float32" in hints["text_encoder"]
 

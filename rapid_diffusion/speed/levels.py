@@ -10,6 +10,10 @@
   size so a user's request never waits for a compilation. Compiled artifacts are saved under
   ``HOME/cache/torch-compile`` and loaded back by the next process.
 * ``openvino``: :mod:`rapid_diffusion.speed.openvino` (CPU only, when OpenVINO is importable).
+* ``openvino-int8``: ``openvino`` with the weights of the UNet, text encoder and VAE decoder
+  compressed to int8 by NNCF (``nncf.compress_weights``, weight-only, activations stay f32): for
+  a CPU host where an SD1.5-size model does not fit, or is too slow, at f32. Needs the ``int8``
+  extra; without NNCF it falls back to ``openvino`` with a log line. Never chosen by ``auto``.
 * ``auto``: what measured fastest on the device: ``compile`` on CUDA; on CPU ``openvino`` when
   importable (2.4-3.0x plain and 1.8-2.0x ``compile`` on the demo model, benchmarks/README.md),
   else ``compile`` when a C++ compiler exists, else ``none``. ``flash`` is never chosen: on the
@@ -34,12 +38,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..domains import OPTIMIZATION_LEVELS
 from ..settings import settings
 from .attention import best_backend, set_attention_backend
 from .openvino import BATCH_BUCKETS, bucket_for, openvino_missing, pad_batch
 
-LEVELS = ("none", "flash", "compile", "openvino", "auto")
-SLOW_LEVELS = ("compile", "openvino", "auto")
+LEVELS = OPTIMIZATION_LEVELS
+SLOW_LEVELS = ("compile", "openvino", "openvino-int8", "auto")
 WARMUP_STEPS = 2
 WARMUP_PROMPT = "预热"
 
@@ -68,8 +73,8 @@ def apply_optimization(
         return "none"
     sizes = list(sizes) if sizes else serving_sizes(pipe, height, width)
     max_images = max_images or settings().max_images
-    if level == "openvino":
-        return apply_openvino(pipe, sizes, max_images, log, precision)
+    if level in ("openvino", "openvino-int8"):
+        return apply_openvino(pipe, sizes, max_images, log, precision, int8=level == "openvino-int8")
     use_half_precision_on_cuda(pipe, log)
     backend = use_fast_attention(pipe, log)
     if level == "flash":
@@ -113,24 +118,28 @@ def keeping_locale():
         locale.setlocale(locale.LC_CTYPE, saved)
 
 
-def apply_openvino(pipe, sizes, max_images: int, log: Callable[[str], None], precision: str | None) -> str:
+def apply_openvino(pipe, sizes, max_images: int, log: Callable[[str], None], precision: str | None, int8: bool = False) -> str:
     from . import openvino as openvino_backend
 
     missing = openvino_missing(pipe.device)
     if missing:
         log(f"OpenVINO unavailable ({missing}); plain diffusers")
         return "none"
+    if int8 and (nncf_missing := openvino_backend.nncf_missing()):
+        log(f"int8 weights unavailable ({nncf_missing}); using level 'openvino' (f32 weights)")
+        int8 = False
     try:
         with keeping_locale():
-            modules = openvino_backend.convert_pipeline(pipe, *sizes[0], log, precision)
+            modules = openvino_backend.convert_pipeline(pipe, *sizes[0], log, precision, int8=int8)
             openvino_backend.install(pipe, modules)
             shapes = openvino_backend.warm_up_shapes(pipe, sizes, max_images)
     except Exception as exc:  # conversion failures come in many classes (OpConversionFailure, RuntimeError, ...)
         log(f"OpenVINO failed ({type(exc).__name__}: {str(exc)[:3000]}); plain diffusers")
         uninstall(pipe)
         return "none"
-    log(f"OpenVINO: {shapes} static shapes compiled for sizes {sizes}, batch buckets {BATCH_BUCKETS}")
-    return "openvino"
+    kind = "static" if openvino_backend.keeps_static_copies(pipe) else "dynamic-shape (large model: no static copies)"
+    log(f"OpenVINO: {shapes} {kind} shapes warmed for sizes {sizes}, batch buckets {BATCH_BUCKETS}")
+    return "openvino-int8" if int8 else "openvino"
 
 
 def apply_compile(pipe, backend: str, sizes, max_images: int, log: Callable[[str], None]) -> str:

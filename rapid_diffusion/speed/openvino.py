@@ -7,16 +7,25 @@ the UNet in bf16: faster on CPUs with bf16 units, but it moves pixels, see bench
 The torch modules stay in the pipeline, their ``forward`` replaced, so diffusers' own scheduler
 loop, CFG and callbacks run unchanged.
 
-Shape policy: the UNet and the VAE decoder run at a static batch bucket (1, 2, 4, 8; padded
-by repeating the last row, larger batches in chunks of 8), each (bucket, size) compiled once
-and kept; :func:`warm_up_shapes` compiles the buckets of the sizes a domain serves, and any
-other size runs on the dynamic-shape compilation made at load, so no request waits for a
-compilation. Compiled blobs go to OpenVINO's own cache (``CACHE_DIR``), so a restart reads
-them back instead of compiling.
+``int8=True`` (the ``openvino-int8`` level) compresses the converted weights to int8 with NNCF
+(``nncf.compress_weights``: weight-only, per-channel asymmetric, activations stay f32) before the
+IR is cached, under its own cache key.
+
+Shape policy (:func:`keeps_static_copies`): on a small model (UNet weights up to 1 GiB, the demo)
+the UNet and the VAE decoder run at a static batch bucket (1, 2, 4, 8; padded by repeating the
+last row, larger batches in chunks of 8), each (bucket, size) compiled once and kept;
+:func:`warm_up_shapes` compiles the buckets of the sizes a domain serves, and any other size runs
+on the dynamic-shape compilation made at load, so no request waits for a compilation. Compiled
+blobs go to OpenVINO's own cache (``CACHE_DIR``), so a restart reads them back instead of
+compiling. A large model (SD1.5: 3.4 GB of UNet weights) keeps only the dynamic-shape compilation,
+run once at every shape of the policy to warm it, and no compiled-blob cache: each static copy of
+its UNet cost 3.3 GB and ran no faster on the CPU, and importing the blob cache copied the
+weights once more (benchmarks/README.md, "Real size on a CPU host").
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -36,6 +45,7 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8)
 CONVERTER_VERSION = 1
+STATIC_COPIES_MAX_BYTES = 1 << 30  # UNet weights up to this size get one static compilation per shape
 PRECISION_HINTS = {"f32": "f32", "bf16": "bf16"}
 
 
@@ -50,24 +60,41 @@ def openvino_missing(device: torch.device) -> str | None:
     return None
 
 
+def nncf_missing() -> str | None:
+    """Why int8 weight compression cannot run here; None when it can."""
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        return "nncf is not installed (pip install rapid-diffusion[int8])"
+    return None
+
+
+def keeps_static_copies(pipe) -> bool:
+    """Whether the shape policy compiles one static copy per (bucket, size): small models only."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    return weight_bytes <= STATIC_COPIES_MAX_BYTES
+
+
 def bucket_for(batch: int) -> int:
     """The smallest bucket that holds ``batch``; the largest bucket for bigger (chunked) batches."""
     return next((b for b in BATCH_BUCKETS if b >= batch), BATCH_BUCKETS[-1])
 
 
 class OpenVinoModule:
-    """One converted module: compiled once per static input shape, plus once with dynamic shapes.
+    """One converted module: compiled once with dynamic shapes, and (``static``) once per static
+    input shape asked for.
 
     Inputs and the output are batch-first tensors; a batch is padded to its bucket or cut into
-    chunks of the largest bucket, so only ``len(BATCH_BUCKETS)`` batch sizes ever compile.
+    chunks of the largest bucket, so only ``len(BATCH_BUCKETS)`` batch sizes ever compile. Without
+    ``static`` the converted model is not kept after compiling (on SD1.5 it is a copy of the weights).
     """
 
-    def __init__(self, model, name: str, precision: str, cache_dir: Path | None):
+    def __init__(self, model, name: str, precision: str, cache_dir: Path | None, static: bool = True):
         import openvino as ov
 
         self.name = name
         self._core = ov.Core()
-        self._model = model
+        self._model = model if static else None
         self._config = {
             "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
             "INFERENCE_NUM_THREADS": torch.get_num_threads(),
@@ -77,13 +104,15 @@ class OpenVinoModule:
             self._config["CACHE_DIR"] = str(cache_dir)
         self._compiled: dict[tuple, object] = {}
         self._lock = threading.Lock()
-        self._dynamic = self._core.compile_model(model, "CPU", self._config)
+        self.dynamic = self._core.compile_model(model, "CPU", self._config)
         self.static_shapes: set[tuple] = set()
 
     def compile_static(self, shapes: Sequence[Sequence[int]]):
         """The compilation for these exact input shapes (compiled on first ask, then kept)."""
         import openvino as ov
 
+        if self._model is None:
+            return self.dynamic
         key = tuple(tuple(int(d) for d in s) for s in shapes)
         with self._lock:
             if key not in self._compiled:
@@ -102,7 +131,7 @@ class OpenVinoModule:
         bucket = bucket_for(batch)
         arrays = [pad_batch(t, bucket).detach().cpu().numpy() for t in tensors]
         key = tuple(a.shape for a in arrays)
-        compiled = self._compiled.get(key, self._dynamic)
+        compiled = self._compiled.get(key, self.dynamic)
         output = compiled(arrays)[0]
         return torch.from_numpy(np.array(output[:batch], copy=True))
 
@@ -165,11 +194,12 @@ def graph_modules(pipe) -> dict[str, torch.nn.Module]:
     }
 
 
-def converted_model(name: str, graph: torch.nn.Module, example: tuple, log_line: Callable[[str], None]):
-    """The OpenVINO IR of ``graph``: read from the disk cache, or converted (and then cached)."""
+def converted_model(name: str, graph: torch.nn.Module, example: tuple, log_line: Callable[[str], None], int8: bool = False):
+    """The OpenVINO IR of ``graph`` (int8 weights when asked): read from the disk cache, or
+    converted (and then cached)."""
     import openvino as ov
 
-    folder = ir_folder(name, graph)
+    folder = ir_folder(name, graph, int8)
     if folder is not None:
         cached = read_cached_ir(folder, log_line)
         if cached is not None:
@@ -177,6 +207,8 @@ def converted_model(name: str, graph: torch.nn.Module, example: tuple, log_line:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: shapes are static per bucket
         model = ov.convert_model(graph.eval(), example_input=example)
+    if int8:
+        model = compressed_to_int8(model)
     if folder is not None:
         save_ir(model, folder)
         # Compile what a restart will read: OpenVINO keys its compiled blobs (CACHE_DIR) by the model,
@@ -185,7 +217,14 @@ def converted_model(name: str, graph: torch.nn.Module, example: tuple, log_line:
     return model, False
 
 
-def ir_folder(name: str, graph: torch.nn.Module) -> Path | None:
+def compressed_to_int8(model):
+    """NNCF's int8 weight-only compression (its default mode, INT8_ASYM) of a converted model."""
+    import nncf
+
+    return nncf.compress_weights(model)
+
+
+def ir_folder(name: str, graph: torch.nn.Module, int8: bool = False) -> Path | None:
     import openvino as ov
 
     root = cache_root()
@@ -198,8 +237,9 @@ def ir_folder(name: str, graph: torch.nn.Module) -> Path | None:
         torch=torch.__version__,
         device="CPU",
         converter=CONVERTER_VERSION,
+        **({"compression": "int8"} if int8 else {}),
     )
-    return root / "openvino" / f"{name}-{key}"
+    return root / "openvino" / f"{name}{'-int8' if int8 else ''}-{key}"
 
 
 def save_ir(model, folder: Path) -> None:
@@ -246,28 +286,33 @@ def file_hash(path: Path) -> str:
 CONVERTING = threading.Lock()
 
 
-def convert_pipeline(pipe, height: int, width: int, log_line: Callable[[str], None], precision: str | None = None) -> dict:
+def convert_pipeline(pipe, height: int, width: int, log_line: Callable[[str], None], precision: str | None = None,
+                     int8: bool = False) -> dict:
     """Convert (or read from the cache) and compile the three modules; returns them by name.
 
     ``precision`` applies to the UNet, where the time goes; the VAE decoder and the text encoder
     stay f32 (with OpenVINO 2026.4 the static-shape bf16 VAE decoder of the demo model gave NaN).
     """
     with CONVERTING:
-        return convert_modules(pipe, height, width, log_line, precision or settings().openvino_precision)
+        return convert_modules(pipe, height, width, log_line, precision or settings().openvino_precision, int8)
 
 
-def convert_modules(pipe, height: int, width: int, log_line: Callable[[str], None], precision: str) -> dict:
+def convert_modules(pipe, height: int, width: int, log_line: Callable[[str], None], precision: str, int8: bool = False) -> dict:
     root = cache_root()
-    blob_dir = root / "openvino" / "compiled" if root is not None else None
+    static = keeps_static_copies(pipe)
+    blob_dir = root / "openvino" / "compiled" if root is not None and static else None
     modules, from_cache = {}, []
     examples = example_inputs(pipe, height, width)
     for name, graph in graph_modules(pipe).items():
-        model, cached = converted_model(name, graph, examples[name], log_line)
+        model, cached = converted_model(name, graph, examples[name], log_line, int8)
         if cached:
             from_cache.append(name)
-        modules[name] = OpenVinoModule(model, name, precision if name == "unet" else "f32", blob_dir)
+        modules[name] = OpenVinoModule(model, name, precision if name == "unet" else "f32", blob_dir, static)
+        del model
+        gc.collect()  # the traced graph and the converted model are garbage once compiled: free them before the next module
     source = f"read from the cache ({', '.join(from_cache)})" if from_cache else "converted"
-    log_line(f"OpenVINO (UNet {precision}, VAE decoder and text encoder f32): {source}")
+    weights = "int8 weights" if int8 else "f32 weights"
+    log_line(f"OpenVINO (UNet {precision}, VAE decoder and text encoder f32; {weights}): {source}")
     return modules
 
 
@@ -340,7 +385,8 @@ def serving_shapes(pipe, sizes: Sequence[tuple[int, int]], max_images: int) -> d
 
 
 def warm_up_shapes(pipe, sizes: Sequence[tuple[int, int]], max_images: int) -> int:
-    """Compile and run once every shape of the policy; returns how many shapes were warmed."""
+    """Run once every shape of the policy (compiled statically first on a small model); returns how
+    many shapes were warmed."""
     count = 0
     for name, shape_list in serving_shapes(pipe, sizes, max_images).items():
         module = pipe.openvino_modules[name]

@@ -47,6 +47,8 @@ class BenchConfig:
     seed: int = 0
     padding_bench: bool = True
     sr: str | None = None
+    max_images: int = 1  # images per request the warm-up covers (the server's default is RAPID_DIFFUSION_MAX_IMAGES)
+    one_at_a_time: bool = False  # each level in its own process (bench/one_at_a_time.py)
 
 
 @dataclass
@@ -88,7 +90,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
     pipes, records = {}, {}
     for level in levels:
-        pipes[level], records[level] = prepare_level(model, level, device, dtype, height, width, log)
+        pipes[level], records[level] = prepare_level(model, level, device, dtype, height, width, log, config.max_images)
         peak, before = measure_peak_memory(pipes[level], config, height, width, device)
         records[level].peak_memory_mb, records[level].memory_before_mb = peak, before
         records[level].profile = unet_profile(pipes[level], config, height, width, device) if level in HOOKABLE_LEVELS else None
@@ -432,14 +434,14 @@ def padding_table(result: dict) -> str:
 def markdown_table(result: dict) -> str:
     """The result as a markdown table: one row per level, seconds as median (min-max)."""
     header = (
-        "| level | applied | end-to-end s | text encoder s | UNet s | UNet it/s | VAE decode s | SR s "
-        "| peak MB (+run) | max abs diff | speedup |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| level | applied | setup s | end-to-end s | text encoder s | UNet s | UNet it/s | VAE decode s | SR s "
+        "| peak MB (+run) | max abs diff | speedup |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = [header]
     for level, entry in result["levels"].items():
         stages = entry["stages_s"]
         rows.append(
-            f"| {level} | {entry['applied']} | {fmt_spread(entry['end_to_end_s'])} "
+            f"| {level} | {entry['applied']} | {entry.get('setup_s', 0.0):.1f} | {fmt_spread(entry['end_to_end_s'])} "
             f"| {fmt_spread(stages.get('text_encoder'))} | {fmt_spread(stages.get('unet'))} "
             f"| {entry['unet_it_s']:.1f} | {fmt_spread(stages.get('vae_decode'))} "
             f"| {fmt_spread(stages.get('super_resolution'))} | {fmt_memory(entry)} "
