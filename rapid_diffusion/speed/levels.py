@@ -138,7 +138,7 @@ def apply_openvino(pipe, sizes, max_images: int, log: Callable[[str], None], pre
         uninstall(pipe)
         return "none"
     kind = "static" if openvino_backend.keeps_static_copies(pipe) else "dynamic-shape (large model: no static copies)"
-    log(f"OpenVINO: {shapes} {kind} shapes warmed for sizes {sizes}, batch buckets {BATCH_BUCKETS}")
+    log(f"OpenVINO: {shapes} {kind} shapes warmed for sizes {sizes}, batch buckets {openvino_backend.batch_buckets(pipe)}")
     return "openvino-int8" if int8 else "openvino"
 
 

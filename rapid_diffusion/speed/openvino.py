@@ -18,13 +18,15 @@ last row, larger batches in chunks of 8), each (bucket, size) compiled once and 
 on the dynamic-shape compilation made at load, so no request waits for a compilation. Compiled
 blobs go to OpenVINO's own cache (``CACHE_DIR``), so a restart reads them back instead of
 compiling. A large model (SD1.5: 3.4 GB of UNet weights) keeps only the dynamic-shape compilation,
-run once at every shape of the policy to warm it, and no compiled-blob cache: each static copy of
-its UNet cost 3.3 GB and ran no faster on the CPU, and importing the blob cache copied the
-weights once more (benchmarks/README.md, "Real size on a CPU host").
+run once at every shape of the policy to warm it, runs at most 2 rows at a time (one image with
+CFG: batches of 4 and 8 rows made OpenVINO keep gigabytes of attention buffers for no gain on a
+CPU, which is compute-bound at batch 1) and has no compiled-blob cache (a blob is a further copy of
+the weights). benchmarks/README.md, "Real size on a CPU host", has the figures.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import json
@@ -44,6 +46,7 @@ from .compile_cache import cache_key, cache_root, module_fingerprint, write_atom
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8)
+LARGE_MODEL_BUCKETS = (1, 2)  # a large model's batches: one image with CFG at a time, larger ones in chunks
 CONVERTER_VERSION = 1
 STATIC_COPIES_MAX_BYTES = 1 << 30  # UNet weights up to this size get one static compilation per shape
 PRECISION_HINTS = {"f32": "f32", "bf16": "bf16"}
@@ -75,9 +78,24 @@ def keeps_static_copies(pipe) -> bool:
     return weight_bytes <= STATIC_COPIES_MAX_BYTES
 
 
-def bucket_for(batch: int) -> int:
+def batch_buckets(pipe) -> tuple[int, ...]:
+    """The batch sizes the policy runs ``pipe``'s converted modules at."""
+    return BATCH_BUCKETS if keeps_static_copies(pipe) else LARGE_MODEL_BUCKETS
+
+
+def bucket_for(batch: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
     """The smallest bucket that holds ``batch``; the largest bucket for bigger (chunked) batches."""
-    return next((b for b in BATCH_BUCKETS if b >= batch), BATCH_BUCKETS[-1])
+    return next((b for b in buckets if b >= batch), buckets[-1])
+
+
+def release_freed_memory() -> None:
+    """Hand the memory Python and OpenVINO freed back to the system (glibc keeps freed blocks for
+    reuse: after converting an SD1.5 UNet the process held gigabytes it no longer used)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class OpenVinoModule:
@@ -85,14 +103,16 @@ class OpenVinoModule:
     input shape asked for.
 
     Inputs and the output are batch-first tensors; a batch is padded to its bucket or cut into
-    chunks of the largest bucket, so only ``len(BATCH_BUCKETS)`` batch sizes ever compile. Without
-    ``static`` the converted model is not kept after compiling (on SD1.5 it is a copy of the weights).
+    chunks of the largest bucket, so only ``len(buckets)`` batch sizes ever run. Without ``static``
+    the converted model is not kept after compiling (on SD1.5 it is a copy of the weights).
     """
 
-    def __init__(self, model, name: str, precision: str, cache_dir: Path | None, static: bool = True):
+    def __init__(self, model, name: str, precision: str, cache_dir: Path | None, static: bool = True,
+                 buckets: Sequence[int] = BATCH_BUCKETS):
         import openvino as ov
 
         self.name = name
+        self.buckets = tuple(buckets)
         self._core = ov.Core()
         self._model = model if static else None
         self._config = {
@@ -124,11 +144,11 @@ class OpenVinoModule:
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         batch = tensors[0].shape[0]
-        largest = BATCH_BUCKETS[-1]
+        largest = self.buckets[-1]
         if batch > largest:
             chunks = [self(*(t[i:i + largest] for t in tensors)) for i in range(0, batch, largest)]
             return torch.cat(chunks)
-        bucket = bucket_for(batch)
+        bucket = bucket_for(batch, self.buckets)
         arrays = [pad_batch(t, bucket).detach().cpu().numpy() for t in tensors]
         key = tuple(a.shape for a in arrays)
         compiled = self._compiled.get(key, self.dynamic)
@@ -307,9 +327,9 @@ def convert_modules(pipe, height: int, width: int, log_line: Callable[[str], Non
         model, cached = converted_model(name, graph, examples[name], log_line, int8)
         if cached:
             from_cache.append(name)
-        modules[name] = OpenVinoModule(model, name, precision if name == "unet" else "f32", blob_dir, static)
+        modules[name] = OpenVinoModule(model, name, precision if name == "unet" else "f32", blob_dir, static, batch_buckets(pipe))
         del model
-        gc.collect()  # the traced graph and the converted model are garbage once compiled: free them before the next module
+        release_freed_memory()  # the traced graph and the converted model are garbage once compiled
     source = f"read from the cache ({', '.join(from_cache)})" if from_cache else "converted"
     weights = "int8 weights" if int8 else "f32 weights"
     log_line(f"OpenVINO (UNet {precision}, VAE decoder and text encoder f32; {weights}): {source}")
@@ -372,8 +392,9 @@ def serving_shapes(pipe, sizes: Sequence[tuple[int, int]], max_images: int) -> d
     scale = pipe.vae_scale_factor
     tokens = int(pipe.tokenizer.model_max_length)
     hidden = pipe.unet.config.cross_attention_dim
-    unet_buckets = sorted({bucket_for(n) for n in range(1, 2 * max_images + 1)})
-    vae_buckets = sorted({bucket_for(n) for n in range(1, max_images + 1)})
+    buckets = batch_buckets(pipe)
+    unet_buckets = sorted({bucket_for(n, buckets) for n in range(1, 2 * max_images + 1)})
+    vae_buckets = sorted({bucket_for(n, buckets) for n in range(1, max_images + 1)})
     shapes: dict[str, list[tuple]] = {"unet": [], "vae_decoder": [], "text_encoder": [((1, tokens),)]}
     for height, width in sizes:
         latent = (height // scale, width // scale)
@@ -394,4 +415,5 @@ def warm_up_shapes(pipe, sizes: Sequence[tuple[int, int]], max_images: int) -> i
             compiled = module.compile_static(shapes)
             compiled([np.zeros(s, dtype=np.int64 if name == "text_encoder" else np.float32) for s in shapes])
             count += 1
+    release_freed_memory()
     return count
